@@ -1,0 +1,215 @@
+"""Config schema and validation: the one config loader.
+
+A config file (`configs/<system>/<setting>.py`) defines `get_config()` returning an
+`ml_collections.ConfigDict`. The experiment it names (`config.experiment`) declares a schema, a
+ConfigDict whose values are the defaults and whose value types are the key types
+(`ml_collections.config_dict.required_placeholder(T)` marks a required key with no default).
+`resolve` checks the file against the schema, applies `--set key=value` overrides, checks that
+required keys are set, and returns a locked config. Every error names the key, the value given
+and what was expected; nothing runs before this succeeds.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+  """A config file or override that does not fit the experiment's schema."""
+
+
+def base_schema() -> ml_collections.ConfigDict:
+  """Keys every experiment has."""
+  return ml_collections.ConfigDict({
+      "experiment": config_dict.required_placeholder(str),  # module under experiments/
+      "seed": 0,
+  })
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Imports a config file by path and returns its `get_config()`."""
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} does not exist (expected a path like "
+                      "configs/<system>/<setting>.py)")
+  spec = importlib.util.spec_from_file_location(f"_meshwork_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+  config = module.get_config()
+  if isinstance(config, dict):
+    config = ml_collections.ConfigDict(config)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() in {str(path)!r} returned {type(config).__name__}, "
+                      "expected an ml_collections.ConfigDict")
+  return config
+
+
+def _field_type(schema: ml_collections.ConfigDict, key: str) -> type:
+  field = schema._fields[key]  # pylint: disable=protected-access
+  if isinstance(field, config_dict.FieldReference):
+    return field.get_type()
+  return type(field)
+
+
+def _is_section(schema: ml_collections.ConfigDict, key: str) -> bool:
+  return isinstance(schema._fields[key], ml_collections.ConfigDict)  # pylint: disable=protected-access
+
+
+def _known_keys(schema: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for key in schema._fields:  # pylint: disable=protected-access
+    if _is_section(schema, key):
+      keys += _known_keys(schema[key], f"{prefix}{key}.")
+    else:
+      keys.append(f"{prefix}{key}")
+  return keys
+
+
+def _unknown_key_error(dotted: str, value: Any, root: ml_collections.ConfigDict) -> ConfigError:
+  return ConfigError(f"unknown config key {dotted!r} (given {value!r}); known keys: "
+                     + ", ".join(sorted(_known_keys(root))))
+
+
+def _assign(schema: ml_collections.ConfigDict, key: str, value: Any, dotted: str) -> None:
+  expected = _field_type(schema, key)
+  if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if expected in (int, float) and isinstance(value, bool):
+    raise ConfigError(f"config key {dotted!r}: got {value!r} (bool), expected {expected.__name__}")
+  try:
+    schema[key] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config key {dotted!r}: got {value!r} ({type(value).__name__}), "
+                      f"expected {expected.__name__}") from e
+
+
+def merge(schema: ml_collections.ConfigDict, given: ml_collections.ConfigDict,
+          root: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
+  """Writes `given` into `schema` in place, refusing unknown keys and wrong types."""
+  root = schema if root is None else root
+  for key in given.keys():
+    dotted = f"{prefix}{key}"
+    value = given[key] if not isinstance(given._fields[key], config_dict.FieldReference) \
+        else given._fields[key].get()  # pylint: disable=protected-access
+    if key not in schema._fields:  # pylint: disable=protected-access
+      raise _unknown_key_error(dotted, value, root)
+    if _is_section(schema, key):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {dotted!r}: got {value!r}, expected a section with keys "
+                          + ", ".join(sorted(schema[key].keys())))
+      merge(schema[key], value, root, f"{dotted}.")
+    else:
+      if value is None:
+        continue
+      _assign(schema, key, value, dotted)
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_value(text: str, expected: type, dotted: str) -> Any:
+  """Parses an override's text as the type the schema declares for `dotted`."""
+  def fail() -> ConfigError:
+    return ConfigError(f"config key {dotted!r}: got {text!r}, expected {expected.__name__}")
+
+  if expected is bool:
+    if text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise fail()
+  if expected is int:
+    try:
+      return int(text)
+    except ValueError:
+      raise fail() from None
+  if expected is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise fail() from None
+  if expected is str:
+    return text
+  if expected in (tuple, list):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise fail() from None
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return expected(value)
+  raise fail()
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Applies one `--set dotted.key=value` to `config` in place."""
+  if "=" not in override:
+    raise ConfigError(f"override {override!r} is not of the form key=value")
+  dotted, text = override.split("=", 1)
+  dotted = dotted.strip()
+  node = config
+  parts = dotted.split(".")
+  for depth, part in enumerate(parts):
+    if part not in node._fields:  # pylint: disable=protected-access
+      raise _unknown_key_error(dotted, text, config)
+    if depth < len(parts) - 1:
+      if not _is_section(node, part):
+        raise _unknown_key_error(dotted, text, config)
+      node = node[part]
+  key = parts[-1]
+  if _is_section(node, key):
+    raise ConfigError(f"config key {dotted!r} is a section; set one of its keys: "
+                      + ", ".join(f"{dotted}.{k}" for k in sorted(node[key].keys())))
+  _assign(node, key, parse_value(text, _field_type(node, key), dotted), dotted)
+
+
+def check_required(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  for key in config._fields:  # pylint: disable=protected-access
+    field = config._fields[key]  # pylint: disable=protected-access
+    dotted = f"{prefix}{key}"
+    if isinstance(field, ml_collections.ConfigDict):
+      check_required(field, f"{dotted}.")
+    elif isinstance(field, config_dict.FieldReference) and field.get() is None \
+        and getattr(field, "_required", False):
+      raise ConfigError(f"required config key {dotted!r} is missing (expected "
+                        f"{field.get_type().__name__})")
+
+
+def resolve(given: ml_collections.ConfigDict, overrides: Sequence[str],
+            schema_for: Callable[[str], ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """Validates a loaded config against its experiment's schema and applies overrides.
+
+  Args:
+    given: what the config file returned.
+    overrides: `key=value` strings, applied in order after the file.
+    schema_for: maps an experiment name to its schema (raises ConfigError if unknown).
+  Returns:
+    A locked ConfigDict holding every schema key.
+  """
+  if "experiment" not in given or not isinstance(given.experiment, str):
+    raise ConfigError("required config key 'experiment' is missing (expected str: the name of a "
+                      "module under experiments/)")
+  for override in overrides:
+    if override.split("=", 1)[0].strip() == "experiment":
+      raise ConfigError(f"override {override!r}: 'experiment' is chosen by the config file, "
+                        "not by --set; pick another config file")
+  schema = base_schema()
+  specific = schema_for(given.experiment)
+  for key in specific.keys():
+    schema[key] = specific._fields[key]  # pylint: disable=protected-access
+  merge(schema, given)
+  for override in overrides:
+    apply_override(schema, override)
+  check_required(schema)
+  schema.lock()
+  return schema
