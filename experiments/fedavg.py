@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from research.common import config as config_lib
 from research.common import data as data_lib
 from research.fedavg import model as model_lib
 from research.fedavg import rounds
@@ -40,16 +41,14 @@ DATASETS = {"digits": data_lib.digits, "synthetic": data_lib.synthetic_classific
 PARTITIONS = ("iid", "dirichlet")
 
 
-def _check(config) -> None:
-  if config.dataset not in DATASETS:
-    raise ValueError(f"config key 'dataset': got {config.dataset!r}, expected one of "
-                     f"{sorted(DATASETS)}")
-  if config.partition not in PARTITIONS:
-    raise ValueError(f"config key 'partition': got {config.partition!r}, expected one of "
-                     f"{PARTITIONS}")
-  for key in ("num_clients", "rounds", "local_steps", "batch_size", "centralized_steps"):
-    if config[key] < 1:
-      raise ValueError(f"config key {key!r}: got {config[key]!r}, expected a positive int")
+def validate_config(config) -> None:
+  config_lib.check_choice(config, "dataset", sorted(DATASETS))
+  config_lib.check_choice(config, "partition", PARTITIONS)
+  config_lib.check_positive(config, "num_clients", "rounds", "local_steps", "batch_size",
+                            "centralized_steps", "dirichlet_alpha", "client_learning_rate")
+  if any(h < 1 for h in config.hidden):
+    raise config_lib.ConfigError(f"config key 'hidden': got {config.hidden!r}, expected positive "
+                                 "layer widths")
 
 
 def client_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -57,7 +56,6 @@ def client_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def run(config, run):
-  _check(config)
   split = DATASETS[config.dataset](seed=config.seed)
   if config.partition == "iid":
     parts = data_lib.iid_partition(len(split.y_train), config.num_clients, config.seed)

@@ -39,7 +39,8 @@ def available_experiments() -> list[str]:
 
 
 def experiment_module(name: str):
-  """Imports `experiments.<name>`, which must define `config_schema()` and `run(config, run)`."""
+  """Imports `experiments.<name>`, which must define `config_schema()` and `run(config, run)`
+  (and may define `validate_config(config)`)."""
   if name not in available_experiments():
     raise config_lib.ConfigError(f"config key 'experiment': got {name!r}, expected one of "
                                  + ", ".join(available_experiments()))
@@ -51,11 +52,18 @@ def experiment_module(name: str):
 
 
 def load(config_path: str, overrides: Sequence[str] = ()):
-  """Loads, validates and locks a config; returns (config, experiment module)."""
+  """Loads, validates and locks a config; returns (config, experiment module).
+
+  Validation is the schema's keys and types, then the experiment's own `validate_config(config)`
+  (value ranges, choices), if it defines one.
+  """
   given = config_lib.load_config_file(config_path)
   config = config_lib.resolve(given, overrides,
                               lambda name: experiment_module(name).config_schema())
-  return config, experiment_module(config.experiment)
+  module = experiment_module(config.experiment)
+  if hasattr(module, "validate_config"):
+    module.validate_config(config)
+  return config, module
 
 
 class Run:
@@ -94,7 +102,7 @@ class Run:
                                TimeElapsedColumn, TimeRemainingColumn)
     if total is None and hasattr(iterable, "__len__"):
       total = len(iterable)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
                   transient=False) as progress:
       self._progress, self._task = progress, progress.add_task(description, total=total,

@@ -60,6 +60,13 @@ def _field_type(schema: ml_collections.ConfigDict, key: str) -> type:
   return type(field)
 
 
+def _raw(field: Any) -> Any:
+  """A field's value without resolving it (reading an unset required placeholder raises)."""
+  if isinstance(field, config_dict.FieldReference):
+    return field._value  # pylint: disable=protected-access
+  return field
+
+
 def _is_section(schema: ml_collections.ConfigDict, key: str) -> bool:
   return isinstance(schema._fields[key], ml_collections.ConfigDict)  # pylint: disable=protected-access
 
@@ -98,8 +105,7 @@ def merge(schema: ml_collections.ConfigDict, given: ml_collections.ConfigDict,
   root = schema if root is None else root
   for key in given.keys():
     dotted = f"{prefix}{key}"
-    value = given[key] if not isinstance(given._fields[key], config_dict.FieldReference) \
-        else given._fields[key].get()  # pylint: disable=protected-access
+    value = _raw(given._fields[key])  # pylint: disable=protected-access
     if key not in schema._fields:  # pylint: disable=protected-access
       raise _unknown_key_error(dotted, value, root)
     if _is_section(schema, key):
@@ -179,7 +185,7 @@ def check_required(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     dotted = f"{prefix}{key}"
     if isinstance(field, ml_collections.ConfigDict):
       check_required(field, f"{dotted}.")
-    elif isinstance(field, config_dict.FieldReference) and field.get() is None \
+    elif isinstance(field, config_dict.FieldReference) and _raw(field) is None \
         and getattr(field, "_required", False):
       raise ConfigError(f"required config key {dotted!r} is missing (expected "
                         f"{field.get_type().__name__})")
@@ -213,3 +219,17 @@ def resolve(given: ml_collections.ConfigDict, overrides: Sequence[str],
   check_required(schema)
   schema.lock()
   return schema
+
+
+def check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+  """Range checks for an experiment's `validate_config`: each key must be > 0."""
+  for key in keys:
+    if not config[key] > 0:
+      raise ConfigError(f"config key {key!r}: got {config[key]!r}, expected a positive "
+                        f"{type(config[key]).__name__}")
+
+
+def check_choice(config: ml_collections.ConfigDict, key: str, choices: Sequence[str]) -> None:
+  if config[key] not in choices:
+    raise ConfigError(f"config key {key!r}: got {config[key]!r}, expected one of "
+                      + ", ".join(repr(c) for c in choices))

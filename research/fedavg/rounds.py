@@ -85,5 +85,5 @@ def round_fn(state: ServerState, x: jax.Array, y: jax.Array, count: jax.Array, k
   pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
   updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"client_loss": jnp.dot(weights, losses), "update_norm": optax.global_norm(mean_delta)}
+  metrics = {"client_loss": jnp.dot(weights, losses), "update_norm": optax.tree.norm(mean_delta)}
   return ServerState(params, opt_state, state.round + 1), metrics

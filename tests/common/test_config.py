@@ -1,0 +1,151 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+from ml_collections import config_dict
+
+from research.common import config as config_lib
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def schema_for(name):
+  if name != "toy":
+    raise config_lib.ConfigError(f"config key 'experiment': got {name!r}, expected 'toy'")
+  return ml_collections.ConfigDict({
+      "rounds": 10,
+      "learning_rate": 0.1,
+      "use_bias": True,
+      "hidden": (32, 32),
+      "name": "a",
+      "data_dir": config_dict.required_placeholder(str),
+      "optimizer": {"name": "sgd", "momentum": 0.9},
+  })
+
+
+def given(**kwargs):
+  base = {"experiment": "toy", "data_dir": "/tmp/data"}
+  base.update(kwargs)
+  return ml_collections.ConfigDict(base)
+
+
+def test_resolve_fills_defaults_and_locks():
+  config = config_lib.resolve(given(rounds=3), [], schema_for)
+  assert config.rounds == 3 and config.learning_rate == 0.1 and config.seed == 0
+  assert config.optimizer.momentum == 0.9
+  with pytest.raises(AttributeError):
+    config.nosuchkey = 1
+
+
+def test_override_parses_each_type():
+  config = config_lib.resolve(given(), [
+      "rounds=7", "learning_rate=1", "use_bias=false", "hidden=(64, 16, 8)", "name=b c",
+      "optimizer.momentum=0.5", "seed=3"], schema_for)
+  assert config.rounds == 7 and isinstance(config.rounds, int)
+  assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+  assert config.use_bias is False
+  assert config.hidden == (64, 16, 8)
+  assert config.name == "b c"
+  assert config.optimizer.momentum == 0.5
+  assert config.seed == 3
+
+
+@pytest.mark.parametrize("override, named", [
+    ("rounds=abc", ["'rounds'", "'abc'", "expected int"]),
+    ("rounds=1.5", ["'rounds'", "'1.5'", "expected int"]),
+    ("learning_rate=fast", ["'learning_rate'", "'fast'", "expected float"]),
+    ("use_bias=maybe", ["'use_bias'", "'maybe'", "expected bool"]),
+    ("hidden=[1,", ["'hidden'", "expected tuple"]),
+])
+def test_override_with_wrong_type_names_key_value_and_type(override, named):
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.resolve(given(), [override], schema_for)
+  for text in named:
+    assert text in str(error.value)
+
+
+@pytest.mark.parametrize("override", ["nosuchkey=1", "optimizer.nosuch=1", "rounds.x=1"])
+def test_override_of_unknown_key_names_it(override):
+  with pytest.raises(config_lib.ConfigError, match="unknown config key") as error:
+    config_lib.resolve(given(), [override], schema_for)
+  assert repr(override.split("=")[0]) in str(error.value)
+
+
+def test_override_of_a_section_or_without_equals_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="'optimizer' is a section"):
+    config_lib.resolve(given(), ["optimizer=adam"], schema_for)
+  with pytest.raises(config_lib.ConfigError, match="key=value"):
+    config_lib.resolve(given(), ["rounds"], schema_for)
+  with pytest.raises(config_lib.ConfigError, match="chosen by the config file"):
+    config_lib.resolve(given(), ["experiment=other"], schema_for)
+
+
+def test_config_file_with_unknown_key_or_wrong_type_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'round'"):
+    config_lib.resolve(given(round=3), [], schema_for)
+  with pytest.raises(config_lib.ConfigError, match="'rounds': got '3' \\(str\\), expected int"):
+    config_lib.resolve(given(rounds="3"), [], schema_for)
+  with pytest.raises(config_lib.ConfigError, match="'rounds': got True \\(bool\\), expected int"):
+    config_lib.resolve(given(rounds=True), [], schema_for)
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'optimizer.lr'"):
+    config_lib.resolve(given(optimizer={"lr": 1.0}), [], schema_for)
+
+
+def test_missing_required_keys_are_named():
+  with pytest.raises(config_lib.ConfigError, match="required config key 'data_dir'"):
+    config_lib.resolve(ml_collections.ConfigDict({"experiment": "toy"}), [], schema_for)
+  with pytest.raises(config_lib.ConfigError, match="required config key 'experiment'"):
+    config_lib.resolve(ml_collections.ConfigDict({"rounds": 1}), [], schema_for)
+  # A required key may come from an override instead of the file.
+  config = config_lib.resolve(ml_collections.ConfigDict({"experiment": "toy"}),
+                              ["data_dir=/x"], schema_for)
+  assert config.data_dir == "/x"
+
+
+def test_load_config_file_errors(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    config_lib.load_config_file(tmp_path / "missing.py")
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(config_lib.ConfigError, match="defines no get_config"):
+    config_lib.load_config_file(tmp_path / "empty.py")
+
+
+def launch(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_refuses_bad_override_before_running(tmp_path):
+  result = launch("configs/fedavg/digits.py", "--set", "rounds=abc", "--workdir", str(tmp_path))
+  assert result.returncode == 2
+  assert "'rounds'" in result.stderr and "'abc'" in result.stderr and "int" in result.stderr
+  assert list(tmp_path.iterdir()) == []  # nothing ran, no run folder
+
+  result = launch("configs/fedavg/digits.py", "--set", "nosuchkey=1", "--workdir", str(tmp_path))
+  assert result.returncode == 2
+  assert "'nosuchkey'" in result.stderr
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_every_shipped_config_validates():
+  from experiments import run as launcher
+  configs = sorted((REPO / "configs").glob("*/*.py"))
+  assert configs
+  for path in configs:
+    config, module = launcher.load(str(path))
+    assert module.__name__ == f"experiments.{config.experiment}"
+    assert (path.parent / "smoke.py").exists(), f"{path.parent} has no smoke.py"
+
+
+def test_experiment_value_checks_run_at_load():
+  from experiments import run as launcher
+  with pytest.raises(config_lib.ConfigError, match="'partition': got 'pathological', expected "
+                     "one of 'iid', 'dirichlet'"):
+    launcher.load("configs/fedavg/digits.py", ["partition=pathological"])
+  with pytest.raises(config_lib.ConfigError, match="'local_steps': got 0, expected a positive int"):
+    launcher.load("configs/fedavg/digits.py", ["local_steps=0"])
+  with pytest.raises(config_lib.ConfigError, match="'experiment': got 'nosuch', expected one of"):
+    config_lib.resolve(ml_collections.ConfigDict({"experiment": "nosuch"}), [],
+                       lambda name: launcher.experiment_module(name).config_schema())
