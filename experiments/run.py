@@ -100,11 +100,15 @@ class Run:
       return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # pylint: disable=import-outside-toplevel
                                TimeElapsedColumn, TimeRemainingColumn)
+    from rich.console import Console  # pylint: disable=import-outside-toplevel
     if total is None and hasattr(iterable, "__len__"):
       total = len(iterable)
+    console = Console()
+    if not console.is_terminal:  # logs and CI: wide enough for the bar and the metrics
+      console = Console(width=140)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-                  transient=False) as progress:
+                  console=console, transient=False) as progress:
       self._progress, self._task = progress, progress.add_task(description, total=total,
                                                                metrics="")
       try:
