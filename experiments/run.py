@@ -212,24 +212,28 @@ def run_local_processes(args) -> dict[str, Any]:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   mesh_lib.set_cpu_device_count(args.cpu_devices or 1, env)
   children = []
-  for process_id in range(args.processes):
-    command = [sys.executable, "-m", "experiments.run", str(args.config), "--workdir",
-               str(args.workdir), "--run-dir", str(run_dir), "--coordinator", coordinator,
-               "--num-processes", str(args.processes), "--process-id", str(process_id)]
-    for override in args.set:
-      command += ["--set", override]
-    children.append(subprocess.Popen(command, env=env))
-  failed = None
-  while failed is None and any(c.poll() is None for c in children):
-    failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), None)
-    time.sleep(0.1)
-  failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), failed)
-  if failed is not None:
+  try:
+    for process_id in range(args.processes):
+      command = [sys.executable, "-m", "experiments.run", str(args.config), "--workdir",
+                 str(args.workdir), "--run-dir", str(run_dir), "--coordinator", coordinator,
+                 "--num-processes", str(args.processes), "--process-id", str(process_id)]
+      for override in args.set:
+        command += ["--set", override]
+      children.append(subprocess.Popen(command, env=env))
+    while True:
+      codes = [child.poll() for child in children]
+      failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
+      if failed is not None:
+        # The others may be blocked in a collective waiting for it: stop them.
+        raise SystemExit(f"process {failed} of {args.processes} exited with code "
+                         f"{codes[failed]}; run folder {run_dir}")
+      if all(code == 0 for code in codes):
+        break
+      time.sleep(0.1)
+  finally:
     for child in children:
       if child.poll() is None:
         child.kill()
-    raise SystemExit(f"process {failed} of {args.processes} exited with code "
-                     f"{children[failed].returncode}; run folder {run_dir}")
   return records.read_json(run_dir / "summary.json")
 
 
