@@ -58,32 +58,48 @@ def init(params: Params, server_optimizer: optax.GradientTransformation) -> Serv
   return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def round_fn(state: ServerState, x: jax.Array, y: jax.Array, count: jax.Array, key: jax.Array, *,
-             loss_fn: LossFn, client_optimizer: optax.GradientTransformation,
-             server_optimizer: optax.GradientTransformation, local_steps: int,
-             batch_size: int) -> tuple[ServerState, dict[str, jax.Array]]:
-  """One FedAvg round over all clients.
+def client_deltas(params: Params, x: jax.Array, y: jax.Array, count: jax.Array, key: jax.Array,
+                  *, loss_fn: LossFn, client_optimizer: optax.GradientTransformation,
+                  local_steps: int, batch_size: int) -> tuple[Params, jax.Array]:
+  """Every client trains from `params` on its shard (vmapped); returns stacked deltas and losses.
 
   Args:
     x, y, count: per-client shards, (num_clients, max_len, ...), (num_clients, max_len),
       (num_clients,) valid lengths (see `research.common.data.stack_clients`).
   Returns:
-    The new server state and round metrics (mean client loss, update norm).
+    (deltas with a leading client axis, mean local loss per client).
   """
   chex.assert_equal_shape_prefix((x, y, count), 1)
-  num_clients = count.shape[0]
 
   def client(x_k, y_k, count_k, key_k):
-    trained, loss = local_train(state.params, x_k, y_k, count_k, key_k, loss_fn=loss_fn,
+    trained, loss = local_train(params, x_k, y_k, count_k, key_k, loss_fn=loss_fn,
                                 optimizer=client_optimizer, steps=local_steps,
                                 batch_size=batch_size)
-    return jax.tree.map(jnp.subtract, trained, state.params), loss
+    return jax.tree.map(jnp.subtract, trained, params), loss
 
-  deltas, losses = jax.vmap(client)(x, y, count, jax.random.split(key, num_clients))
-  weights = count.astype(jnp.float32) / jnp.sum(count)
-  mean_delta = weighted_mean(deltas, weights)
+  return jax.vmap(client)(x, y, count, jax.random.split(key, count.shape[0]))
+
+
+def server_update(state: ServerState, mean_delta: Params,
+                  server_optimizer: optax.GradientTransformation) -> ServerState:
+  """Applies the negated aggregate delta as a pseudo-gradient (FedOpt; sgd(1.0) is FedAvg)."""
   pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
   updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  return ServerState(optax.apply_updates(state.params, updates), opt_state, state.round + 1)
+
+
+def round_fn(state: ServerState, x: jax.Array, y: jax.Array, count: jax.Array, key: jax.Array, *,
+             loss_fn: LossFn, client_optimizer: optax.GradientTransformation,
+             server_optimizer: optax.GradientTransformation, local_steps: int,
+             batch_size: int) -> tuple[ServerState, dict[str, jax.Array]]:
+  """One FedAvg round over all clients: local training, size-weighted mean delta, server step.
+
+  Returns the new server state and round metrics (mean client loss, update norm).
+  """
+  deltas, losses = client_deltas(state.params, x, y, count, key, loss_fn=loss_fn,
+                                 client_optimizer=client_optimizer, local_steps=local_steps,
+                                 batch_size=batch_size)
+  weights = count.astype(jnp.float32) / jnp.sum(count)
+  mean_delta = weighted_mean(deltas, weights)
   metrics = {"client_loss": jnp.dot(weights, losses), "update_norm": optax.tree.norm(mean_delta)}
-  return ServerState(params, opt_state, state.round + 1), metrics
+  return server_update(state, mean_delta, server_optimizer), metrics
