@@ -54,7 +54,8 @@ def check_range(lo, hi) -> None:
   bad = np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi) & (lo < hi)))
   if bad.size:
     i = int(bad[0])
-    raise ValueError(f"range for bucket {i}: lo={lo.flat[i]!r}, hi={hi.flat[i]!r}; expected "
+    raise ValueError(f"range for bucket {i}: lo={float(lo.flat[i])!r}, "
+                     f"hi={float(hi.flat[i])!r}; expected "
                      "finite lo < hi")
 
 
@@ -78,6 +79,8 @@ def kquant(layout: BucketLayout, *, k: int, bits: int | None = None, stochastic:
   kq.check_quantizer(k, bits)
 
   def encode(v, spec, key):
+    if not isinstance(spec.lo, jax.core.Tracer):  # a concrete range message: check it
+      check_range(spec.lo, spec.hi)
     seed = jax.random.bits(key, dtype=jnp.uint32)
     return kq.encode(v, spec.lo, spec.hi, k=k, bits=bits, stochastic=stochastic, seed=seed,
                      impl=impl)
