@@ -21,6 +21,7 @@ import optax
 
 from research.common import config as config_lib
 from research.common import data as data_lib
+from research.common import records
 from research.fedavg import model as model_lib
 from research.kquant import buckets as buckets_lib
 from research.kquant import coordinator
@@ -179,19 +180,33 @@ def run(config, run):
       result["accuracy_gap_points"] = 100 * (baseline["final_accuracy"] -
                                              result["final_accuracy"])
   _plot(run, results, config)
+  methods = {m: {k: v for k, v in r.items() if k not in ("accuracy_curve", "cumulative_bits")}
+             for m, r in results.items()}
+  run.save_text("table.md", results_table(methods, config.target_accuracy))
   headline = results[config.headline_method]
   return {
       "headline": {"metric": f"{config.headline_method} test accuracy",
                    "value": headline["final_accuracy"],
                    "baseline": "float32 FedAvg" if baseline else config.methods[0],
                    "baseline_value": (baseline or results[config.methods[0]])["final_accuracy"]},
-      "methods": {m: {k: v for k, v in r.items() if k not in ("accuracy_curve",
-                                                              "cumulative_bits")}
-                  for m, r in results.items()},
+      "methods": methods,
       "num_params": layout.num_params,
       "client_sizes": np.asarray(count).tolist(),
       "impl": _impl(config),
   }
+
+
+def results_table(methods: dict, target_accuracy: float) -> str:
+  """The per-method table of the paper page, from a summary's "methods" entry."""
+  def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+  return records.write_markdown_table(
+      ["method", "final accuracy", "gap to float32 (points)", "uplink bits / round",
+       "compression vs float32", f"rounds to {target_accuracy:g}"],
+      [[m, f"{r['final_accuracy']:.4f}", fmt(r.get("accuracy_gap_points"), "+.2f"),
+        f"{r['uplink_bits_per_round']:,.0f}", fmt(r.get("compression_vs_float32"), ".1f") + "x",
+        fmt(r["rounds_to_target"], "d")] for m, r in methods.items()])
 
 
 def _plot(run, results, config) -> None:

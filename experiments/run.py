@@ -125,6 +125,12 @@ class Run:
     name = name if Path(name).suffix else f"{name}.png"
     return records.atomic_save_figure(self.workdir / name, figure)
 
+  def save_text(self, name: str, text: str) -> Path | None:
+    """Writes a text artifact (e.g. a markdown table) as <workdir>/<name>, atomically."""
+    if not self.is_main:
+      return None
+    return records.atomic_write_text(self.workdir / name, text)
+
   def close(self) -> None:
     if self._metrics is not None:
       self._metrics.close()
