@@ -215,10 +215,13 @@ def _plot(run, results, config) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, (by_bits, by_round) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for method, result in results.items():
-    by_bits.plot(result["cumulative_bits"], result["accuracy_curve"], label=method)
+  colors = plt.get_cmap("tab20").colors
+  for i, (method, result) in enumerate(results.items()):
+    style = dict(label=method, color=colors[i % len(colors)],
+                 linestyle="--" if method.endswith("+ef") else "-")
+    by_bits.plot(result["cumulative_bits"], result["accuracy_curve"], **style)
     by_round.plot(np.arange(1, len(result["accuracy_curve"]) + 1), result["accuracy_curve"],
-                  label=method)
+                  **style)
   by_bits.set_xscale("log")
   by_bits.set_xlabel("cumulative uplink bits (all clients)")
   by_round.set_xlabel("round")
