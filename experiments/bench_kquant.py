@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -101,15 +100,6 @@ def table(results: list[dict], device: str) -> str:
         f"{r['gbps']:.2f}", f"{r['ratio']:.2f}x"] for r in results]))
 
 
-def update_paper(block: str, text: str) -> None:
-  if not PAPER.exists():
-    return
-  page = PAPER.read_text()
-  pattern = re.compile(rf"(<!-- {block} -->\n).*?(<!-- /{block} -->)", re.S)
-  if pattern.search(page):
-    records.atomic_write_text(PAPER, pattern.sub(lambda m: m.group(1) + text + m.group(2), page))
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--sizes", default="1048576,4194304")
@@ -138,7 +128,7 @@ def main(argv=None) -> int:
     text += f"\nCopy bandwidth (x + 0, read + write): {summary['copy_bandwidth_gbps']:.0f} GB/s.\n"
   records.atomic_write_text(out / f"bench_kquant.{backend}.md", text)
   print(text)
-  update_paper(f"bench_kquant:{backend}", text)
+  records.replace_marked_block(PAPER, f"bench_kquant:{backend}", text)
   print(json.dumps(summary.get("pallas_vs_reference", {}), indent=1))
   return 0
 

@@ -235,3 +235,31 @@ def _plot(run, results, config) -> None:
   fig.suptitle(f"{config.dataset}, {config.num_clients} clients, {partition}")
   run.save_figure("accuracy_vs_bits.png", fig)
   plt.close(fig)
+
+
+PAPER = "papers/kquant.md"
+
+
+def paper_block(config: dict) -> str:
+  """The marker in papers/kquant.md for a run's setting, e.g. table:digits_100_a0.1."""
+  part = "iid" if config["partition"] == "iid" else f"a{config['dirichlet_alpha']}"
+  return f"table:{config['dataset']}_{config['num_clients']}_{part}"
+
+
+def fill_paper(run_dirs, paper: str = PAPER) -> None:
+  """Copies each run's results table into the paper page at its setting's marker."""
+  from pathlib import Path  # pylint: disable=import-outside-toplevel
+  for run_dir in map(Path, run_dirs):
+    config = records.read_json(run_dir / "config.json")
+    methods = records.read_json(run_dir / "summary.json")["methods"]
+    table = results_table({m: methods[m] for m in config["methods"]}, config["target_accuracy"])
+    block = paper_block(config)
+    written = records.replace_marked_block(paper, block, table)
+    print(f"{run_dir} -> {block}: {'written' if written else 'no such marker'}")
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=import-outside-toplevel
+  if len(sys.argv) < 3 or sys.argv[1] != "--paper":
+    sys.exit("usage: python -m experiments.kquant --paper RUN_DIR [RUN_DIR ...]")
+  fill_paper(sys.argv[2:])

@@ -64,3 +64,12 @@ def test_metrics_lines_and_truncated_tail(tmp_path):
 def test_markdown_table():
   text = records.write_markdown_table(["a", "b"], [[1, "x"], [math.pi, "y"]])
   assert text.splitlines()[:3] == ["| a | b |", "|---|---|", "| 1 | x |"]
+
+
+def test_replace_marked_block(tmp_path):
+  page = tmp_path / "page.md"
+  page.write_text("intro\n<!-- t -->\nold\n<!-- /t -->\nend\n")
+  assert records.replace_marked_block(page, "t", "| a |\n")
+  assert page.read_text() == "intro\n<!-- t -->\n| a |\n<!-- /t -->\nend\n"
+  assert not records.replace_marked_block(page, "missing", "x")
+  assert not records.replace_marked_block(tmp_path / "none.md", "t", "x")
