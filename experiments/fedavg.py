@@ -37,13 +37,11 @@ def config_schema() -> ml_collections.ConfigDict:
   })
 
 
-DATASETS = {"digits": data_lib.digits, "synthetic": data_lib.synthetic_classification}
-PARTITIONS = ("iid", "dirichlet")
 
 
 def validate_config(config) -> None:
-  config_lib.check_choice(config, "dataset", sorted(DATASETS))
-  config_lib.check_choice(config, "partition", PARTITIONS)
+  config_lib.check_choice(config, "dataset", sorted(data_lib.CLASSIFICATION_SETS))
+  config_lib.check_choice(config, "partition", data_lib.PARTITIONS)
   config_lib.check_positive(config, "num_clients", "rounds", "local_steps", "batch_size",
                             "centralized_steps", "dirichlet_alpha", "client_learning_rate")
   if any(h < 1 for h in config.hidden):
@@ -56,13 +54,8 @@ def client_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def run(config, run):
-  split = DATASETS[config.dataset](seed=config.seed)
-  if config.partition == "iid":
-    parts = data_lib.iid_partition(len(split.y_train), config.num_clients, config.seed)
-  else:
-    parts = data_lib.dirichlet_partition(split.y_train, config.num_clients,
-                                         config.dirichlet_alpha, config.seed)
-  shards = data_lib.stack_clients(split.x_train, split.y_train, parts)
+  split, shards = data_lib.federated_split(config.dataset, config.num_clients, config.partition,
+                                           config.dirichlet_alpha, config.seed)
   sizes = (split.x_train.shape[1], *config.hidden, split.num_classes)
   apply, params = model_lib.mlp(sizes, config.seed)
   loss_fn = model_lib.cross_entropy_loss(apply)

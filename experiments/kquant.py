@@ -28,7 +28,6 @@ from research.kquant import coordinator
 from research.kquant import quantize
 from research.kquant import rounds
 
-DATASETS = {"digits": data_lib.digits, "synthetic": data_lib.synthetic_classification}
 
 
 def config_schema() -> ml_collections.ConfigDict:
@@ -82,8 +81,8 @@ def parse_method(method: str) -> tuple[str, int | None, bool]:
 
 
 def validate_config(config) -> None:
-  config_lib.check_choice(config, "dataset", sorted(DATASETS))
-  config_lib.check_choice(config, "partition", ("iid", "dirichlet"))
+  config_lib.check_choice(config, "dataset", sorted(data_lib.CLASSIFICATION_SETS))
+  config_lib.check_choice(config, "partition", data_lib.PARTITIONS)
   config_lib.check_choice(config, "range_policy", coordinator.RANGE_POLICIES)
   config_lib.check_choice(config, "impl", ("auto", "pallas", "reference"))
   config_lib.check_positive(config, "num_clients", "rounds", "local_steps", "batch_size",
@@ -109,13 +108,9 @@ def _impl(config) -> str:
 
 
 def run(config, run):
-  split = DATASETS[config.dataset](seed=config.seed)
-  if config.partition == "iid":
-    parts = data_lib.iid_partition(len(split.y_train), config.num_clients, config.seed)
-  else:
-    parts = data_lib.dirichlet_partition(split.y_train, config.num_clients,
-                                         config.dirichlet_alpha, config.seed)
-  x, y, count = map(jnp.asarray, data_lib.stack_clients(split.x_train, split.y_train, parts))
+  split, shards = data_lib.federated_split(config.dataset, config.num_clients, config.partition,
+                                           config.dirichlet_alpha, config.seed)
+  x, y, count = map(jnp.asarray, shards)
   apply, params = model_lib.mlp((split.x_train.shape[1], *config.hidden, split.num_classes),
                                 config.seed)
   layout = buckets_lib.bucket_layout(params, config.bucket_size)

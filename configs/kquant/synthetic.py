@@ -16,8 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.partition = "dirichlet"
   config.dirichlet_alpha = 0.1
   config.rounds = 60
-  config.methods = ("float32", "kquant:256", "kquant:16", "kquant:4", "kquant:4+ef",
-                    "kquant:2+ef", "qsgd:4", "terngrad", "sign+ef")
+  config.methods = ("float32", "kquant:256", "kquant:16", "kquant:16+ef", "kquant:4",
+                    "kquant:4+ef", "kquant:2", "kquant:2+ef", "qsgd:4", "terngrad",
+                    "terngrad+ef", "sign", "sign+ef")
   config.headline_method = "kquant:16"
   config.target_accuracy = 0.7
   return config

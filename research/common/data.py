@@ -175,3 +175,25 @@ def stack_clients(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray]) -> 
   index = np.stack(padded)
   return ClientShards(x[index].astype(np.float32), y[index].astype(np.int32),
                       np.array([len(p) for p in parts], np.int32))
+
+
+CLASSIFICATION_SETS = {"digits": digits, "synthetic": synthetic_classification}
+PARTITIONS = ("iid", "dirichlet")
+
+
+def federated_split(dataset: str, num_clients: int, partition: str, dirichlet_alpha: float,
+                    seed: int) -> tuple[Split, ClientShards]:
+  """A classification set and its training split dealt to clients (IID or Dirichlet label skew).
+
+  The federated experiments' common first step: same arguments, same shards.
+  """
+  if dataset not in CLASSIFICATION_SETS:
+    raise ValueError(f"dataset={dataset!r}: expected one of {sorted(CLASSIFICATION_SETS)}")
+  if partition not in PARTITIONS:
+    raise ValueError(f"partition={partition!r}: expected one of {PARTITIONS}")
+  split = CLASSIFICATION_SETS[dataset](seed=seed)
+  if partition == "iid":
+    parts = iid_partition(len(split.y_train), num_clients, seed)
+  else:
+    parts = dirichlet_partition(split.y_train, num_clients, dirichlet_alpha, seed)
+  return split, stack_clients(split.x_train, split.y_train, parts)

@@ -81,3 +81,14 @@ def test_stack_clients_pads_and_counts():
   shards = data.stack_clients(x, y, [np.array([0, 1, 2]), np.array([5])])
   assert shards.x.shape == (2, 3, 1) and shards.count.tolist() == [3, 1]
   np.testing.assert_array_equal(shards.y, [[0, 1, 2], [5, 5, 5]])
+
+
+def test_federated_split_deals_the_training_set():
+  split, shards = data.federated_split("digits", 7, "dirichlet", 0.5, seed=1)
+  assert shards.count.sum() == len(split.y_train) and shards.x.shape[0] == 7
+  _, again = data.federated_split("digits", 7, "dirichlet", 0.5, seed=1)
+  np.testing.assert_array_equal(shards.y, again.y)
+  with pytest.raises(ValueError, match="partition='shards'"):
+    data.federated_split("digits", 7, "shards", 0.5, seed=1)
+  with pytest.raises(ValueError, match="dataset='mnist'"):
+    data.federated_split("mnist", 7, "iid", 0.5, seed=1)
