@@ -174,3 +174,44 @@ def by_name(name: str, layout: BucketLayout, *, k: int = 16, qsgd_levels: int = 
   if name == "sign":
     return sign_majority(layout)
   raise ValueError(f"compressor {name!r}: expected one of float32, kquant, qsgd, terngrad, sign")
+
+
+class CompressorState(NamedTuple):
+  error: jax.Array  # shape=(rows, bucket_size), dtype=float32: error-feedback residual
+
+
+class TreeCompressor(NamedTuple):
+  """A compressor over params pytrees, optax style: state in, state out.
+
+    state = tc.init(params)
+    message, state = tc.encode(update, state, spec, key)   # client
+    update_hat = tc.decode(message, spec)                  # coordinator (one client)
+  """
+  init: Callable[[Any], CompressorState]
+  encode: Callable[[Any, CompressorState, RangeSpec, jax.Array], tuple[Message, CompressorState]]
+  decode: Callable[[Message, RangeSpec], Any]
+
+
+def for_pytrees(compressor: Compressor, layout: BucketLayout, *,
+                error_feedback: bool = False) -> TreeCompressor:
+  """Wraps a bucket compressor for pytrees, with optional error feedback (the residual
+  v - decode(encode(v)) is added to the next update; zero where the update was non-finite)."""
+  from research.kquant import buckets as buckets_lib  # pylint: disable=import-outside-toplevel
+
+  def init(params):
+    del params
+    return CompressorState(jnp.zeros((layout.num_rows, layout.bucket_size), jnp.float32))
+
+  def encode(update, state, spec, key):
+    v = buckets_lib.to_buckets(update, layout)
+    finite = jnp.isfinite(v)
+    v = jnp.where(finite, v, 0.0) + (state.error if error_feedback else 0.0)
+    message = compressor.encode(v, spec, key)
+    if error_feedback:
+      state = CompressorState(jnp.where(finite, v - compressor.decode(message, spec), 0.0))
+    return message, state
+
+  def decode(message, spec):
+    return buckets_lib.from_buckets(compressor.decode(message, spec), layout)
+
+  return TreeCompressor(init, encode, decode)

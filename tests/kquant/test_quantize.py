@@ -154,3 +154,27 @@ def test_k_schedule():
   assert [coordinator.k_for_round(r, 2, schedule) for r in (0, 9, 10, 25)] == [4, 4, 16, 256]
   assert coordinator.k_for_round(5, 16) == 16
   assert coordinator.range_message_bits(layout(), per_tensor=True) == 64 * 3 + 8
+
+
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_pytree_compressor_round_trip_and_error_feedback(error_feedback):
+  lay = layout()
+  tc = quantize.for_pytrees(quantize.kquant(lay, k=16, stochastic=False), lay,
+                            error_feedback=error_feedback)
+  update = jax.tree.map(lambda a: 0.2 * jax.random.normal(jax.random.key(a.size), a.shape),
+                        PARAMS)
+  spec = coordinator.fixed_range(lay, 1.0)
+  state = tc.init(PARAMS)
+  message, state = tc.encode(update, state, spec, jax.random.key(0))
+  decoded = tc.decode(message, spec)
+  jax.tree.map(lambda d, u: np.testing.assert_allclose(d, u, atol=1 / 15 + 1e-6), decoded,
+               update)
+  residual = jax.tree.map(jnp.subtract, update, decoded)
+  if error_feedback:  # the state holds exactly what the message lost
+    jax.tree.map(lambda r, e: np.testing.assert_allclose(r, e, atol=1e-6), residual,
+                 buckets.from_buckets(state.error, lay))
+    # Sending the same update twice: the residual is carried into the second message.
+    message2, _ = tc.encode(update, state, spec, jax.random.key(1))
+    assert not np.array_equal(message2, message)
+  else:
+    np.testing.assert_array_equal(state.error, 0.0)
