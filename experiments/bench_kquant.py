@@ -24,7 +24,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments._timing import median_seconds  # pylint: disable=wrong-import-position

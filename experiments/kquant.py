@@ -54,7 +54,6 @@ def config_schema() -> ml_collections.ConfigDict:
       "range_margin": 2.0,              # last_round: radius = margin * max|last aggregate|
       "stochastic": True,               # stochastic (unbiased) or nearest rounding
       "k_schedule": (),                 # ((round, K), ...) for kquant:schedule
-      "qsgd_levels": 4,
       "impl": "auto",                   # auto (pallas on GPU, reference on CPU) | pallas | reference
       "target_accuracy": 0.9,
   })
@@ -138,8 +137,8 @@ def run(config, run):
       round_k = k if name != "kquant" or k is not None else coordinator.k_for_round(
           r, 0, config.k_schedule)
       if round_k not in round_fns:
-        compressor = quantize.by_name(name, layout, k=round_k or 16,
-                                      qsgd_levels=round_k or config.qsgd_levels,
+        # round_k is K for kquant and the level count for qsgd (both required by parse_method).
+        compressor = quantize.by_name(name, layout, k=round_k or 16, qsgd_levels=round_k or 4,
                                       stochastic=config.stochastic, impl=_impl(config))
         round_fns[round_k] = (compressor, jax.jit(functools.partial(
             rounds.round_fn, compressor=compressor, error_feedback=error_feedback, **common)))

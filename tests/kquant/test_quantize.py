@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import kquant as kq
 from research.kquant import buckets, coordinator, quantize
 
 PARAMS = {"w": jnp.zeros((30, 20)), "b": jnp.zeros((20,)), "v": jnp.zeros((3,))}
