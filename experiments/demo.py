@@ -20,7 +20,8 @@ from research.common import mesh as mesh_lib
 from research.common import records
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-HEADER = ("system", "headline metric", "value", "baseline", "baseline value", "ratio", "seconds")
+HEADER = ("system", "headline metric", "value", "baseline", "baseline value", "ratio", "seconds",
+          "note")
 
 
 def smoke_configs(only: set[str] | None = None) -> list[Path]:
@@ -39,7 +40,8 @@ def table_row(system: str, summary: dict) -> tuple:
   value, baseline_value = float(headline["value"]), float(headline["baseline_value"])
   ratio = value / baseline_value if baseline_value else float("nan")
   return (system, headline["metric"], f"{value:.4g}", headline["baseline"],
-          f"{baseline_value:.4g}", f"{ratio:.3f}", f"{summary['seconds']:.1f}")
+          f"{baseline_value:.4g}", f"{ratio:.3f}", f"{summary['seconds']:.1f}",
+          headline.get("note", ""))
 
 
 def main(argv=None) -> int:
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       failures.append(system)
-      rows.append((system, "FAILED", "", "", "", "", ""))
+      rows.append((system, "FAILED", "", "", "", "", "", ""))
 
   markdown = (f"# meshwork demo\n\nEvery registered experiment's smoke config "
               f"(`python -m experiments.demo`), {time.perf_counter() - start:.0f} s in all.\n\n"

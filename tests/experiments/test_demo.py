@@ -17,4 +17,8 @@ def test_demo_runs_registered_smoke_configs_and_writes_the_table(tmp_path):
 def test_table_row_ratio():
   row = demo.table_row("x", {"headline": {"metric": "acc", "value": 0.9, "baseline": "b",
                                           "baseline_value": 1.0}, "seconds": 2.0})
-  assert row == ("x", "acc", "0.9", "b", "1", "0.900", "2.0")
+  assert row == ("x", "acc", "0.9", "b", "1", "0.900", "2.0", "")
+  noted = demo.table_row("x", {"headline": {"metric": "acc", "value": 0.9, "baseline": "b",
+                                            "baseline_value": 1.0, "note": "5 s/it"},
+                               "seconds": 2.0})
+  assert noted[-1] == "5 s/it"

@@ -1,0 +1,185 @@
+"""The hospital's side: keys, preprocessing, encryption of its data, decryption of its model.
+
+  python -m research.fhe.client encrypt --package PACKAGES/client --state STATE \\
+      --data train.npz --iterations 2 --seed 0 --out UPLOAD [--report r.json] [--overwrite]
+  python -m research.fhe.client decrypt --package PACKAGES/client --state STATE \\
+      --model MODEL --out model.npz [--evaluate test.npz] [--report r.json]
+
+STATE is the client's private folder and never leaves it: the secret key set (keys/), the
+preprocessing it fit on its own data (selected features, their ranges) and its seed. `encrypt`
+selects and scales features into [-1, 1] itself, draws the batch order and initial parameters
+from the seed (as concrete-ml's SGDClassifier would), encrypts every batch and the initial
+parameters, and writes the upload bundle: ciphertexts plus the evaluation keys, whose sha256 is
+the key id. `decrypt` accepts only a model trained for its package under its own key id, then
+decrypts the final parameters and every snapshot the server returned.
+
+Data: `.npz` with arrays x (rows, features) and y (rows,) of 0/1, or `.csv` with a header row and
+the label in the last column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from research.common import records
+from research.fhe import package as package_lib
+from research.fhe import train
+from research.fhe import transport
+
+STATE_FILE = "client.json"
+
+
+def _fhe_client(package: transport.Bundle, state: Path):
+  from concrete.ml.deployment import FHEModelClient  # pylint: disable=import-outside-toplevel
+
+  client = FHEModelClient(str(package.directory), key_dir=str(state / "keys"))
+  client.generate_private_and_evaluation_keys(force=False)  # loads the cached key set if any
+  return client
+
+
+def encrypt(package_dir, state_dir, data_path, out, iterations: int, seed: int,
+            overwrite: bool = False) -> dict[str, Any]:
+  """Preprocesses, encrypts and writes the upload; returns a report (timings and sizes)."""
+  package = package_lib.read_package(package_dir, "client")
+  spec = train.TrainerSpec.from_json(package.meta["spec"])
+  state = Path(state_dir)
+  x, y = train.load_table(data_path)
+  if x.shape[1] < spec.n_features:
+    raise ValueError(f"{data_path}: {x.shape[1]} feature columns, the package trains on "
+                     f"{spec.n_features}")
+  preprocessing = train.fit_preprocessing(x, y, spec.n_features)
+  x_scaled = preprocessing.apply(x)
+  plan = train.schedule(len(x_scaled), spec, iterations, seed)
+
+  start = time.perf_counter()
+  client = _fhe_client(package, state)
+  evaluation_keys = client.get_serialized_evaluation_keys()
+  keygen_seconds = time.perf_counter() - start
+  key_id = transport.sha256(evaluation_keys)
+
+  start = time.perf_counter()
+  files: dict[str, bytes] = {"evaluation_keys.bin": evaluation_keys}
+  _, _, files["weights.bin"], files["bias.bin"] = client.quantize_encrypt_serialize(
+      None, None, plan.weights, plan.bias)
+  for t, rows in enumerate(plan.batches, start=1):
+    x_batch, y_batch = train.batch(x_scaled, y, rows)
+    files[f"x_{t:05d}.bin"], files[f"y_{t:05d}.bin"], _, _ = client.quantize_encrypt_serialize(
+        x_batch, y_batch, None, None)
+  encrypt_seconds = time.perf_counter() - start
+
+  records.atomic_write_json(state / STATE_FILE, {
+      "package_id": package.meta["package_id"], "key_id": key_id, "seed": seed,
+      "iterations": iterations, "rows": len(x), "preprocessing": preprocessing.to_json()})
+  meta = {"package_id": package.meta["package_id"], "key_id": key_id, "batches": iterations,
+          "shapes": spec.shapes()}
+  transport.write_bundle(out, "upload", files, meta, overwrite=overwrite)
+  batch_bytes = [len(files[f"x_{t:05d}.bin"]) + len(files[f"y_{t:05d}.bin"])
+                 for t in range(1, iterations + 1)]
+  return {"package_id": package.meta["package_id"], "key_id": key_id,
+          "features": list(preprocessing.features), "keygen_seconds": keygen_seconds,
+          "encrypt_seconds": encrypt_seconds, "evaluation_key_bytes": len(evaluation_keys),
+          "batch_ciphertext_bytes": int(np.mean(batch_bytes)),
+          "parameter_ciphertext_bytes": len(files["weights.bin"]) + len(files["bias.bin"]),
+          "upload_bytes": sum(len(v) for v in files.values())}
+
+
+def read_state(state_dir) -> dict[str, Any]:
+  path = Path(state_dir) / STATE_FILE
+  if not path.is_file():
+    raise ValueError(f"{str(state_dir)!r} holds no {STATE_FILE}: run `encrypt` with this state "
+                     "folder first")
+  return records.read_json(path)
+
+
+def decrypt(package_dir, state_dir, model_dir, out, evaluate=None) -> dict[str, Any]:
+  """Checks and decrypts the returned model; writes it (and the preprocessing) to `out`."""
+  package = package_lib.read_package(package_dir, "client")
+  state = read_state(state_dir)
+  if state["package_id"] != package.meta["package_id"]:
+    raise transport.MessageError(f"state {str(state_dir)!r} belongs to package "
+                                 f"{state['package_id']}, not {package.meta['package_id']}")
+  client = _fhe_client(package, Path(state_dir))
+  own_key_id = transport.sha256(client.get_serialized_evaluation_keys())
+  model = transport.read_bundle(model_dir, "model", expect={
+      "package_id": package.meta["package_id"]})
+  if model.meta.get("key_id") != own_key_id:
+    raise transport.MessageError(
+        f"model {str(model_dir)!r} was trained under key id {model.meta.get('key_id')}, this "
+        f"client's key id is {own_key_id}: it cannot be decrypted with these keys")
+  start = time.perf_counter()
+  snapshots = []
+  for iteration in model.meta["snapshots"]:
+    weights, bias = client.deserialize_decrypt_dequantize(
+        model.read(f"weights_{iteration:05d}.bin"), model.read(f"bias_{iteration:05d}.bin"))
+    snapshots.append(train.Snapshot(int(iteration), np.ravel(weights).copy(),
+                                    float(np.ravel(bias)[0])))
+  decrypt_seconds = time.perf_counter() - start
+  final = snapshots[-1]
+  preprocessing = train.Preprocessing.from_json(state["preprocessing"])
+  arrays = {"weights": final.weights, "bias": np.float64(final.bias),
+            "iteration": np.int64(final.iteration),
+            "snapshot_iterations": np.array([s.iteration for s in snapshots]),
+            "snapshot_weights": np.stack([s.weights for s in snapshots]),
+            "snapshot_bias": np.array([s.bias for s in snapshots]),
+            "features": np.array(preprocessing.features), "low": np.array(preprocessing.low),
+            "high": np.array(preprocessing.high)}
+  _save_npz(out, arrays)
+  report = {"decrypt_seconds": decrypt_seconds, "iterations": final.iteration,
+            "weights": final.weights.tolist(), "bias": final.bias}
+  if evaluate:
+    x_test, y_test = train.load_table(evaluate)
+    report["curve"] = train.summarize(snapshots, preprocessing.apply(x_test), y_test)
+    report["test"] = report["curve"][-1]
+  return report
+
+
+def _save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+  import io  # pylint: disable=import-outside-toplevel
+
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  records.atomic_write_bytes(path, buffer.getvalue())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m research.fhe.client", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  enc = commands.add_parser("encrypt", help="keys, preprocessing, encrypted upload")
+  dec = commands.add_parser("decrypt", help="check and decrypt the returned model")
+  for cmd in (enc, dec):
+    cmd.add_argument("--package", required=True, help="the client package folder")
+    cmd.add_argument("--state", required=True, help="the client's private folder")
+    cmd.add_argument("--out", required=True)
+    cmd.add_argument("--report", help="write the report JSON here as well")
+  enc.add_argument("--data", required=True)
+  enc.add_argument("--iterations", type=int, required=True)
+  enc.add_argument("--seed", type=int, default=0)
+  enc.add_argument("--overwrite", action="store_true")
+  dec.add_argument("--model", required=True, help="the model bundle the server returned")
+  dec.add_argument("--evaluate", help="held-out .npz/.csv to score every snapshot on")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "encrypt":
+      report = encrypt(args.package, args.state, args.data, args.out, args.iterations, args.seed,
+                       args.overwrite)
+    else:
+      report = decrypt(args.package, args.state, args.model, args.out, args.evaluate)
+  except (ValueError, FileExistsError) as e:  # MessageError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.report:
+    records.atomic_write_json(args.report, report)
+  print(json.dumps(records.to_jsonable(report)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
