@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 JAX_STACK = {"jax", "jaxlib", "flax", "optax", "orbax", "chex", "ml_collections"}
 FHE_STACK = {"concrete", "torch", "brevitas"}
 # Modules the FHE environment may import from the main tree: numpy/scikit-learn only.
-SHARED_WITH_FHE = [REPO / "research" / "common" / "data.py"]
+SHARED_WITH_FHE = [REPO / "research" / "common" / "data.py",
+                   REPO / "research" / "common" / "records.py"]
 
 
 def imported_roots(path: Path) -> set[str]:
