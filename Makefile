@@ -20,7 +20,7 @@ demo: venv
 # Every test suite: the jax suite in .venv, the FHE suite in .venv-fhe.
 test: test-main test-fhe
 
-test-main: venv
+test-main: venv venv-fhe
 	$(VENV)/bin/python -m pytest tests --ignore=tests/fhe $(PYTEST_ARGS)
 
 test-fhe: venv-fhe
