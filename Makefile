@@ -14,7 +14,7 @@ venv-fhe:
 	PYTHON=$(PYTHON) scripts/ensure_venv.sh $(FHE_VENV) requirements-fhe.txt -- -r requirements-fhe.txt
 
 # The main job: every registered experiment's smoke config, one summary table.
-demo: venv
+demo: venv venv-fhe
 	$(VENV)/bin/python -m experiments.demo
 
 # Every test suite: the jax suite in .venv, the FHE suite in .venv-fhe.

@@ -257,3 +257,28 @@ def _save_npz(path: Path, **arrays) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   records.atomic_write_bytes(path, buffer.getvalue())
+
+
+PAPER = "papers/fhe.md"
+FIGURE = "papers/figures/fhe_accuracy_vs_iterations.png"
+
+
+def fill_paper(run_dir, paper: str = PAPER) -> None:
+  """Copies a run's tables into the paper page (marker `table:fhe`) and its figure beside it."""
+  run_dir = Path(run_dir)
+  config = records.read_json(run_dir / "config.json")
+  summary = records.read_json(run_dir / "summary.json")
+  text = (f"Run `{run_dir.name}` ({config['execute_features']} features x "
+          f"{config['execute_iterations']} encrypted iterations; {config['simulate_features']} "
+          f"features x {config['simulate_iterations']} simulated iterations; seed "
+          f"{config['seed']}, p_error {config['p_error']}), {summary['seconds']:.0f} s in all:\n\n"
+          + results_table(summary["execute"], summary["simulate"]))
+  written = records.replace_marked_block(paper, "table:fhe", text)
+  records.atomic_write_bytes(REPO / FIGURE, (run_dir / "accuracy_vs_iterations.png").read_bytes())
+  print(f"{run_dir} -> {paper}: {'written' if written else 'no table:fhe marker'}; {FIGURE}")
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 3 or sys.argv[1] != "--paper":
+    sys.exit("usage: python -m experiments.fhe --paper RUN_DIR")
+  fill_paper(sys.argv[2])
