@@ -97,8 +97,8 @@ def run(config, run):
   hospital, packages, wire = work / "hospital", work / "packages", work / "wire"
   hospital.mkdir(parents=True, exist_ok=True)
   split = data_lib.breast_cancer(standardize=False)  # the client scales its own data
-  _save_npz(hospital / "train.npz", x=split.x_train, y=split.y_train)
-  _save_npz(hospital / "test.npz", x=split.x_test, y=split.y_test)
+  records.atomic_save_npz(hospital / "train.npz", x=split.x_train, y=split.y_train)
+  records.atomic_save_npz(hospital / "test.npz", x=split.x_test, y=split.y_test)
   train, test = hospital / "train.npz", hospital / "test.npz"
 
   steps = [
@@ -249,14 +249,6 @@ def _plot(run, execute_curve, reduced_curve, full_curve, execute, simulate) -> N
   ax.set_title("breast cancer diagnosis: training on encrypted data")
   run.save_figure("accuracy_vs_iterations.png", fig)
   plt.close(fig)
-
-
-def _save_npz(path: Path, **arrays) -> None:
-  import io  # pylint: disable=import-outside-toplevel
-
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  records.atomic_write_bytes(path, buffer.getvalue())
 
 
 PAPER = "papers/fhe.md"

@@ -73,6 +73,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
   return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
+def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+  """Saves arrays as an uncompressed .npz atomically."""
+  import io  # pylint: disable=import-outside-toplevel
+
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_save_figure(path: str | os.PathLike, figure: Any, dpi: int = 120) -> Path:
   """Saves a matplotlib figure atomically; the format follows the suffix of `path`."""
   path = Path(path)

@@ -130,7 +130,7 @@ def decrypt(package_dir, state_dir, model_dir, out, evaluate=None) -> dict[str, 
             "snapshot_bias": np.array([s.bias for s in snapshots]),
             "features": np.array(preprocessing.features), "low": np.array(preprocessing.low),
             "high": np.array(preprocessing.high)}
-  _save_npz(out, arrays)
+  records.atomic_save_npz(out, **arrays)
   report = {"decrypt_seconds": decrypt_seconds, "iterations": final.iteration,
             "weights": final.weights.tolist(), "bias": final.bias}
   if evaluate:
@@ -138,14 +138,6 @@ def decrypt(package_dir, state_dir, model_dir, out, evaluate=None) -> dict[str, 
     report["curve"] = train.summarize(snapshots, preprocessing.apply(x_test), y_test)
     report["test"] = report["curve"][-1]
   return report
-
-
-def _save_npz(path, arrays: dict[str, np.ndarray]) -> None:
-  import io  # pylint: disable=import-outside-toplevel
-
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  records.atomic_write_bytes(path, buffer.getvalue())
 
 
 def main(argv=None) -> int:

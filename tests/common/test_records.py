@@ -73,3 +73,12 @@ def test_replace_marked_block(tmp_path):
   assert page.read_text() == "intro\n<!-- t -->\n| a |\n<!-- /t -->\nend\n"
   assert not records.replace_marked_block(page, "missing", "x")
   assert not records.replace_marked_block(tmp_path / "none.md", "t", "x")
+
+
+def test_atomic_save_npz_round_trips_and_leaves_no_temporary(tmp_path):
+  path = records.atomic_save_npz(tmp_path / "a.npz", x=np.arange(6.0).reshape(2, 3),
+                                 y=np.array([0, 1]))
+  with np.load(path) as arrays:
+    np.testing.assert_array_equal(arrays["x"], np.arange(6.0).reshape(2, 3))
+    assert arrays["y"].tolist() == [0, 1]
+  assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
