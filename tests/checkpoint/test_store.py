@@ -1,0 +1,74 @@
+"""Local memory keeps the last good snapshot; the disk store never restores a partial step."""
+
+import jax
+import numpy as np
+import pytest
+
+from research.checkpoint import store
+from research.checkpoint import worker as worker_lib
+
+
+@pytest.fixture(scope="module")
+def states():
+  problem = worker_lib.make_problem(2)
+  return worker_lib.init_state(problem, 0), worker_lib.reference_run(problem, 3)
+
+
+def _equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_pack_unpack_is_exact_and_checks_length(states):
+  template, state = states
+  packed = store.pack(state)
+  assert len(packed) == store.packed_size(template)
+  assert _equal(store.unpack(template, packed), state)
+  with pytest.raises(ValueError, match="too short"):
+    store.unpack(template, packed[:-8])
+
+
+def test_local_slots_keep_the_previous_snapshot_when_a_copy_is_cut_short(tmp_path, states):
+  template, state = states
+  slots = store.LocalSlots(tmp_path / "w0", store.packed_size(template), create=True)
+  assert slots.read(template) is None
+  slots.write(1, template)
+  slots.write(2, state)
+  step, back = slots.read(template)
+  assert step == 2 and _equal(back, state)
+  # A worker killed in the middle of its next copy: the newer slot's payload is half old bytes.
+  newest_slot, _ = slots.newest()
+  payload = slots._payload(newest_slot)  # pylint: disable=protected-access
+  payload[: len(payload) // 2] = bytes(len(payload) // 2)
+  step, back = slots.read(template)
+  assert step == 1 and _equal(back, template)
+  # Another process (a replacement worker) sees the same memory.
+  other = store.LocalSlots(tmp_path / "w0", store.packed_size(template))
+  assert other.read(template)[0] == 1
+  with pytest.raises(FileNotFoundError, match="no local-memory file"):
+    store.LocalSlots(tmp_path / "w1", store.packed_size(template))
+
+
+def test_persistent_store_skips_uncommitted_and_corrupted_steps(tmp_path, states):
+  template, state = states
+  lines = []
+  persistent = store.PersistentStore(tmp_path / "worker_0", log=lines.append)
+  persistent.save(2, template)
+  persistent.save(4, state)
+  persistent.close()
+  persistent = store.PersistentStore(tmp_path / "worker_0", log=lines.append)
+  assert persistent.restorable_steps() == [4, 2]
+  assert _equal(persistent.restore(4, template), state)
+
+  (tmp_path / "worker_0" / store.MANIFESTS / "4.json").unlink()  # an async save never committed
+  assert persistent.restorable_steps() == [2]
+  assert "skip persisted step 4 of worker_0: no commit manifest" in lines[-1]
+
+  persistent.save(6, state)
+  persistent.close()
+  persistent = store.PersistentStore(tmp_path / "worker_0", log=lines.append)
+  from research.checkpoint import transport
+  corrupted = transport.corrupt_newest_checkpoint(tmp_path / "worker_0")
+  assert "/6/" in corrupted
+  assert persistent.restorable_steps() == [2]
+  assert any("skip persisted step 6" in line and "corrupted" in line for line in lines)
+  assert _equal(persistent.restore(2, template), template)
