@@ -140,7 +140,10 @@ def worker_main(conn, spec: JobSpec, worker: int, restore) -> None:
   problem = _problem(spec)
   gradient, update = worker_lib.make_step_fns(problem)
   template = worker_lib.init_state(problem, worker)
-  slots = store.LocalSlots(spec.slots_path(worker), store.packed_size(template))
+  try:
+    slots = store.LocalSlots(spec.slots_path(worker), store.packed_size(template))
+  except FileNotFoundError:
+    return  # the node's local memory is gone: its agent was killed while this process started
   source = restore
   if restore == "local":
     found = slots.read(template)
@@ -344,7 +347,7 @@ class JobResult:
   replicas_equal: bool        # every worker ended with the same params and optimizer state
   events: list[str]
   steps_lost: list[int]       # per failure: steps recomputed because of it
-  step_seconds: list[float]
+  step_seconds: list[tuple[int, float]]  # (step, seconds) in the order run, replays included
   restarts: int
 
 
@@ -449,7 +452,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
           done |= {m[2] for m in receive(spec.heartbeat_interval)
                    if m[0] == "done" and m[1] >= step}
         time.sleep(max(0.0, spec.min_step_seconds - (time.perf_counter() - start)))
-        step_seconds.append(time.perf_counter() - start)
+        step_seconds.append((step, time.perf_counter() - start))
         if on_step:
           on_step(step)
       for a in agents:
