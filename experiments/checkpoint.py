@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from research.common import config as config_lib
+from research.common import records
 
 
 def config_schema() -> ml_collections.ConfigDict:
@@ -149,3 +150,35 @@ def _plot(run, results) -> None:
   ax.set_title("synchronous training under faults (dotted: fault steps)")
   run.save_figure("steps_vs_time.png", fig)
   plt.close(fig)
+
+
+PAPER = "papers/checkpoint.md"
+
+
+def results_table(summary: dict) -> str:
+  """The recovery table of the paper page, from a summary."""
+  rows = []
+  for name, job in summary["jobs"].items():
+    faults = ", ".join(f"{f['kind']} {f['target']} @ step {f['step']}" for f in job["faults"])
+    rows.append([name.replace("_", "-"), faults or "-", "yes" if job["bit_exact"] else "NO",
+                 "yes" if job["replicas_equal"] else "NO", job["restarts"],
+                 str(job["steps_lost"]), f"{job['seconds']:.1f}"])
+  return records.write_markdown_table(
+      ["job", "faults", "final state == reference (bits)", "replicas equal", "job restarts",
+       "steps lost per failure", "step-loop seconds"], rows)
+
+
+def fill_paper(run_dir, paper: str = PAPER) -> None:
+  from pathlib import Path  # pylint: disable=import-outside-toplevel
+  run_dir = Path(run_dir)
+  summary = records.read_json(run_dir / "summary.json")
+  text = f"Run `{run_dir.name}`:\n\n" + results_table(summary)
+  written = records.replace_marked_block(paper, "table:faults", text)
+  print(f"{run_dir} -> {paper}: {'written' if written else 'no table:faults marker'}")
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=import-outside-toplevel
+  if len(sys.argv) != 3 or sys.argv[1] != "--paper":
+    sys.exit("usage: python -m experiments.checkpoint --paper RUN_DIR")
+  fill_paper(sys.argv[2])

@@ -2,9 +2,9 @@
 
 Local memory: one file per worker slot in a RAM-backed folder (`/dev/shm` on Linux), memory-mapped
 by the worker that writes its snapshot and by a replacement that restores from it. Two slots per
-worker, each with a header (step, payload bytes, a checksum, a valid flag): a snapshot goes into
-the slot not holding the newest state and is marked valid last, so a worker killed in the middle
-of a copy leaves the previous snapshot intact. The file outlives any worker process; the node
+worker, each with a header (step, payload bytes, a valid flag, a sequence number): a snapshot goes into
+the slot not holding the newest state, which is marked invalid first and valid last, so a worker
+killed in the middle of a copy leaves the previous snapshot as the newest valid one. The file outlives any worker process; the node
 agent owns it.
 
 Persistent: an orbax `CheckpointManager` per worker (async saves; orbax writes each step to a
@@ -23,7 +23,6 @@ import json
 import mmap
 import os
 import struct
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,8 +55,11 @@ def pack(tree, out: memoryview | None = None) -> bytes | None:
   return None
 
 
-def unpack(template, buffer) -> Any:
-  """The pytree of `template`'s structure, shapes and dtypes, read (copied) from `buffer`."""
+def unpack(template, buffer, copy: bool = True) -> Any:
+  """The pytree of `template`'s structure, shapes and dtypes, read from `buffer`.
+
+  With copy=False the leaves are views of `buffer` (for a buffer nobody else writes).
+  """
   leaves, treedef = jax.tree.flatten(template)
   out, offset = [], 0
   for leaf in leaves:
@@ -66,8 +68,8 @@ def unpack(template, buffer) -> Any:
     if offset + size > len(buffer):
       raise ValueError(f"buffer of {len(buffer)} bytes is too short for the state "
                        f"({packed_size(template)} bytes)")
-    out.append(np.frombuffer(buffer, dtype=leaf.dtype, count=leaf.size, offset=offset)
-               .reshape(leaf.shape).copy())
+    view = np.frombuffer(buffer, dtype=leaf.dtype, count=leaf.size, offset=offset)
+    out.append(view.reshape(leaf.shape).copy() if copy else view.reshape(leaf.shape))
     offset += size
   if offset != len(buffer):
     raise ValueError(f"buffer has {len(buffer)} bytes, the state {offset}")
@@ -76,7 +78,7 @@ def unpack(template, buffer) -> Any:
 
 # --- node-local memory ------------------------------------------------------------------------
 
-_HEADER = struct.Struct("<qqIIq")  # step, nbytes, crc32, valid, sequence
+_HEADER = struct.Struct("<qqqq")  # step, nbytes, valid, sequence
 _HEADER_BYTES = 64
 
 
@@ -95,7 +97,7 @@ class LocalSlots:
     self._file = open(self.path, "r+b")
     self._map = mmap.mmap(self._file.fileno(), size)
 
-  def _header(self, slot: int) -> tuple[int, int, int, int, int]:
+  def _header(self, slot: int) -> tuple[int, int, int, int]:
     return _HEADER.unpack_from(self._map, slot * self.slot_bytes)
 
   def _payload(self, slot: int) -> memoryview:
@@ -106,7 +108,7 @@ class LocalSlots:
     """(slot, step) of the newest valid snapshot, or None."""
     best = None
     for slot in (0, 1):
-      step, nbytes, _, valid, sequence = self._header(slot)
+      step, nbytes, valid, sequence = self._header(slot)
       if valid == 1 and nbytes == self.state_bytes and (best is None or sequence > best[2]):
         best = (slot, step, sequence)
     return None if best is None else best[:2]
@@ -115,28 +117,28 @@ class LocalSlots:
     """Snapshot: copy into the older slot, then mark it valid (the newer one stays intact)."""
     newest = self.newest()
     slot = 0 if newest is None else 1 - newest[0]
-    sequence = 0 if newest is None else self._header(newest[0])[4] + 1
-    _HEADER.pack_into(self._map, slot * self.slot_bytes, -1, 0, 0, 0, 0)  # invalid while copying
-    payload = self._payload(slot)
-    pack(tree, payload)
-    crc = zlib.crc32(payload)
-    _HEADER.pack_into(self._map, slot * self.slot_bytes, step, self.state_bytes, crc, 1, sequence)
+    sequence = 0 if newest is None else self._header(newest[0])[3] + 1
+    _HEADER.pack_into(self._map, slot * self.slot_bytes, -1, 0, 0, 0)  # invalid while copying
+    pack(tree, self._payload(slot))
+    _HEADER.pack_into(self._map, slot * self.slot_bytes, step, self.state_bytes, 1, sequence)
 
   def read(self, template) -> tuple[int, Any] | None:
-    """(step, state) of the newest valid snapshot whose checksum holds, or None."""
-    for slot, step in self._candidates():
-      payload = self._payload(slot)
-      if zlib.crc32(payload) == self._header(slot)[2]:
-        return step, unpack(template, payload)
-    return None
-
-  def _candidates(self):
-    found = []
-    for slot in (0, 1):
-      step, nbytes, _, valid, sequence = self._header(slot)
-      if valid == 1 and nbytes == self.state_bytes:
-        found.append((sequence, slot, step))
-    return [(slot, step) for _, slot, step in sorted(found, reverse=True)]
+    """(step, state) of the newest valid snapshot, or None."""
+    newest = self.newest()
+    if newest is None:
+      return None
+    slot, step = newest
+    # One bulk read of the payload from the RAM file into a fresh buffer (no per-page faults of
+    # a new mapping), then the leaves are views of that private buffer.
+    buffer = bytearray(self.state_bytes)
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(slot * self.slot_bytes + _HEADER_BYTES)
+      view, done = memoryview(buffer), 0
+      while done < self.state_bytes:
+        done += f.readinto(view[done:])
+    if self._header(slot)[:3] != (step, self.state_bytes, 1):
+      return self.read(template)  # overwritten while we read (cannot happen with one writer)
+    return step, unpack(template, buffer, copy=False)
 
   def close(self) -> None:
     self._map.close()

@@ -35,15 +35,25 @@ def test_local_slots_keep_the_previous_snapshot_when_a_copy_is_cut_short(tmp_pat
   slots.write(2, state)
   step, back = slots.read(template)
   assert step == 2 and _equal(back, state)
-  # A worker killed in the middle of its next copy: the newer slot's payload is half old bytes.
-  newest_slot, _ = slots.newest()
-  payload = slots._payload(newest_slot)  # pylint: disable=protected-access
-  payload[: len(payload) // 2] = bytes(len(payload) // 2)
+  # A worker killed in the middle of its next copy: the slot it writes is marked invalid first.
+  torn = store.LocalSlots(tmp_path / "w0", store.packed_size(template))
+  def killed_mid_copy(tree, out):
+    out[: len(out) // 2] = bytes(len(out) // 2)
+    raise KeyboardInterrupt  # stands for kill -9 between the header and the end of the copy
+  original = store.pack
+  store.pack = killed_mid_copy
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      torn.write(3, state)
+  finally:
+    store.pack = original
   step, back = slots.read(template)
-  assert step == 1 and _equal(back, template)
+  assert step == 2 and _equal(back, state)  # the newest complete snapshot, not the torn one
   # Another process (a replacement worker) sees the same memory.
   other = store.LocalSlots(tmp_path / "w0", store.packed_size(template))
-  assert other.read(template)[0] == 1
+  assert other.read(template)[0] == 2
+  slots.write(4, template)  # the next snapshot goes into the torn slot and becomes the newest
+  assert other.read(template)[0] == 4
   with pytest.raises(FileNotFoundError, match="no local-memory file"):
     store.LocalSlots(tmp_path / "w1", store.packed_size(template))
 
