@@ -18,7 +18,6 @@ A state crosses processes as one flat buffer: `pack` / `unpack` against a templa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -165,14 +164,8 @@ MANIFESTS = "manifests"
 
 
 def _file_hashes(step_dir: Path) -> dict[str, str]:
-  hashes = {}
-  for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 22), b""):
-        digest.update(block)
-    hashes[str(path.relative_to(step_dir))] = digest.hexdigest()
-  return hashes
+  return {str(path.relative_to(step_dir)): records.sha256_file(path)
+          for path in sorted(p for p in step_dir.rglob("*") if p.is_file())}
 
 
 class PersistentStore:

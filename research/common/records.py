@@ -10,6 +10,7 @@ This module does I/O by design; it has no clocks and no jax import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,15 @@ def to_jsonable(value: Any) -> Any:
   if isinstance(value, os.PathLike):
     return os.fspath(value)
   raise TypeError(f"cannot record value of type {type(value).__name__}: {value!r}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+  """Hex sha256 of a file, read in chunks (files of any size)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

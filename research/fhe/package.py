@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from research.common import records
 from research.fhe import train
 from research.fhe import transport
 
@@ -43,7 +44,7 @@ def build(out: str | Path, spec: train.TrainerSpec, overwrite: bool = False) -> 
     dev_dir = Path(scratch) / "dev"
     FHEModelDev(str(dev_dir), trainer).save(mode="training")
     client_zip, server_zip = dev_dir / "client.zip", dev_dir / "server.zip"
-    client_sha, server_sha = transport.sha256_file(client_zip), transport.sha256_file(server_zip)
+    client_sha, server_sha = records.sha256_file(client_zip), records.sha256_file(server_zip)
     manifest = {
         "versions": versions(),
         "spec": spec.to_json(),

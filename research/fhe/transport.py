@@ -37,14 +37,6 @@ def sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(chunk), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 @dataclasses.dataclass(frozen=True)
 class Bundle:
   """A verified bundle: where it is, what it says, and its payload files by name."""
@@ -96,7 +88,7 @@ def write_bundle(directory: str | os.PathLike, kind: str, files: Mapping[str, by
         entries[name] = {"bytes": len(content), "sha256": sha256(bytes(content))}
       else:
         shutil.copyfile(content, target)
-        entries[name] = {"bytes": target.stat().st_size, "sha256": sha256_file(target)}
+        entries[name] = {"bytes": target.stat().st_size, "sha256": records.sha256_file(target)}
     index = {"format": FORMAT, "kind": kind, "meta": records.to_jsonable(dict(meta)),
              "files": entries}
     records.atomic_write_json(staging / INDEX, index)
@@ -154,7 +146,7 @@ def read_bundle(directory: str | os.PathLike, kind: str,
     if size != entry.get("bytes"):
       raise MessageError(f"{kind} bundle {str(directory)!r}: file {name!r} has {size} bytes, "
                          f"{INDEX} says {entry.get('bytes')}")
-    digest = sha256_file(path)
+    digest = records.sha256_file(path)
     if digest != entry.get("sha256"):
       raise MessageError(f"{kind} bundle {str(directory)!r}: file {name!r} has sha256 "
                          f"{digest[:12]}..., {INDEX} says {str(entry.get('sha256'))[:12]}... "

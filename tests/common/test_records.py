@@ -82,3 +82,10 @@ def test_atomic_save_npz_round_trips_and_leaves_no_temporary(tmp_path):
     np.testing.assert_array_equal(arrays["x"], np.arange(6.0).reshape(2, 3))
     assert arrays["y"].tolist() == [0, 1]
   assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+
+
+def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
+  import hashlib
+  data = bytes(range(256)) * 1000
+  (tmp_path / "f").write_bytes(data)
+  assert records.sha256_file(tmp_path / "f", chunk=1000) == hashlib.sha256(data).hexdigest()

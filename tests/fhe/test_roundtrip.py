@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from research.common import data as data_lib
+from research.common import records
 from research.fhe import package as package_lib
 from research.fhe import transport
 
@@ -92,8 +93,8 @@ def test_server_inputs_hold_no_secret_key_and_no_clear_data(trip):
   assert set(upload.meta) == {"package_id", "key_id", "batches", "shapes"}  # no statistics
   assert {p.name for p in trip["upload"].iterdir()} == set(upload.files) | {"bundle.json"}
   state_files = [p for p in trip["state"].rglob("*") if p.is_file()]
-  state_hashes = {transport.sha256_file(p) for p in state_files}
-  assert not state_hashes & {transport.sha256_file(p) for p in inputs}
+  state_hashes = {records.sha256_file(p) for p in state_files}
+  assert not state_hashes & {records.sha256_file(p) for p in inputs}
 
   # Pieces of the secret keys (bits stored as u64 words; 64-bit windows mixing 0s and 1s).
   secret_files = [p for p in state_files if p.name.startswith("secretKey")]
