@@ -20,7 +20,6 @@ the label in the last column.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -158,19 +157,12 @@ def main(argv=None) -> int:
   dec.add_argument("--model", required=True, help="the model bundle the server returned")
   dec.add_argument("--evaluate", help="held-out .npz/.csv to score every snapshot on")
   args = parser.parse_args(argv)
-  try:
-    if args.command == "encrypt":
-      report = encrypt(args.package, args.state, args.data, args.out, args.iterations, args.seed,
-                       args.overwrite)
-    else:
-      report = decrypt(args.package, args.state, args.model, args.out, args.evaluate)
-  except (ValueError, FileExistsError) as e:  # MessageError is a ValueError
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if args.report:
-    records.atomic_write_json(args.report, report)
-  print(json.dumps(records.to_jsonable(report)))
-  return 0
+  if args.command == "encrypt":
+    return transport.run_command(lambda: encrypt(args.package, args.state, args.data, args.out,
+                                                 args.iterations, args.seed, args.overwrite),
+                                 args.report)
+  return transport.run_command(lambda: decrypt(args.package, args.state, args.model, args.out,
+                                               args.evaluate), args.report)
 
 
 if __name__ == "__main__":

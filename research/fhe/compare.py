@@ -15,13 +15,12 @@ plays it); nothing here goes to the server.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
-from research.common import records
 from research.fhe import train
+from research.fhe import transport
 
 
 def compare(train_path, test_path, n_features: int, iterations: int, seed: int, every: int = 10,
@@ -67,15 +66,11 @@ def main(argv=None) -> int:
   parser.add_argument("--mode", choices=("simulate", "disable"), default="simulate")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  try:
-    report = compare(args.train, args.test, args.features, args.iterations, args.seed,
-                     args.every, args.p_error, args.mode)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  records.atomic_write_json(args.out, report)
-  print(json.dumps({"out": args.out, "final": report["curve"][-1], "clear": report["clear"]}))
-  return 0
+  return transport.run_command(
+      lambda: compare(args.train, args.test, args.features, args.iterations, args.seed,
+                      args.every, args.p_error, args.mode), args.out,
+      printed=lambda report: {"out": args.out, "final": report["curve"][-1],
+                              "clear": report["clear"]})
 
 
 if __name__ == "__main__":

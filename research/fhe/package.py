@@ -14,7 +14,6 @@ made with other library versions is refused.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -87,14 +86,10 @@ def main(argv=None) -> int:
   build_cmd.add_argument("--parameters-range", type=float, nargs=2, default=(-1.0, 1.0))
   build_cmd.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
-  try:
-    spec = train.TrainerSpec(args.features, tuple(args.parameters_range), args.p_error)
-    manifest = build(args.out, spec, overwrite=args.overwrite)
-  except (ValueError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps({"package_id": manifest["package_id"], "out": args.out}))
-  return 0
+  return transport.run_command(
+      lambda: build(args.out, train.TrainerSpec(args.features, tuple(args.parameters_range),
+                                                args.p_error), overwrite=args.overwrite),
+      printed=lambda manifest: {"package_id": manifest["package_id"], "out": args.out})
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ id.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
-from research.common import records
 from research.fhe import package as package_lib
 from research.fhe import train
 from research.fhe import transport
@@ -98,16 +96,9 @@ def main(argv=None) -> int:
   cmd.add_argument("--report")
   cmd.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
-  try:
-    report = train_encrypted(args.package, args.upload, args.out, args.snapshot_every,
-                             args.overwrite)
-  except (ValueError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if args.report:
-    records.atomic_write_json(args.report, report)
-  print(json.dumps(records.to_jsonable(report)))
-  return 0
+  return transport.run_command(lambda: train_encrypted(args.package, args.upload, args.out,
+                                                       args.snapshot_every, args.overwrite),
+                               args.report)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from research.common import records
 
@@ -152,3 +153,19 @@ def read_bundle(directory: str | os.PathLike, kind: str,
                          f"{digest[:12]}..., {INDEX} says {str(entry.get('sha256'))[:12]}... "
                          "(corrupted or tampered with)")
   return Bundle(directory, kind, meta, files, sha256(raw))
+
+
+def run_command(action: Callable[[], Any], report_path: str | None = None,
+                printed: Callable[[Any], Any] = lambda report: report) -> int:
+  """The parties' command-line convention: bad input or a refused message prints `error: ...`
+  and exits 2; otherwise the report is written to `report_path` (if any) and one JSON line
+  (`printed(report)`) goes to stdout for whoever drives the process."""
+  try:
+    report = action()
+  except (ValueError, FileExistsError) as e:  # MessageError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if report_path:
+    records.atomic_write_json(report_path, report)
+  print(json.dumps(records.to_jsonable(printed(report))))
+  return 0
