@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments._timing import median_seconds
 from research.checkpoint import store
 from research.checkpoint import worker as worker_lib
 from research.common import records
@@ -57,15 +58,6 @@ def _drop_page_cache(directory: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
       finally:
         os.close(fd)
-
-
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def bench_problem(megabytes: float, batch_size: int) -> worker_lib.Problem:
@@ -116,7 +108,8 @@ def bench_size(megabytes: float, steps: int, repeats: int, batch_size: int,
       times[mode].append((time.perf_counter() - start) / steps_per_round)
   step_seconds = {mode: statistics.median(t) for mode, t in times.items()}
 
-  snapshot_seconds = _median_time(lambda: slots.write(int(state.step), state), repeats)
+  snapshot_seconds = median_seconds(lambda: slots.write(int(state.step), state), repeats=repeats,
+                                    warmup=0)
 
   def restore_local():
     reader = store.LocalSlots(slots.path, state_bytes)
@@ -135,10 +128,10 @@ def bench_size(megabytes: float, steps: int, repeats: int, batch_size: int,
     _drop_page_cache(step_dir)
     return jax.device_put(persistent.restore(int(state.step), state))
 
-  local = _median_time(restore_local, repeats)
-  warm = _median_time(lambda: jax.device_put(persistent.restore(int(state.step), state)),
-                      repeats)
-  cold = _median_time(restore_disk_cold, repeats)
+  local = median_seconds(restore_local, repeats=repeats, warmup=0)
+  warm = median_seconds(lambda: jax.device_put(persistent.restore(int(state.step), state)),
+                        repeats=repeats, warmup=0)
+  cold = median_seconds(restore_disk_cold, repeats=repeats, warmup=0)
   restored = restore_local()
   assert store.pack(restored) == store.pack(state), "local-memory restore is not exact"
   assert store.pack(persistent.restore(int(state.step), state)) == store.pack(state)

@@ -88,7 +88,8 @@ class LocalSlots:
     self.path, self.state_bytes = Path(path), int(state_bytes)
     self.slot_bytes = _HEADER_BYTES + self.state_bytes
     size = 2 * self.slot_bytes
-    if create:
+    if create:  # always a new file: a process still mapping an old one never sees this one
+      self.path.unlink(missing_ok=True)
       with open(self.path, "wb") as f:
         f.truncate(size)
     elif not self.path.is_file() or self.path.stat().st_size != size:
@@ -203,8 +204,8 @@ class PersistentStore:
       return []
     committed = []
     for step in self._pending:
-      step_dir = self._step_dir(step)
-      if step_dir is None:
+      step_dir = self.directory / "steps" / str(step)
+      if not step_dir.is_dir():
         continue
       records.atomic_write_json(self.directory / MANIFESTS / f"{step}.json",
                                 {"step": step, "files": _file_hashes(step_dir)})
@@ -212,12 +213,6 @@ class PersistentStore:
     self._pending = []
     self._drop_stale_manifests()
     return committed
-
-  def _step_dir(self, step: int) -> Path | None:
-    for candidate in (self.directory / "steps").iterdir():
-      if candidate.is_dir() and candidate.name == str(step):
-        return candidate
-    return None
 
   def _drop_stale_manifests(self) -> None:
     kept = {int(p.name) for p in (self.directory / "steps").iterdir() if p.name.isdigit()}
@@ -251,8 +246,8 @@ class PersistentStore:
   def restore(self, step: int, template) -> Any:
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_items(template).items()}
     items = self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-    leaves, treedef = jax.tree.flatten(template)
-    return jax.tree.unflatten(treedef, [np.asarray(items[k]) for k in sorted(items)])
+    return jax.tree.unflatten(jax.tree.structure(template),
+                              [np.asarray(items[k]) for k in sorted(items)])
 
   def close(self) -> None:
     self.commit_finished(wait=True)

@@ -176,12 +176,11 @@ def worker_main(conn, spec: JobSpec, worker: int, restore) -> None:
       mean = store.unpack(problem.init_params, packed)
       _, next_position = worker_lib.minibatch(problem, worker, state.data_position)
       state = update(state, mean, next_position)
-      snapshotted = step % spec.snapshot_every == 0
-      if snapshotted:
+      if step % spec.snapshot_every == 0:
         slots.write(step, state)
-      send(("applied", step, worker, snapshotted))
+      send(("applied", step, worker))
     elif kind == "final":
-      send(("final", worker, store.pack(state), int(state.step)))
+      send(("final", worker, store.pack(state)))
     elif kind == "hang":
       pause_until[0] = time.monotonic() + message[1]
       time.sleep(message[1])
@@ -215,8 +214,7 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
   applied = {w: 0 for w in workers}
   grads_sent: set[int] = set()
   update_log: dict[int, bytes] = {}
-  current = [0]
-  done_reported = [0]
+  current = done_reported = 0  # the step in progress; the newest step reported done
 
   def spawn(w, how):
     parent, child = ctx.Pipe()
@@ -259,7 +257,7 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
           message = ("stop",)
         kind = message[0]
         if kind == "step":
-          current[0] = message[1]
+          current = message[1]
           grads_sent.clear()
           for w in workers:
             if ready[w]:
@@ -307,27 +305,26 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
             log(f"worker {w}: update {s} is no longer in the replay log")
             break
           conns[w].send(("update", s, update_log[s]))
-        if current[0] > max(update_log, default=0) and w not in grads_sent:
-          conns[w].send(("step", current[0]))
+        if current > max(update_log, default=0) and w not in grads_sent:
+          conns[w].send(("step", current))
       elif kind == "grads":
-        if message[1] == current[0] and w not in grads_sent:
+        if message[1] == current and w not in grads_sent:
           grads_sent.add(w)
           conn.send(message)
         else:
           log(f"dropped gradient of step {message[1]} from worker {w} (current step "
-              f"{current[0]})")
+              f"{current})")
       elif kind == "applied":
         applied[w] = message[1]
         step = min(applied.values())
-        if step > done_reported[0]:
-          done_reported[0] = step
+        if step > done_reported:
+          done_reported = step
           if step % spec.persist_every == 0:
             for v in workers:
               found = slots[v].read(template)
               if found and found[0] == step:
                 stores[v].save(step, found[1])
-          oldest = min(applied.values())
-          for s in [s for s in update_log if s <= oldest - spec.snapshot_every]:
+          for s in [s for s in update_log if s <= step - spec.snapshot_every]:
             del update_log[s]
           conn.send(("done", step, agent))
       elif kind in ("final", "error"):
@@ -370,7 +367,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
 
   ctx = mp.get_context("spawn")
   problem = _problem(spec)
-  current = [0]
+  current = 0  # the step in progress (read by receive())
   pending = sorted(faults, key=lambda f: f.step)
   events, steps_lost, step_seconds = [], [], []
   worker_pids: dict[int, int] = {}
@@ -418,7 +415,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
           worker_pids[w] = pid
           ready.add(w)
           if source == "local":
-            steps_lost.append(max(0, current[0] - 1 - restored))
+            steps_lost.append(max(0, current - 1 - restored))
           if restore != "init" or source != "init":
             note(f"worker {w} ready at step {restored} (restored from {source})")
         elif message[0] == "error":
@@ -429,7 +426,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
       while len(ready) < spec.num_workers:
         receive(spec.heartbeat_interval)
       for step in range(first_step, spec.steps + 1):
-        current[0] = step
+        current = step
         start = time.perf_counter()
         for a in agents:
           conns[a].send(("step", step))
@@ -465,27 +462,23 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
       for proc in agents.values():
         proc.join(timeout=30)
       template = worker_lib.init_state(problem, 0)
-      replicas = [store.pack((store.unpack(template, finals[w]).params,
-                              store.unpack(template, finals[w]).opt_state))
-                  for w in range(spec.num_workers)]
+      states = [store.unpack(template, finals[w]) for w in range(spec.num_workers)]
+      replicas = [store.pack((state.params, state.opt_state)) for state in states]
       return JobResult(finals[0], len(set(replicas)) == 1, events, steps_lost, step_seconds,
                        restarts)
     except AgentFailure as failure:
-      failed_step = max(current[0], first_step)
+      failed_step = max(current, first_step)
+      _kill_all(agents, worker_pids)
       if restarts >= max_restarts:
-        _kill_all(agents, worker_pids)
         raise RuntimeError(f"gave up after {restarts} job restarts: {failure}") from None
       note(f"node failure during step {failed_step}: {failure}; restarting the job from the "
            "newest committed checkpoint")
-      _kill_all(agents, worker_pids)
       committed = _newest_common_step(spec, note)
       restore = ("persistent", committed) if committed else "init"
       steps_lost.append(failed_step - 1 - committed)
       note(f"restoring every worker from persisted step {committed}" if committed else
            "no committed checkpoint: restarting from the initial state")
-      first_step, restarts = committed + 1, restarts + 1
-      for w in range(spec.num_workers):
-        Path(spec.slots_path(w)).unlink(missing_ok=True)
+      first_step, restarts = committed + 1, restarts + 1  # new agents recreate local memory
 
 
 def _inject(fault: Fault, spec, agents, conns, worker_pids, note) -> None:
