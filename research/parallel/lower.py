@@ -1,0 +1,176 @@
+"""The executor: a plan lowered to `jax.lax` collectives in one `jax.shard_map` body.
+
+`local_fn(plan)` is the per-device function (use it inside a larger shard_map body, as the graph
+pass does); `redistribute_fn(plan, mesh)` wraps it in `jax.jit(jax.shard_map(...))` with the
+source layout's PartitionSpec in and the target's out, so the result is the input array, bit
+for bit, carrying the target sharding. `hlo_collectives(text)` reads the collectives of a compiled
+program back (kind and bytes received per device), to check a plan against what XLA runs and to
+measure XLA's own resharding.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from research.parallel import plan as plan_lib
+from research.parallel.layout import Layout, LayoutError
+
+
+def apply_op(block, op: plan_lib.Operator, layout: Layout):
+  """One redistribution operator on a device's local block, inside a shard_map body."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if isinstance(op, plan_lib.Slice):
+    n = layout.axis_sizes[op.axis]
+    size = block.shape[op.dim] // n
+    start = jax.lax.axis_index(op.axis) * size
+    return jax.lax.dynamic_slice_in_dim(block, start, size, axis=op.dim)
+  if isinstance(op, plan_lib.AllGather):
+    return jax.lax.all_gather(block, op.axis, axis=op.dim, tiled=True)
+  if isinstance(op, plan_lib.AllToAll):
+    return jax.lax.all_to_all(block, op.axis, op.dst_dim, op.src_dim, tiled=True)
+  if isinstance(op, plan_lib.ReduceScatter):
+    return jax.lax.psum_scatter(block, op.axis, scatter_dimension=op.dim, tiled=True)
+  if isinstance(op, plan_lib.AllReduce):
+    return jax.lax.psum(block, op.axis)
+  if isinstance(op, plan_lib.Permute):
+    pairs = plan_lib.permute_pairs(layout, op.target)
+    return jax.lax.ppermute(block, layout.axis_names, perm=pairs)
+  raise TypeError(f"unknown redistribution operator {op!r}")
+
+
+def local_fn(plan: plan_lib.Plan) -> Callable:
+  """block -> block: the plan's operators in order (call inside a shard_map over the mesh)."""
+
+  def run(block):
+    for step in plan.steps:
+      block = apply_op(block, step.op, step.before)
+    return block
+
+  return run
+
+
+def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
+  """A jitted global-array function: source sharding in, the same array in target sharding out."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if plan.source.partial or plan.target.partial:
+    raise LayoutError("redistribute_fn moves global arrays; a partial-sum layout exists only "
+                      "inside a shard_map body (use local_fn there)")
+  body = jax.shard_map(local_fn(plan), mesh=mesh, in_specs=plan.source.to_spec(),
+                       out_specs=plan.target.to_spec(), check_vma=False)
+  return jax.jit(body, out_shardings=plan.target.sharding(mesh))
+
+
+def layout_of(array, mesh: Any) -> Layout:
+  """The layout of a global jax array sharded with a NamedSharding on `mesh`."""
+  spec = getattr(array.sharding, "spec", None)
+  if spec is None:
+    raise LayoutError(f"array sharding {array.sharding} is not a NamedSharding")
+  return Layout.from_spec(mesh, spec, array.ndim)
+
+
+def redistribute(array, target: Layout, mesh: Any,
+                 cost_model: plan_lib.CostModel = plan_lib.CostModel()):
+  """Plans and runs the move of `array` to `target` (convenience; plans are memoized)."""
+  plan = plan_lib.plan_redistribution(array.shape, array.dtype, layout_of(array, mesh), target,
+                                      cost_model)
+  return redistribute_fn(plan, mesh)(array)
+
+
+# -- reading collectives from compiled HLO ---------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<kind>all-gather|all-to-all|collective-permute|all-reduce|"
+    r"reduce-scatter)(?P<start>-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\].*?\{([^{}]*)\}")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+_ITEMSIZE = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
+
+
+def _array_bytes(text: str) -> list[int]:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(text):
+    itemsize = _ITEMSIZE.get(dtype) or int(dtype[1:]) // 8
+    sizes.append(math.prod(int(d) for d in dims.split(",") if d) * itemsize)
+  return sizes
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  match = _GROUPS_LIST.search(line)
+  if match:
+    return len([x for x in match.group(1).split(",") if x])
+  match = _GROUPS_IOTA.search(line)
+  if match:
+    return int(match.group(2))
+  match = _GROUPS_MESH.search(line)
+  if match:
+    sizes = dict((k.strip("'"), int(v)) for k, v in
+                 (item.split("=") for item in match.group(1).split(",")))
+    named = [a.strip().strip("'") for a in match.group(2).split(",") if a.strip()]
+    return math.prod(sizes[a] for a in named)
+  return num_devices  # no groups: all devices
+
+
+def hlo_collectives(text: str, num_devices: int) -> list[tuple[str, float]]:
+  """(kind, bytes received per device) of each collective in compiled HLO text.
+
+  Received bytes follow the same ring formulas as the planner, from the result shape (the text
+  of a compiled module does not type operands): all-gather and all-to-all `out * (n-1)/n`,
+  reduce-scatter `out * (n-1)`, all-reduce `2 * out * (n-1)/n`, collective permute `out` when
+  some pair moves data.
+  """
+  found = []
+  for line in text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match or "-done" in line.split("=")[0]:
+      continue
+    kind = match.group("kind")
+    shapes = _array_bytes(match.group("shape"))
+    out = shapes[-1] if match.group("start") else sum(shapes)
+    if kind == "collective-permute":
+      pairs = _PAIRS.search(line)
+      moving = pairs is None or any(a != b for a, b in re.findall(r"\{(\d+),(\d+)\}",
+                                                                  pairs.group(1)))
+      found.append((kind, float(out) if moving else 0.0))
+      continue
+    n = _group_size(line, num_devices)
+    if kind in ("all-gather", "all-to-all"):
+      received = out * (n - 1) / n
+    elif kind == "reduce-scatter":
+      received = out * (n - 1)
+    else:
+      received = 2 * out * (n - 1) / n
+    found.append((kind, float(received)))
+  return found
+
+
+def compiled_text(fn: Callable, *args) -> str:
+  return fn.lower(*args).compile().as_text()
+
+
+def replicates(text: str, global_bytes: int) -> bool:
+  """Whether some collective in the HLO materializes the whole tensor on a device."""
+  for line in text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if match and match.group("kind") in ("all-gather", "all-to-all", "collective-permute"):
+      shapes = _array_bytes(match.group("shape"))
+      out = shapes[-1] if match.group("start") else sum(shapes)
+      if out >= global_bytes:
+        return True
+  return False
+
+
+def xla_reshard_fn(source: Layout, target: Layout, mesh: Any) -> Callable:
+  """XLA's own resharding: `jax.jit(identity, out_shardings=target)` on a source-sharded array."""
+  import jax  # pylint: disable=import-outside-toplevel
+  del source
+  return jax.jit(lambda x: x, out_shardings=target.sharding(mesh))
+

@@ -1,0 +1,103 @@
+"""research/parallel/plan.py: plans are minimal under the model, respect the bound and the cap."""
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from research.common.mesh import make_mesh
+from research.parallel import plan as plan_lib
+from research.parallel.layout import Layout, all_layouts
+
+MESHES = [((8,), ("a",)), ((2, 4), ("x", "y")), ((4, 2), ("x", "y")), ((2, 2, 2), ("x", "y", "z"))]
+
+
+def test_known_case_uses_two_all_to_alls():
+  mesh_axes = (("x", 4), ("y", 2))
+  source = Layout.from_spec(mesh_axes, P("y", None, "x"), 3)
+  target = Layout.from_spec(mesh_axes, P(None, ("x", "y"), None), 3)
+  plan = plan_lib.plan_redistribution((16, 16, 16), "float32", source, target)
+  assert plan.collectives() == {"all-to-all": 2}
+  local = 16 ** 3 * 4 // 8
+  # Two all-to-alls move at most (n-1)/n of the local block each.
+  assert plan.predicted_bytes <= local * (3 / 4 + 1 / 2)
+  naive = plan_lib.gather_then_slice_plan((16, 16, 16), "float32", source, target)
+  assert plan.predicted_bytes < naive.predicted_bytes
+
+
+@pytest.mark.parametrize("mesh_index", range(4))
+def test_plans_bound_and_never_worse_than_gather_then_slice(mesh_index):
+  mesh = make_mesh(*MESHES[mesh_index])
+  rng = np.random.default_rng(mesh_index)
+  for shape in [(16, 8), (8, 16, 8), (16,)]:
+    layouts = all_layouts(mesh, shape)
+    for _ in range(15):
+      source, target = (layouts[i] for i in rng.integers(len(layouts), size=2))
+      plan = plan_lib.plan_redistribution(shape, "float32", source, target)
+      bound = plan_lib.lower_bound_bytes(shape, "float32", source, target, mesh)
+      naive = plan_lib.gather_then_slice_plan(shape, "float32", source, target)
+      assert plan.predicted_bytes >= bound - 1e-9, plan.summary()
+      assert plan.predicted_seconds <= naive.predicted_seconds + 1e-15, plan.summary()
+      assert plan.steps[-1].after == target if plan.steps else source == target
+      layout = source  # the steps chain from source to target
+      for step in plan.steps:
+        assert step.before == layout and step.op.apply(layout) == step.after
+        layout = step.after
+
+
+def test_identity_and_single_steps():
+  axes = (("x", 2), ("y", 4))
+  a = Layout.from_spec(axes, P("x", "y"), 2)
+  assert plan_lib.plan_redistribution((8, 8), "float32", a, a).steps == ()
+  gather = plan_lib.plan_redistribution((8, 8), "float32", a, Layout.from_spec(axes, P("x"), 2))
+  assert [s.op for s in gather.steps] == [plan_lib.AllGather(1, "y")]
+  assert gather.predicted_bytes == 3 * (4 * 2 * 4)  # receives 3 blocks of 4x2 float32
+  sliced = plan_lib.plan_redistribution((8, 8), "float32", Layout.from_spec(axes, P("x"), 2), a)
+  assert sliced.collectives() == {} and sliced.predicted_bytes == 0
+
+
+def test_permute_for_equal_blocks_on_other_devices():
+  axes = (("x", 2), ("y", 2), ("z", 2))
+  source, target = Layout.from_spec(axes, P("x"), 1), Layout.from_spec(axes, P("y"), 1)
+  plan = plan_lib.plan_redistribution((16,), "float32", source, target)
+  assert plan.collectives() == {"collective-permute": 1}
+  pairs = plan_lib.permute_pairs(source, target)
+  assert sorted(d for _, d in pairs) == list(range(8)) and sorted(s for s, _ in pairs) == list(range(8))
+  swapped = plan_lib.plan_redistribution(
+      (16,), "float32", Layout.from_spec(axes, P(("x", "y")), 1),
+      Layout.from_spec(axes, P(("y", "x")), 1))
+  assert swapped.collectives() == {"collective-permute": 1}
+
+
+def test_partial_sums_reduce_scatter_or_all_reduce():
+  axes = (("d", 2), ("m", 4))
+  partial = Layout(axes, (("d",), ()), partial=("m",))
+  scattered = plan_lib.plan_redistribution((8, 16), "float32", partial,
+                                           Layout(axes, (("d",), ("m",))))
+  assert [s.op for s in scattered.steps] == [plan_lib.ReduceScatter(1, "m")]
+  reduced = plan_lib.plan_redistribution((8, 16), "float32", partial, Layout(axes, (("d",), ())))
+  assert reduced.collectives() == {"all-reduce": 1}
+  with pytest.raises(plan_lib.PlanError, match="cannot create partial sums"):
+    plan_lib.plan_redistribution((8, 16), "float32", Layout(axes, (("d",), ())), partial)
+
+
+def test_cost_model_changes_the_choice_and_cap_is_respected():
+  axes = (("x", 2), ("y", 4))
+  source = Layout.from_spec(axes, P("x", "y"), 2)
+  target = Layout.from_spec(axes, P("y", "x"), 2)
+  shape = (64, 64)
+  plan = plan_lib.plan_redistribution(shape, "float32", source, target)
+  assert all(s.peak_bytes <= plan.peak_bytes for s in plan.steps)
+  # A cap below every gathered intermediate forbids all-gathers.
+  local = 64 * 64 * 4 // 8
+  capped = plan_lib.plan_redistribution(shape, "float32", source, target,
+                                        max_bytes_per_device=2 * local)
+  assert capped.peak_bytes <= 2 * local
+  assert "all-gather" not in capped.collectives()
+  with pytest.raises(plan_lib.PlanError, match="max_bytes_per_device=100"):
+    plan_lib.plan_redistribution(shape, "float32", source, target, max_bytes_per_device=100)
+  # An expensive axis is avoided when a path over the cheap one exists.
+  slow_x = plan_lib.CostModel.per_axis(beta={"x": 1e-6})
+  src = Layout.from_spec(axes, P(None, ("y", "x")), 2)
+  dst = Layout.from_spec(axes, P(None, "y"), 2)
+  assert plan_lib.plan_redistribution(shape, "float32", src, dst, slow_x).steps[0].op == \
+      plan_lib.AllGather(1, "x")
