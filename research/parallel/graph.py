@@ -334,7 +334,8 @@ def partition(graph: Graph, mesh: Any, input_specs: Mapping[str, Spec] | None = 
         planned.add((name, need))
         t = tensors[name]
         try:
-          plan = plan_lib.plan_redistribution(t.shape, t.dtype, layouts[name], need, cost_model)
+          plan = plan_lib.plan_redistribution(t.shape, t.dtype, layouts[name], need, cost_model,
+                                              refine=False)
         except (LayoutError, plan_lib.PlanError) as error:
           raise GraphError(f"{node.op} {node.output!r} input {name!r}: {error}") from None
         redistributions.append(Redistribution(name, plan))
@@ -354,7 +355,7 @@ def partition(graph: Graph, mesh: Any, input_specs: Mapping[str, Spec] | None = 
     t = tensors[graph.output]
     final = Redistribution(graph.output,
                            plan_lib.plan_redistribution(t.shape, t.dtype, produced, want,
-                                                        cost_model))
+                                                        cost_model, refine=False))
   param_layouts = {p: layouts[p] for p in graph.params if p in layouts}
   input_layouts = {i: layouts[i] for i in graph.inputs if i in layouts}
   sliced = tuple(sliced)

@@ -224,6 +224,44 @@ def _dims_str(dims, partial) -> str:
   return text + (f" partial{{{','.join(partial)}}}" if partial else "")
 
 
+def _prime_factors(n: int) -> list[int]:
+  factors, p = [], 2
+  while n > 1:
+    while n % p == 0:
+      factors.append(p)
+      n //= p
+    p += 1
+  return factors
+
+
+def refined_axes(mesh_axes: Any) -> dict[str, tuple[tuple[str, int], ...]]:
+  """Each mesh axis as its prime-size sub-axes, major to minor ('y' of 4 -> 'y:0', 'y:1')."""
+  refined = {}
+  for name, size in mesh_axes_of(mesh_axes):
+    factors = _prime_factors(size)
+    if len(factors) <= 1:
+      refined[name] = ((name, size),)
+    else:
+      refined[name] = tuple((f"{name}:{i}", f) for i, f in enumerate(factors))
+  return refined
+
+
+def refine(layout: Layout) -> Layout:
+  """The same placement on the refined mesh (every mesh axis split into prime sub-axes).
+
+  Devices keep their order (the refined mesh is the device array reshaped), so a block lives on
+  the same device under both; the refined mesh also has layouts the original cannot name
+  (split by one sub-axis), which the planner uses as intermediates.
+  """
+  sub = refined_axes(layout.mesh_axes)
+  if all(len(v) == 1 for v in sub.values()):
+    return layout
+  mesh_axes = tuple(a for name in layout.axis_names for a in sub[name])
+  dims = tuple(tuple(n for a in axes for n, _ in sub[a]) for axes in layout.dims)
+  partial = tuple(n for a in layout.partial for n, _ in sub[a])
+  return Layout(mesh_axes, dims, partial)
+
+
 def all_layouts(mesh: Any, shape: Sequence[int]) -> list[Layout]:
   """Every non-partial layout of a tensor of `shape` on `mesh` whose splits divide the shape."""
   mesh_axes = mesh_axes_of(mesh)

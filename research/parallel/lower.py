@@ -25,18 +25,20 @@ def apply_op(block, op: plan_lib.Operator, layout: Layout):
   import jax  # pylint: disable=import-outside-toplevel
 
   if isinstance(op, plan_lib.Slice):
-    n = layout.axis_sizes[op.axis]
-    size = block.shape[op.dim] // n
-    start = jax.lax.axis_index(op.axis) * size
-    return jax.lax.dynamic_slice_in_dim(block, start, size, axis=op.dim)
+    sizes = layout.axis_sizes
+    index = 0
+    for axis in op.axes:  # linear index over the group, major to minor
+      index = index * sizes[axis] + jax.lax.axis_index(axis)
+    size = block.shape[op.dim] // math.prod(sizes[a] for a in op.axes)
+    return jax.lax.dynamic_slice_in_dim(block, index * size, size, axis=op.dim)
   if isinstance(op, plan_lib.AllGather):
-    return jax.lax.all_gather(block, op.axis, axis=op.dim, tiled=True)
+    return jax.lax.all_gather(block, op.axes, axis=op.dim, tiled=True)
   if isinstance(op, plan_lib.AllToAll):
-    return jax.lax.all_to_all(block, op.axis, op.dst_dim, op.src_dim, tiled=True)
+    return jax.lax.all_to_all(block, op.axes, op.dst_dim, op.src_dim, tiled=True)
   if isinstance(op, plan_lib.ReduceScatter):
-    return jax.lax.psum_scatter(block, op.axis, scatter_dimension=op.dim, tiled=True)
+    return jax.lax.psum_scatter(block, op.axes, scatter_dimension=op.dim, tiled=True)
   if isinstance(op, plan_lib.AllReduce):
-    return jax.lax.psum(block, op.axis)
+    return jax.lax.psum(block, op.axes)
   if isinstance(op, plan_lib.Permute):
     pairs = plan_lib.permute_pairs(layout, op.target)
     return jax.lax.ppermute(block, layout.axis_names, perm=pairs)
@@ -44,7 +46,8 @@ def apply_op(block, op: plan_lib.Operator, layout: Layout):
 
 
 def local_fn(plan: plan_lib.Plan) -> Callable:
-  """block -> block: the plan's operators in order (call inside a shard_map over the mesh)."""
+  """block -> block: the plan's operators in order, inside a shard_map over the mesh its steps
+  name (`plan_mesh`; plan with `refine=False` to use it in a shard_map over the original mesh)."""
 
   def run(block):
     for step in plan.steps:
@@ -54,6 +57,19 @@ def local_fn(plan: plan_lib.Plan) -> Callable:
   return run
 
 
+def plan_mesh(plan: plan_lib.Plan, mesh: Any):
+  """The mesh the plan's steps act on: `mesh`, or its devices arranged as the refined mesh."""
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+
+  axes = plan.steps[0].before.mesh_axes if plan.steps else plan.source.mesh_axes
+  if axes == plan.source.mesh_axes:
+    return mesh
+  names, sizes = zip(*axes)
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  return Mesh(mesh.devices.reshape(sizes), names,
+              axis_types=tuple(types[n.split(":")[0]] for n in names))
+
+
 def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
   """A jitted global-array function: source sharding in, the same array in target sharding out."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -61,8 +77,11 @@ def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
   if plan.source.partial or plan.target.partial:
     raise LayoutError("redistribute_fn moves global arrays; a partial-sum layout exists only "
                       "inside a shard_map body (use local_fn there)")
-  body = jax.shard_map(local_fn(plan), mesh=mesh, in_specs=plan.source.to_spec(),
-                       out_specs=plan.target.to_spec(), check_vma=False)
+  steps_mesh = plan_mesh(plan, mesh)
+  start = plan.steps[0].before if plan.steps else plan.source
+  goal = plan.steps[-1].after if plan.steps else plan.target
+  body = jax.shard_map(local_fn(plan), mesh=steps_mesh, in_specs=start.to_spec(),
+                       out_specs=goal.to_spec(), check_vma=False)
   return jax.jit(body, out_shardings=plan.target.sharding(mesh))
 
 
@@ -114,8 +133,9 @@ def _group_size(line: str, num_devices: int) -> int:
   if match:
     sizes = dict((k.strip("'"), int(v)) for k, v in
                  (item.split("=") for item in match.group(1).split(",")))
-    named = [a.strip().strip("'") for a in match.group(2).split(",") if a.strip()]
-    return math.prod(sizes[a] for a in named)
+    # Entries name a mesh axis ('axis_1') or a sub-axis of it ('axis_1':(pre)size).
+    return math.prod(int(sub) if sub else sizes[name]
+                     for name, sub in re.findall(r"'(\w+)'(?::\(\d+\)(\d+))?", match.group(2)))
   return num_devices  # no groups: all devices
 
 

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from research.parallel.layout import Layout, LayoutError, all_layouts
+from research.parallel.layout import refine as refine_layout
 
 
 class PlanError(ValueError):
@@ -46,19 +47,28 @@ class PlanError(ValueError):
 # -- operators -------------------------------------------------------------------------------
 
 
+def _group(layout: Layout, axes: tuple[str, ...]) -> int:
+  sizes = layout.axis_sizes
+  return math.prod(sizes[a] for a in axes)
+
+
+def _drop_suffix(axes: tuple[str, ...], suffix: tuple[str, ...], what: str,
+                 layout: Layout) -> tuple[str, ...]:
+  if not suffix or axes[len(axes) - len(suffix):] != suffix:
+    raise LayoutError(f"{what}: {suffix} are not the minor-most axes {axes} in {layout}")
+  return axes[:len(axes) - len(suffix)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
   dim: int
-  axis: str
+  axes: tuple[str, ...]
   collective = None
 
   def apply(self, layout: Layout) -> Layout:
     dims = list(layout.dims)
-    dims[self.dim] = dims[self.dim] + (self.axis,)
+    dims[self.dim] = dims[self.dim] + self.axes
     return layout.with_dims(dims)
-
-  def axes(self, layout: Layout) -> tuple[str, ...]:
-    return (self.axis,)
 
   def received_bytes(self, before: int, after: int, n: int) -> float:
     return 0.0
@@ -67,19 +77,13 @@ class Slice:
 @dataclasses.dataclass(frozen=True)
 class AllGather:
   dim: int
-  axis: str
+  axes: tuple[str, ...]
   collective = "all-gather"
 
   def apply(self, layout: Layout) -> Layout:
     dims = list(layout.dims)
-    if not dims[self.dim] or dims[self.dim][-1] != self.axis:
-      raise LayoutError(f"all-gather of {self.axis!r} on dim {self.dim}: not its minor-most "
-                        f"axis in {layout}")
-    dims[self.dim] = dims[self.dim][:-1]
+    dims[self.dim] = _drop_suffix(dims[self.dim], self.axes, "all-gather", layout)
     return layout.with_dims(dims)
-
-  def axes(self, layout: Layout) -> tuple[str, ...]:
-    return (self.axis,)
 
   def received_bytes(self, before: int, after: int, n: int) -> float:
     return float(after - before)
@@ -87,22 +91,16 @@ class AllGather:
 
 @dataclasses.dataclass(frozen=True)
 class AllToAll:
-  axis: str
+  axes: tuple[str, ...]
   src_dim: int
   dst_dim: int
   collective = "all-to-all"
 
   def apply(self, layout: Layout) -> Layout:
     dims = list(layout.dims)
-    if not dims[self.src_dim] or dims[self.src_dim][-1] != self.axis:
-      raise LayoutError(f"all-to-all of {self.axis!r} from dim {self.src_dim}: not its "
-                        f"minor-most axis in {layout}")
-    dims[self.src_dim] = dims[self.src_dim][:-1]
-    dims[self.dst_dim] = dims[self.dst_dim] + (self.axis,)
+    dims[self.src_dim] = _drop_suffix(dims[self.src_dim], self.axes, "all-to-all", layout)
+    dims[self.dst_dim] = dims[self.dst_dim] + self.axes
     return layout.with_dims(dims)
-
-  def axes(self, layout: Layout) -> tuple[str, ...]:
-    return (self.axis,)
 
   def received_bytes(self, before: int, after: int, n: int) -> float:
     return before * (n - 1) / n
@@ -111,16 +109,13 @@ class AllToAll:
 @dataclasses.dataclass(frozen=True)
 class ReduceScatter:
   dim: int
-  axis: str
+  axes: tuple[str, ...]
   collective = "reduce-scatter"
 
   def apply(self, layout: Layout) -> Layout:
     dims = list(layout.dims)
-    dims[self.dim] = dims[self.dim] + (self.axis,)
-    return layout.with_dims(dims, tuple(a for a in layout.partial if a != self.axis))
-
-  def axes(self, layout: Layout) -> tuple[str, ...]:
-    return (self.axis,)
+    dims[self.dim] = dims[self.dim] + self.axes
+    return layout.with_dims(dims, tuple(a for a in layout.partial if a not in self.axes))
 
   def received_bytes(self, before: int, after: int, n: int) -> float:
     return before * (n - 1) / n
@@ -128,14 +123,11 @@ class ReduceScatter:
 
 @dataclasses.dataclass(frozen=True)
 class AllReduce:
-  axis: str
+  axes: tuple[str, ...]
   collective = "all-reduce"
 
   def apply(self, layout: Layout) -> Layout:
-    return layout.with_dims(layout.dims, tuple(a for a in layout.partial if a != self.axis))
-
-  def axes(self, layout: Layout) -> tuple[str, ...]:
-    return (self.axis,)
+    return layout.with_dims(layout.dims, tuple(a for a in layout.partial if a not in self.axes))
 
   def received_bytes(self, before: int, after: int, n: int) -> float:
     return 2 * before * (n - 1) / n
@@ -146,11 +138,12 @@ class Permute:
   target: Layout
   collective = "collective-permute"
 
+  @property
+  def axes(self) -> tuple[str, ...]:
+    return self.target.axis_names
+
   def apply(self, layout: Layout) -> Layout:
     return self.target
-
-  def axes(self, layout: Layout) -> tuple[str, ...]:
-    return layout.axis_names
 
   def received_bytes(self, before: int, after: int, n: int) -> float:
     return float(after)
@@ -160,16 +153,18 @@ Operator = Slice | AllGather | AllToAll | ReduceScatter | AllReduce | Permute
 
 
 def describe(op: Operator) -> str:
+  axes = "" if isinstance(op, Permute) else (op.axes[0] if len(op.axes) == 1 else
+                                             "(" + ",".join(op.axes) + ")")
   if isinstance(op, Slice):
-    return f"slice(dim {op.dim} by {op.axis})"
+    return f"slice(dim {op.dim} by {axes})"
   if isinstance(op, AllGather):
-    return f"all-gather(dim {op.dim} over {op.axis})"
+    return f"all-gather(dim {op.dim} over {axes})"
   if isinstance(op, AllToAll):
-    return f"all-to-all({op.axis}: dim {op.src_dim} -> dim {op.dst_dim})"
+    return f"all-to-all({axes}: dim {op.src_dim} -> dim {op.dst_dim})"
   if isinstance(op, ReduceScatter):
-    return f"reduce-scatter(dim {op.dim} over {op.axis})"
+    return f"reduce-scatter(dim {op.dim} over {axes})"
   if isinstance(op, AllReduce):
-    return f"all-reduce(over {op.axis})"
+    return f"all-reduce(over {axes})"
   return f"collective-permute(-> {op.target})"
 
 
@@ -178,16 +173,19 @@ def describe(op: Operator) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-  """Alpha-beta cost per mesh axis: seconds per message hop and seconds per byte received.
+  """Alpha-beta cost per mesh axis: a fixed launch cost per collective, seconds per message hop
+  (ring: n - 1 hops over a group of n devices) and seconds per byte received.
 
   `alpha` / `beta` are (axis, value) pairs; axes not named use the defaults. The defaults
-  (10 us, 10 GB/s) describe a fast interconnect; only ratios matter to the planner.
+  (10 us launch, 1 us per hop, 10 GB/s) describe a fast interconnect; only ratios matter. The
+  launch cost makes one collective over a group of axes cheaper than one per sub-axis.
   """
 
   alpha: tuple[tuple[str, float], ...] = ()
   beta: tuple[tuple[str, float], ...] = ()
-  default_alpha: float = 1e-5
+  default_alpha: float = 1e-6
   default_beta: float = 1e-10
+  launch: float = 1e-5
 
   @classmethod
   def per_axis(cls, alpha: Mapping[str, float] | None = None,
@@ -198,12 +196,13 @@ class CostModel:
   def seconds(self, op: Operator, layout: Layout, received: float) -> float:
     if op.collective is None:
       return 0.0
-    axes = op.axes(layout)
     alphas, betas = dict(self.alpha), dict(self.beta)
+    # A sub-axis ('y:0') of a refined mesh costs what its mesh axis ('y') costs.
+    axes = [a.split(":")[0] for a in op.axes]
     alpha = max(alphas.get(a, self.default_alpha) for a in axes)
     beta = max(betas.get(a, self.default_beta) for a in axes)
-    hops = 1 if isinstance(op, Permute) else layout.axis_sizes[axes[0]] - 1
-    return alpha * hops + beta * received
+    hops = 1 if isinstance(op, Permute) else _group(layout, op.axes) - 1
+    return self.launch + alpha * hops + beta * received
 
 
 # -- plans -----------------------------------------------------------------------------------
@@ -259,33 +258,42 @@ def local_bytes(layout: Layout, shape: Sequence[int], dtype: Any) -> int:
   return math.prod(layout.shard_shape(shape)) * np.dtype(dtype).itemsize
 
 
+def _ordered_subsets(axes: Sequence[str]) -> list[tuple[str, ...]]:
+  """Every non-empty ordered selection of distinct axes (the orders a slice can append)."""
+  return [p for k in range(1, len(axes) + 1) for p in itertools.permutations(axes, k)]
+
+
 def neighbours(layout: Layout, shape: tuple[int, ...]) -> list[Operator]:
-  """Operators applicable to `layout` whose result divides `shape`."""
+  """Operators applicable to `layout` whose result divides `shape`.
+
+  Collectives act on a minor-most run of axes of one dimension (a group of mesh axes is one
+  collective over their product), slices append free axes in any order, partial axes reduce as a
+  group or scatter into a dimension, and a permute reaches every layout with the same block shape.
+  """
   ops: list[Operator] = []
-  sizes = layout.axis_sizes
   rank = layout.rank
 
-  def fits(dim: int, axis: str, current: Layout) -> bool:
-    return shape[dim] % (current.shards(dim) * sizes[axis]) == 0
+  def fits(dim: int, axes: tuple[str, ...], current: Layout) -> bool:
+    return shape[dim] % (current.shards(dim) * _group(current, axes)) == 0
 
   for d, axes in enumerate(layout.dims):
-    if not axes:
-      continue
-    axis = axes[-1]
-    ops.append(AllGather(d, axis))
-    gathered = AllGather(d, axis).apply(layout)
+    for k in range(1, len(axes) + 1):
+      suffix = axes[len(axes) - k:]
+      gathered = AllGather(d, suffix)
+      ops.append(gathered)
+      for e in range(rank):
+        if e != d and fits(e, suffix, gathered.apply(layout)):
+          ops.append(AllToAll(suffix, d, e))
+  for group in _ordered_subsets(layout.free_axes):
     for e in range(rank):
-      if e != d and fits(e, axis, gathered):
-        ops.append(AllToAll(axis, d, e))
-  for axis in layout.free_axes:
+      if fits(e, group, layout):
+        ops.append(Slice(e, group))
+  for group in _ordered_subsets(layout.partial):
+    if list(group) == sorted(group, key=layout.axis_names.index):  # one order suffices
+      ops.append(AllReduce(group))
     for e in range(rank):
-      if fits(e, axis, layout):
-        ops.append(Slice(e, axis))
-  for axis in layout.partial:
-    ops.append(AllReduce(axis))
-    for e in range(rank):
-      if fits(e, axis, layout):
-        ops.append(ReduceScatter(e, axis))
+      if fits(e, group, layout):
+        ops.append(ReduceScatter(e, group))
   if not layout.partial:
     for other in _same_block_shape(layout.mesh_axes, shape)[layout.shard_shape(shape)]:
       if other != layout:
@@ -302,17 +310,21 @@ def _same_block_shape(mesh_axes, shape) -> dict[tuple[int, ...], list[Layout]]:
   return dict(groups)
 
 
+def _step(op: Operator, layout: Layout, shape, dtype, cost_model: CostModel) -> Step:
+  after_layout = op.apply(layout)
+  before, after = local_bytes(layout, shape, dtype), local_bytes(after_layout, shape, dtype)
+  if isinstance(op, Permute):
+    moved = op.received_bytes(before, after, 0) if _permute_pairs_moving(layout, after_layout) else 0.0
+  else:
+    moved = op.received_bytes(before, after, _group(layout, op.axes))
+  return Step(op, layout, after_layout, moved, cost_model.seconds(op, layout, moved),
+              before + after)
+
+
 @functools.lru_cache(maxsize=65536)
-def _plan(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
-          cost_model: CostModel, max_bytes_per_device: int | None) -> Plan:
-  if source.mesh_axes != target.mesh_axes:
-    raise LayoutError(f"source mesh {dict(source.mesh_axes)} and target mesh "
-                      f"{dict(target.mesh_axes)} differ")
-  source.check_shape(shape)
-  target.check_shape(shape)
-  if not set(target.partial) <= set(source.partial):
-    raise PlanError(f"target {target} is partial over axes the source {source} is not: a "
-                    "redistribution cannot create partial sums")
+def _search(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
+            cost_model: CostModel, max_bytes_per_device: int | None) -> tuple[Step, ...] | None:
+  """Dijkstra from source to target; None if the target is unreachable."""
   tie = itertools.count()
   # Cost: (seconds, bytes, steps); the tie counter keeps heap entries comparable.
   best = {source: (0.0, 0.0, 0)}
@@ -326,45 +338,54 @@ def _plan(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
     done.add(layout)
     if layout == target:
       break
-    before = local_bytes(layout, shape, dtype)
     for op in neighbours(layout, shape):
       after_layout = op.apply(layout)
-      if after_layout in done:
+      if after_layout in done or not set(target.partial) <= set(after_layout.partial):
         continue
-      if not set(target.partial) <= set(after_layout.partial):
+      step = _step(op, layout, shape, dtype, cost_model)
+      if max_bytes_per_device is not None and step.peak_bytes > max_bytes_per_device:
         continue
-      after = local_bytes(after_layout, shape, dtype)
-      peak = before + after
-      if max_bytes_per_device is not None and peak > max_bytes_per_device:
-        continue
-      n = layout.num_devices if isinstance(op, Permute) else layout.axis_sizes[op.axes(layout)[0]]
-      moved = op.received_bytes(before, after, n)
-      if isinstance(op, Permute) and _permute_pairs_moving(layout, after_layout) == 0:
-        moved = 0.0
-      step_seconds = cost_model.seconds(op, layout, moved)
-      cost = (seconds + step_seconds, received + moved, count + 1)
+      cost = (seconds + step.seconds, received + step.received_bytes, count + 1)
       if after_layout not in best or cost < best[after_layout]:
         best[after_layout] = cost
-        previous[after_layout] = Step(op, layout, after_layout, moved, step_seconds, peak)
+        previous[after_layout] = step
         heapq.heappush(heap, (*cost, next(tie), after_layout))
   if target not in done:
-    cap = "" if max_bytes_per_device is None else f" under max_bytes_per_device={max_bytes_per_device}"
-    raise PlanError(f"no redistribution from {source} to {target} for shape {shape}{cap}")
+    return None
   steps = []
   layout = target
   while layout != source:
-    step = previous[layout]
-    steps.append(step)
-    layout = step.before
-  return Plan(shape, dtype, source, target, tuple(reversed(steps)))
+    steps.append(previous[layout])
+    layout = steps[-1].before
+  return tuple(reversed(steps))
 
 
 def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target: Layout,
                         cost_model: CostModel = CostModel(),
-                        max_bytes_per_device: int | None = None) -> Plan:
-  """The cheapest plan under `cost_model` (ties: fewer bytes, then fewer steps)."""
-  return _plan(tuple(int(s) for s in shape), np.dtype(dtype).name, source, target, cost_model,
-               max_bytes_per_device)
+                        max_bytes_per_device: int | None = None, refine: bool = True) -> Plan:
+  """The cheapest plan under `cost_model` (ties: fewer bytes, then fewer steps).
+
+  With `refine` (default) the search runs on the refined mesh, where each mesh axis is split
+  into prime-size sub-axes ('y' of 4 -> 'y:0', 'y:1'); the steps then name sub-axes, and the
+  executor runs them on the same devices arranged as the refined mesh.
+  """
+  shape = tuple(int(s) for s in shape)
+  dtype = np.dtype(dtype).name
+  if source.mesh_axes != target.mesh_axes:
+    raise LayoutError(f"source mesh {dict(source.mesh_axes)} and target mesh "
+                      f"{dict(target.mesh_axes)} differ")
+  source.check_shape(shape)
+  target.check_shape(shape)
+  if not set(target.partial) <= set(source.partial):
+    raise PlanError(f"target {target} is partial over axes the source {source} is not: a "
+                    "redistribution cannot create partial sums")
+  start, goal = (refine_layout(source), refine_layout(target)) if refine else (source, target)
+  steps = _search(shape, dtype, start, goal, cost_model, max_bytes_per_device)
+  if steps is None:
+    cap = ("" if max_bytes_per_device is None else
+           f" under max_bytes_per_device={max_bytes_per_device}")
+    raise PlanError(f"no redistribution from {source} to {target} for shape {shape}{cap}")
+  return Plan(shape, dtype, source, target, steps)
 
 
 def gather_then_slice_plan(shape: Sequence[int], dtype: Any, source: Layout, target: Layout,
@@ -372,25 +393,14 @@ def gather_then_slice_plan(shape: Sequence[int], dtype: Any, source: Layout, tar
   """The naive plan: reduce partial sums, gather every dimension, then slice to the target."""
   shape = tuple(int(s) for s in shape)
   dtype = np.dtype(dtype).name
-  ops: list[Operator] = [AllReduce(a) for a in source.partial if a not in target.partial]
-  layout = source
-  for op in ops:
-    layout = op.apply(layout)
-  for d in range(source.rank):
-    for axis in reversed(source.dims[d]):
-      ops.append(AllGather(d, axis))
-  for d in range(target.rank):
-    for axis in target.dims[d]:
-      ops.append(Slice(d, axis))
+  reduce = tuple(a for a in source.partial if a not in target.partial)
+  ops: list[Operator] = [AllReduce(reduce)] if reduce else []
+  ops += [AllGather(d, axes) for d, axes in enumerate(source.dims) if axes]
+  ops += [Slice(d, axes) for d, axes in enumerate(target.dims) if axes]
   steps, layout = [], source
   for op in ops:
-    after_layout = op.apply(layout)
-    before, after = local_bytes(layout, shape, dtype), local_bytes(after_layout, shape, dtype)
-    n = layout.axis_sizes[op.axes(layout)[0]]
-    moved = op.received_bytes(before, after, n)
-    steps.append(Step(op, layout, after_layout, moved, cost_model.seconds(op, layout, moved),
-                      before + after))
-    layout = after_layout
+    steps.append(_step(op, layout, shape, dtype, cost_model))
+    layout = steps[-1].after
   return Plan(shape, dtype, source, target, tuple(steps))
 
 

@@ -53,11 +53,12 @@ def test_loss_and_gradients_equal_the_reference(mesh, build, strategy):
 
 def test_inserted_redistributions(mesh):
   megatron = partitioned(models.mlp, "megatron", mesh)
-  assert [r.plan.steps[0].op for r in megatron.redistributions] == [AllReduce("mp"),
-                                                                    AllReduce("dp")]
+  assert [r.plan.steps[0].op for r in megatron.redistributions] == [AllReduce(("mp",)),
+                                                                    AllReduce(("dp",))]
   mixed = partitioned(models.mlp, "mixed", mesh)
   ops = [s.op for r in mixed.redistributions for s in r.plan.steps]
-  assert ops[:3] == [AllToAll("mp", 1, 0), AllToAll("mp", 0, 1), ReduceScatter(0, "mp")]
+  assert ops == [AllToAll(("mp",), 1, 0), AllToAll(("mp",), 0, 1), ReduceScatter(0, ("mp",)),
+                 AllReduce(("dp", "mp"))]  # the loss: one all-reduce over both axes
   block = partitioned(models.transformer_block, "mixed", mesh)
   # One all-gather of the first layer norm feeds q, k and v (planned once, shared).
   assert block.collectives()["all-gather"] == 2

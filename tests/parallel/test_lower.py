@@ -82,7 +82,8 @@ def test_partial_sums_inside_a_shard_map_body():
   mesh = make_mesh((2, 4), ("d", "m"))
   partial = Layout(mesh, (("d",), ()), partial=("m",))
   target = Layout(mesh, (("d",), ("m",)))
-  plan = plan_lib.plan_redistribution((8, 16), "float32", partial, target)
+  # Inside a shard_map over `mesh` the plan must name its axes, not refined sub-axes.
+  plan = plan_lib.plan_redistribution((8, 16), "float32", partial, target, refine=False)
   parts = jax.random.normal(jax.random.key(0), (4, 8, 16))  # one addend per m
   body = jax.shard_map(lambda p: lower.local_fn(plan)(p[0]), mesh=mesh,
                        in_specs=P("m", "d", None), out_specs=target.to_spec(), check_vma=False)
@@ -106,10 +107,11 @@ def test_hlo_reader_formats():
   %a = f32[8,16]{1,0} all-gather(%p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={1}
   %b = (f32[4,2]{1,0}, f32[4,2]{1,0}) all-to-all(%s, %t), channel_id=2, replica_groups=[4,2]<=[8]
   %c = f32[2]{0} reduce-scatter(%q), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  %g = (f32[4]{0}, f32[4]{0}) all-to-all(%w, %z), replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_1':(2)2}
   %d = bf16[10]{0} all-reduce(%r), replica_groups={}
   %e = f32[6]{0} collective-permute(%u), source_target_pairs={{0,1},{1,0}}
   %f = f32[6]{0} collective-permute(%v), source_target_pairs={{0,0},{1,1}}
   """
   assert lower.hlo_collectives(text, 8) == [
       ("all-gather", 512 * 3 / 4), ("all-to-all", 64 / 2), ("reduce-scatter", 8.0 * 3),
-      ("all-reduce", 2 * 20 * 7 / 8), ("collective-permute", 24.0), ("collective-permute", 0.0)]
+      ("all-to-all", 32 / 2), ("all-reduce", 2 * 20 * 7 / 8), ("collective-permute", 24.0), ("collective-permute", 0.0)]

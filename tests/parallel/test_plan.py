@@ -6,7 +6,7 @@ from jax.sharding import PartitionSpec as P
 
 from research.common.mesh import make_mesh
 from research.parallel import plan as plan_lib
-from research.parallel.layout import Layout, all_layouts
+from research.parallel.layout import Layout, all_layouts, refine
 
 MESHES = [((8,), ("a",)), ((2, 4), ("x", "y")), ((4, 2), ("x", "y")), ((2, 2, 2), ("x", "y", "z"))]
 
@@ -37,8 +37,8 @@ def test_plans_bound_and_never_worse_than_gather_then_slice(mesh_index):
       naive = plan_lib.gather_then_slice_plan(shape, "float32", source, target)
       assert plan.predicted_bytes >= bound - 1e-9, plan.summary()
       assert plan.predicted_seconds <= naive.predicted_seconds + 1e-15, plan.summary()
-      assert plan.steps[-1].after == target if plan.steps else source == target
-      layout = source  # the steps chain from source to target
+      assert plan.steps[-1].after == refine(target) if plan.steps else source == target
+      layout = refine(source)  # the steps chain from source to target (on the refined mesh)
       for step in plan.steps:
         assert step.before == layout and step.op.apply(layout) == step.after
         layout = step.after
@@ -49,7 +49,7 @@ def test_identity_and_single_steps():
   a = Layout.from_spec(axes, P("x", "y"), 2)
   assert plan_lib.plan_redistribution((8, 8), "float32", a, a).steps == ()
   gather = plan_lib.plan_redistribution((8, 8), "float32", a, Layout.from_spec(axes, P("x"), 2))
-  assert [s.op for s in gather.steps] == [plan_lib.AllGather(1, "y")]
+  assert [s.op for s in gather.steps] == [plan_lib.AllGather(1, ("y:0", "y:1"))]
   assert gather.predicted_bytes == 3 * (4 * 2 * 4)  # receives 3 blocks of 4x2 float32
   sliced = plan_lib.plan_redistribution((8, 8), "float32", Layout.from_spec(axes, P("x"), 2), a)
   assert sliced.collectives() == {} and sliced.predicted_bytes == 0
@@ -73,7 +73,7 @@ def test_partial_sums_reduce_scatter_or_all_reduce():
   partial = Layout(axes, (("d",), ()), partial=("m",))
   scattered = plan_lib.plan_redistribution((8, 16), "float32", partial,
                                            Layout(axes, (("d",), ("m",))))
-  assert [s.op for s in scattered.steps] == [plan_lib.ReduceScatter(1, "m")]
+  assert [s.op for s in scattered.steps] == [plan_lib.ReduceScatter(1, ("m:0", "m:1"))]
   reduced = plan_lib.plan_redistribution((8, 16), "float32", partial, Layout(axes, (("d",), ())))
   assert reduced.collectives() == {"all-reduce": 1}
   with pytest.raises(plan_lib.PlanError, match="cannot create partial sums"):
@@ -100,4 +100,4 @@ def test_cost_model_changes_the_choice_and_cap_is_respected():
   src = Layout.from_spec(axes, P(None, ("y", "x")), 2)
   dst = Layout.from_spec(axes, P(None, "y"), 2)
   assert plan_lib.plan_redistribution(shape, "float32", src, dst, slow_x).steps[0].op == \
-      plan_lib.AllGather(1, "x")
+      plan_lib.AllGather(1, ("x",))
