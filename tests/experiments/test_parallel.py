@@ -1,0 +1,35 @@
+"""The parallel experiment through the launcher: sliced training equals one device; plan bytes."""
+
+import pytest
+
+from experiments import run as launcher
+from research.common import config as config_lib
+
+
+def test_smoke_training_equal_and_plans_never_move_more_than_xla(tmp_path):
+  summary = launcher.main(["configs/parallel/smoke.py", "--workdir", str(tmp_path),
+                           "--set", "steps=3", "--set", "bench_pairs=6"])
+  run_dir = next((tmp_path / "parallel").iterdir())
+  assert summary["all_equal"] is True
+  assert len(summary["training"]) == 6
+  for result in summary["training"].values():
+    assert result["max_rel_diff"] < 1e-4
+    assert len(result["losses"]) == 3
+  mixed = summary["training"]["transformer_block/mixed"]["collectives"]
+  assert mixed["all-gather"] == 2 and mixed["reduce-scatter"] == 2
+  bytes_ = summary["bytes"]
+  assert bytes_["pairs"] == 24 and bytes_["ours_worse"] == 0
+  assert summary["headline"]["value"] <= summary["headline"]["baseline_value"]
+  assert (run_dir / "losses.png").read_bytes()[:4] == b"\x89PNG"
+  assert "all-gather(dim 1 over mp)" in (run_dir / "graphs.md").read_text()
+  assert "| transformer_block | mixed |" in (run_dir / "table.md").read_text()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("strategies=('zero',)", r"'strategies': got \('zero',\), expected a non-empty subset"),
+    ("mesh_shape=(8,)", r"'mesh_shape': got \(8,\), expected two sizes"),
+    ("bench_pairs=-1", "'bench_pairs': got -1"),
+])
+def test_bad_config_is_refused(tmp_path, override, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    launcher.main(["configs/parallel/smoke.py", "--workdir", str(tmp_path), "--set", override])
