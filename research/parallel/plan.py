@@ -1,24 +1,28 @@
 """The redistribution planner: the cheapest sequence of collectives from one layout to another.
 
 Each redistribution operator changes one thing about a layout (MindSpore's
-RedistributionOperatorInfer names the first three):
+RedistributionOperatorInfer names the first three). `axes` is a group of mesh axes, major to
+minor; a collective over a group runs once over the product of their sizes:
 
-- `Slice(dim, axis)`: split `dim` further by a free mesh axis (minor-most); a local slice, no
-  communication.
-- `AllGather(dim, axis)`: un-split `dim` by its minor-most axis.
-- `AllToAll(axis, src_dim, dst_dim)`: move the minor-most axis of `src_dim` to be the minor-most
-  axis of `dst_dim`.
-- `ReduceScatter(dim, axis)`: sum the partial values over `axis` and split `dim` by it.
-- `AllReduce(axis)`: sum the partial values over `axis`, leaving the tensor replicated on it.
+- `Slice(dim, axes)`: split `dim` further by free mesh axes (appended minor-most); a local
+  slice, no communication.
+- `AllGather(dim, axes)`: un-split `dim` by its minor-most axes.
+- `AllToAll(axes, src_dim, dst_dim)`: move the minor-most axes of `src_dim` to be the minor-most
+  axes of `dst_dim`.
+- `ReduceScatter(dim, axes)`: sum the partial values over `axes` and split `dim` by them.
+- `AllReduce(axes)`: sum the partial values over `axes`, leaving the tensor replicated on them.
 - `Permute(target)`: to any layout with the same block shape whose blocks sit on other devices:
   one collective permute (e.g. P('x') -> P('y') where x and y have the same size, or (x,y) ->
   (y,x)).
 
 `plan_redistribution` runs Dijkstra over layouts (states) with these operators (edges), each
-costed by an alpha-beta model per mesh axis: `alpha * (n - 1) + beta * bytes received per
-device` (ring algorithms; one `alpha` for a permute). Gathering everything then slicing is one
-path of the graph, so the plan is never worse under the model. Plans are memoized. An optional
-`max_bytes_per_device` caps the peak (input + output buffer) of every step.
+costed by `CostModel`: a launch cost per collective plus, per mesh axis, `alpha * (n - 1) +
+beta * bytes received per device` (ring algorithms; one hop for a permute). The search runs on
+the refined mesh, where a mesh axis of size 4 is two sub-axes of size 2 (as MindSpore expands
+device matrices), so a plan may gather over half of an axis after a permute (XLA does the
+same). Gathering everything then slicing is one path of the graph, so the plan is never worse
+under the model. Plans are memoized. An optional `max_bytes_per_device` caps the peak (input +
+output buffer) of every step.
 
 `lower_bound_bytes` is exact: per device, the bytes of its target block it does not already hold,
 read from `NamedSharding.devices_indices_map`; the bound is the maximum over devices.
