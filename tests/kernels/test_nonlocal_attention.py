@@ -1,0 +1,106 @@
+"""kernels/nonlocal_attention.py: the Pallas kernel (interpret mode) against the jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.nonlocal_attention import BlockSizes, attention_reference, nonlocal_attention
+
+CASES = [  # (B, N, M, C, D, block_q, block_k): ragged lengths, odd channels, N < M and N > M
+    (2, 100, 37, 8, 12, 16, 16),
+    (1, 64, 64, 16, 16, 32, 16),
+    (2, 33, 70, 5, 3, 16, 32),
+    (1, 256, 16, 32, 32, 64, 16),
+    (3, 17, 1, 4, 4, 16, 16),
+]
+
+
+def operands(b, n, m, c, d, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(keys[0], (b, n, c)), jax.random.normal(keys[1], (b, m, c)),
+          jax.random.normal(keys[2], (b, m, d)), jax.random.normal(keys[3], (b, n, d)))
+
+
+@pytest.mark.parametrize("b, n, m, c, d, block_q, block_k", CASES)
+def test_forward_and_gradients_match_the_reference(b, n, m, c, d, block_q, block_k):
+  q, k, v, w = operands(b, n, m, c, d)
+  blocks = BlockSizes(block_q, block_k)
+  np.testing.assert_allclose(nonlocal_attention(q, k, v, blocks=blocks),
+                             attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+  loss = lambda fn: (lambda *a: jnp.sum(fn(*a) * w))
+  got = jax.grad(loss(lambda *a: nonlocal_attention(*a, blocks=blocks)), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", got, want):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_scale_and_large_logits_stay_finite():
+  q, k, v, _ = operands(1, 40, 24, 8, 8, seed=3)
+  got = nonlocal_attention(q * 30, k * 30, v, scale=1.0, blocks=BlockSizes(16, 16))
+  np.testing.assert_allclose(got, attention_reference(q * 30, k * 30, v, scale=1.0), atol=1e-5)
+  assert bool(jnp.all(jnp.isfinite(got)))
+
+
+def _largest_intermediate(jaxpr) -> int:
+  """Largest array (elements) any equation of the jaxpr or its sub-jaxprs produces."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          largest = max(largest, _largest_intermediate(inner))
+  return largest
+
+
+def test_never_materializes_the_n_by_m_scores():
+  b, n, m, c, d = 1, 512, 256, 8, 8
+  q, k, v, w = operands(b, n, m, c, d)
+  blocks = BlockSizes(64, 32)
+  fn = lambda q, k, v: jnp.sum(nonlocal_attention(q, k, v, blocks=blocks) * w)
+  kernel = _largest_intermediate(jax.make_jaxpr(jax.value_and_grad(fn, (0, 1, 2)))(q, k, v).jaxpr)
+  reference = _largest_intermediate(jax.make_jaxpr(
+      jax.value_and_grad(lambda q, k, v: jnp.sum(attention_reference(q, k, v) * w),
+                         (0, 1, 2)))(q, k, v).jaxpr)
+  assert reference >= n * m  # the check sees the scores where they exist
+  # Forward and backward: nothing larger than N x block_k (the backward's score block) or the
+  # padded operands.
+  assert kernel <= b * n * max(blocks.block_k, 16), kernel
+  assert kernel < n * m // 4
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 8, 4), (2, 5, 4), (2, 6, 4)), r"equal B, C and M"),
+    (((2, 8, 4), (2, 5, 3), (2, 5, 4)), r"equal B, C and M"),
+    (((8, 4), (5, 4), (5, 4)), r"expected \(B, N, C\)"),
+    (((1, 8, 4), (1, 0, 4), (1, 0, 4)), r"M=0; expected >= 1"),
+])
+def test_bad_shapes_are_refused(shapes, match):
+  q, k, v = (jnp.zeros(s) for s in shapes)
+  with pytest.raises(ValueError, match=match):
+    nonlocal_attention(q, k, v)
+
+
+def test_block_sizes_must_suit_triton():
+  with pytest.raises(ValueError, match="block_q=24: expected a power of two >= 16"):
+    BlockSizes(24, 16)
+  with pytest.raises(ValueError, match="block_k=8"):
+    BlockSizes(16, 8)
+
+
+def test_lowers_for_gpu_through_triton():
+  """Triton lowering, checked without a GPU by exporting for the cuda platform."""
+  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  specs = [jax.ShapeDtypeStruct((2, 1000, 24), jnp.float32),
+           jax.ShapeDtypeStruct((2, 70, 24), jnp.float32),
+           jax.ShapeDtypeStruct((2, 70, 20), jnp.float32)]
+  forward = jax.jit(lambda q, k, v: nonlocal_attention(q, k, v, interpret=False))
+  exported = jax.export.export(forward, platforms=["cuda"], disabled_checks=disabled)(*specs)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(nonlocal_attention(q, k, v, interpret=False)),
+                          argnums=(0, 1, 2)))
+  exported = jax.export.export(grad, platforms=["cuda"], disabled_checks=disabled)(*specs)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
