@@ -1,0 +1,113 @@
+"""research/nonlocal_cnn: shapes, the two-stage data flow, bad input, parameter parity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.nonlocal_cnn import data, model
+
+
+def build(kind, impl="reference", **kw):
+  sizes = dict(channels=1, features=16, depth=4, factor=4, global_depth=1)
+  sizes.update(kw)
+  return model.build(kind, 0, impl=impl, **sizes)
+
+
+def trained_like(params, seed=1):
+  """Random non-zero weights everywhere (the zero-initialized W and FiLM would hide the paths)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, l.shape) for k, l in
+                                   zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("kind", model.MODELS)
+def test_output_shape_and_pallas_equals_reference(kind):
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))
+  apply, params, _ = build(kind)
+  params = trained_like(params)
+  out = apply(params, x)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  if kind != "plain":
+    pallas_apply = build(kind, impl="pallas")[0]
+    np.testing.assert_allclose(pallas_apply(params, x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_two_stage_queries_attend_to_the_downscaled_image():
+  apply, params, module = build("two_stage")
+  params = trained_like(params)
+  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 1))
+  captured = {}
+  original = model.attend
+
+  def spy(q, k, v, impl):
+    captured.setdefault("shapes", []).append((q.shape, k.shape))
+    return original(q, k, v, impl)
+
+  model.attend = spy
+  try:
+    apply(params, x)
+  finally:
+    model.attend = original
+  # Stage one: self-attention on the 8x8 image; stage two: 32x32 queries, 8x8 keys.
+  assert captured["shapes"] == [((1, 64, 8), (1, 64, 8)), ((1, 1024, 8), (1, 64, 8))]
+  # The global parameters matter: changing a far-away region changes every output pixel's
+  # stage-two input only through stage one (the trunk's receptive field is 11 pixels).
+  far = x.at[:, 24:, 24:, :].set(0.0)
+  delta = jnp.abs(apply(params, far) - apply(params, x))[0, :4, :4, 0]
+  assert float(delta.min()) > 0
+  plain_apply, plain_params, _ = build("plain")
+  plain_params = trained_like(plain_params)
+  plain_delta = jnp.abs(plain_apply(plain_params, far) - plain_apply(plain_params, x))[0, :4, :4]
+  assert float(plain_delta.max()) == 0.0
+
+
+def test_plain_baseline_matches_the_parameter_count():
+  two_stage = model.param_count(build("two_stage", features=32, depth=6, global_depth=2)[1])
+  width = model.plain_features_matching(two_stage, 1, 6)
+  plain = model.param_count(build("plain", features=width, depth=6)[1])
+  assert abs(plain - two_stage) / two_stage < 0.03
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 2, 2, 1), r"image of 2x2 is smaller than the downscale factor 4"),
+    ((1, 30, 32, 1), r"image of 30x32 is not divisible by the downscale factor 4"),
+    ((1, 32, 32, 3), r"got 3 channels, expected 1"),
+    ((32, 32, 1), r"expected \(B, H, W, C\)"),
+])
+def test_bad_images_are_refused(shape, match):
+  apply, params, _ = build("two_stage")
+  with pytest.raises(ValueError, match=match):
+    apply(params, jnp.zeros(shape))
+
+
+def test_denoise_pads_by_reflection_and_refuses_nan():
+  apply, params, _ = build("two_stage")
+  image = np.random.default_rng(0).uniform(size=(30, 37, 1)).astype(np.float32)
+  out = model.denoise(apply, params, image, factor=4, channels=1)
+  assert out.shape == image.shape
+  padded, _ = model.pad_to_multiple(image, 4)
+  np.testing.assert_allclose(out, np.asarray(apply(params, padded[None]))[0, :30, :37])
+  image[3, 4, 0] = np.nan
+  with pytest.raises(ValueError, match="1 pixels are NaN or inf"):
+    model.denoise(apply, params, image, factor=4, channels=1)
+  with pytest.raises(ValueError, match="smaller than the downscale factor 4"):
+    model.denoise(apply, params, np.zeros((3, 9, 1), np.float32), factor=4, channels=1)
+  with pytest.raises(ValueError, match=r"expected \(H, W, 1\)"):
+    model.denoise(apply, params, np.zeros((8, 8, 3), np.float32), factor=4, channels=1)
+
+
+def test_data_patches_noise_and_held_out_split():
+  assert not set(data.TRAIN_IMAGES) & set(data.TEST_IMAGES)
+  images = [np.arange(100 * 80, dtype=np.float32).reshape(100, 80, 1) / 8000]
+  a = data.random_patches(images, 16, 5, np.random.default_rng(3))
+  b = data.random_patches(images, 16, 5, np.random.default_rng(3))
+  assert a.shape == (5, 16, 16, 1) and np.array_equal(a, b)
+  noisy = data.add_noise(np.zeros((64, 64, 1), np.float32), 25, np.random.default_rng(0))
+  assert abs(float(noisy.std()) - 25 / 255) < 0.01
+  crops = data.test_images(128)
+  assert set(crops) == set(data.TEST_IMAGES) and all(c.shape == (128, 128, 1)
+                                                    for c in crops.values())
+  with pytest.raises(ValueError, match="smaller than the crop"):
+    data.center_crop(np.zeros((10, 10, 1)), 16)
