@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kernels.nonlocal_attention import BlockSizes, attention_reference, nonlocal_attention
+from research.common.jaxpr import largest_intermediate
 
 CASES = [  # (B, N, M, C, D, block_q, block_k): ragged lengths, odd channels, N < M and N > M
     (2, 100, 37, 8, 12, 16, 16),
@@ -42,27 +43,13 @@ def test_scale_and_large_logits_stay_finite():
   assert bool(jnp.all(jnp.isfinite(got)))
 
 
-def _largest_intermediate(jaxpr) -> int:
-  """Largest array (elements) any equation of the jaxpr or its sub-jaxprs produces."""
-  largest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          largest = max(largest, _largest_intermediate(inner))
-  return largest
-
-
 def test_never_materializes_the_n_by_m_scores():
   b, n, m, c, d = 1, 512, 256, 8, 8
   q, k, v, w = operands(b, n, m, c, d)
   blocks = BlockSizes(64, 32)
   fn = lambda q, k, v: jnp.sum(nonlocal_attention(q, k, v, blocks=blocks) * w)
-  kernel = _largest_intermediate(jax.make_jaxpr(jax.value_and_grad(fn, (0, 1, 2)))(q, k, v).jaxpr)
-  reference = _largest_intermediate(jax.make_jaxpr(
+  kernel = largest_intermediate(jax.make_jaxpr(jax.value_and_grad(fn, (0, 1, 2)))(q, k, v).jaxpr)
+  reference = largest_intermediate(jax.make_jaxpr(
       jax.value_and_grad(lambda q, k, v: jnp.sum(attention_reference(q, k, v) * w),
                          (0, 1, 2)))(q, k, v).jaxpr)
   assert reference >= n * m  # the check sees the scores where they exist

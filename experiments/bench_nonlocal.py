@@ -1,0 +1,197 @@
+"""Benchmark: cost of the two-stage non-local CNN (a) vs a full-resolution non-local CNN (c).
+
+For square greyscale images of 64^2 .. 1024^2 pixels (batch 1, 32 features, depth 6, s = 4):
+
+- FLOPs: XLA's cost analysis of the compiled forward with the jnp reference attention (the
+  Pallas interpreter's loops are not counted by XLA), and the attention's own share
+  (2 * N * M * (C + D) per non-local block, M = N / s^2 for (a), N for (c));
+- memory: the largest intermediate array of the forward program (from its jaxpr, sub-jaxprs
+  included), with the reference attention (the N x M scores) and with the Pallas kernel (never
+  N x M), and XLA's reported temp size of the compiled reference program on this backend;
+- wall time on this backend as a ratio (a) / (c), both with the reference attention where (c)
+  fits in memory (`--time-max`), same process, interleaved;
+- on a GPU (`jax.default_backend() == "gpu"`): kernel time vs `jax.nn.dot_product_attention`
+  for the stage-two shapes (N queries, N / s^2 keys). Skipped elsewhere, and said so.
+
+  python -m experiments.bench_nonlocal [--sizes 64 128 256 512 1024] [--time-max 128]
+
+Writes papers/results/bench_nonlocal.<backend>.{json,md}, papers/figures/bench_nonlocal.png and
+the `bench:<backend>` block of papers/nonlocal_cnn.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments._timing import median_seconds
+from research.common import records
+from research.common.jaxpr import largest_intermediate
+from research.nonlocal_cnn import model
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = dict(channels=1, features=32, depth=6, factor=4, global_depth=2)
+
+
+def attention_flops(kind: str, n: int, features: int, factor: int) -> float:
+  inner = features // 2
+  if kind == "two_stage":  # stage one: self-attention on N/s^2; stage two: N x N/s^2
+    m = n // factor ** 2
+    return 2.0 * m * m * 2 * inner + 2.0 * n * m * 2 * inner
+  return 2.0 * n * n * 2 * inner
+
+
+def measure_size(size: int) -> dict:
+  row = {"size": size, "pixels": size * size}
+  x = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
+  for kind in ("two_stage", "full_nonlocal"):
+    for impl in ("reference", "pallas"):
+      apply, params, _ = model.build(kind, 0, impl=impl, **SIZES)
+      jaxpr = jax.make_jaxpr(apply)(params, x)
+      row[f"{kind}/{impl}/largest_bytes"] = 4 * largest_intermediate(jaxpr.jaxpr)
+      if impl == "reference":
+        compiled = jax.jit(apply).lower(params, x).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        row[f"{kind}/flops"] = float(cost.get("flops", float("nan")))
+        memory = compiled.memory_analysis()
+        row[f"{kind}/xla_temp_bytes"] = float(getattr(memory, "temp_size_in_bytes", np.nan))
+    row[f"{kind}/attention_flops"] = attention_flops(kind, size * size, SIZES["features"],
+                                                     SIZES["factor"])
+  return row
+
+
+def time_size(size: int, repeats: int) -> dict:
+  x = jax.random.uniform(jax.random.key(0), (1, size, size, 1))
+  fns = {}
+  for kind in ("two_stage", "full_nonlocal"):
+    apply, params, _ = model.build(kind, 0, impl="reference", **SIZES)
+    fns[kind] = (jax.jit(apply), params)
+  times = {k: [] for k in fns}
+  for _ in range(repeats):  # interleaved rounds
+    for kind, (fn, params) in fns.items():
+      times[kind].append(median_seconds(fn, params, x, repeats=3))
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  return {"size": size, "two_stage_s": med["two_stage"], "full_nonlocal_s": med["full_nonlocal"],
+          "ratio": med["two_stage"] / med["full_nonlocal"]}
+
+
+def gpu_kernel_times(sizes, repeats: int) -> list[dict]:
+  from kernels.nonlocal_attention import nonlocal_attention  # pylint: disable=import-outside-toplevel
+  rows = []
+  for size in sizes:
+    n, inner = size * size, SIZES["features"] // 2
+    m = n // SIZES["factor"] ** 2
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (1, n, inner))
+    k = jax.random.normal(keys[1], (1, m, inner))
+    v = jax.random.normal(keys[2], (1, m, inner))
+    ours = jax.jit(lambda q, k, v: nonlocal_attention(q, k, v))
+    xla = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0])
+    np.testing.assert_allclose(np.asarray(ours(q, k, v)), np.asarray(xla(q, k, v)), atol=2e-3)
+    t_ours = median_seconds(ours, q, k, v, repeats=repeats)
+    t_xla = median_seconds(xla, q, k, v, repeats=repeats)
+    rows.append({"size": size, "n": n, "m": m, "kernel_s": t_ours, "dot_product_attention_s":
+                 t_xla, "ratio": t_ours / t_xla})
+  return rows
+
+
+def tables(rows, timed, gpu) -> str:
+  out = [(r["size"], f"{r['pixels']}", f"{r['two_stage/flops']:.3g}",
+          f"{r['full_nonlocal/flops']:.3g}",
+          f"{r['full_nonlocal/flops'] / r['two_stage/flops']:.1f}",
+          f"{r['two_stage/attention_flops']:.3g}", f"{r['full_nonlocal/attention_flops']:.3g}",
+          f"{r['two_stage/reference/largest_bytes'] / 1e6:.3g}",
+          f"{r['full_nonlocal/reference/largest_bytes'] / 1e6:.3g}",
+          f"{r['two_stage/pallas/largest_bytes'] / 1e6:.3g}",
+          f"{r['full_nonlocal/pallas/largest_bytes'] / 1e6:.3g}") for r in rows]
+  text = records.write_markdown_table(
+      ("image", "pixels N", "FLOPs (a)", "FLOPs (c)", "(c)/(a)", "attention FLOPs (a), N*N/s^2",
+       "attention FLOPs (c), N^2", "largest array (a), jnp MB", "largest array (c), jnp MB",
+       "largest array (a), kernel MB", "largest array (c), kernel MB"), out)
+  if timed:
+    text += "\n" + records.write_markdown_table(
+        ("image", "(a) seconds", "(c) seconds", "(a)/(c) time"),
+        [(t["size"], f"{t['two_stage_s']:.4f}", f"{t['full_nonlocal_s']:.4f}",
+          f"{t['ratio']:.3f}") for t in timed])
+  if gpu:
+    text += "\n" + records.write_markdown_table(
+        ("image", "N", "M", "kernel ms", "dot_product_attention ms", "kernel / dpa"),
+        [(g["size"], g["n"], g["m"], f"{g['kernel_s'] * 1e3:.3f}",
+          f"{g['dot_product_attention_s'] * 1e3:.3f}", f"{g['ratio']:.3f}") for g in gpu])
+  else:
+    text += ("\nKernel vs `jax.nn.dot_product_attention` needs a GPU; not measured on "
+             f"{jax.default_backend()}.\n")
+  return text
+
+
+def plot(rows, path: Path) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  n = np.array([r["pixels"] for r in rows], float)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for kind, label in (("two_stage", "(a) two-stage"), ("full_nonlocal", "(c) full-res")):
+    axes[0].loglog(n, [r[f"{kind}/flops"] for r in rows], "o-", label=label)
+    axes[1].loglog(n, [r[f"{kind}/reference/largest_bytes"] for r in rows], "o-",
+                   label=f"{label}, jnp attention")
+    axes[1].loglog(n, [r[f"{kind}/pallas/largest_bytes"] for r in rows], "s--",
+                   label=f"{label}, Pallas kernel")
+  axes[0].loglog(n, rows[0]["full_nonlocal/flops"] * (n / n[0]) ** 2, ":", color="gray",
+                 label="slope N^2")
+  axes[0].set_xlabel("pixels N")
+  axes[0].set_ylabel("forward FLOPs (XLA cost analysis)")
+  axes[1].set_xlabel("pixels N")
+  axes[1].set_ylabel("largest intermediate array (bytes)")
+  for ax in axes:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  records.atomic_save_figure(path, fig)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.bench_nonlocal",
+                                   description=__doc__)
+  parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+  parser.add_argument("--time-max", type=int, default=128,
+                      help="largest image timed (the full-resolution model's N^2 scores)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out-dir", default=str(ROOT / "papers" / "results"))
+  parser.add_argument("--figure", default=None)
+  parser.add_argument("--paper", default=str(ROOT / "papers" / "nonlocal_cnn.md"))
+  args = parser.parse_args(argv)
+  backend = jax.default_backend()
+  start = time.perf_counter()
+  rows = [measure_size(s) for s in args.sizes]
+  timed = [time_size(s, args.repeats) for s in args.sizes if s <= args.time_max]
+  gpu = gpu_kernel_times(args.sizes, 20) if backend == "gpu" else []
+  device = jax.devices()[0].device_kind
+  result = {"machine": {"platform": platform.platform(), "backend": backend, "device": device,
+                        "jax": jax.__version__},
+            "model": SIZES, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
+            "timed": timed, "gpu": gpu}
+  out = Path(args.out_dir)
+  name = "cpu" if backend == "cpu" else backend
+  records.atomic_write_json(out / f"bench_nonlocal.{name}.json", result)
+  text = tables(rows, timed, gpu)
+  records.atomic_write_text(out / f"bench_nonlocal.{name}.md", text)
+  figure = Path(args.figure) if args.figure else ROOT / "papers" / "figures" / "bench_nonlocal.png"
+  plot(rows, figure)
+  print(text)
+  if Path(args.paper).exists() and out.resolve() == (ROOT / "papers" / "results").resolve():
+    block = (f"{device} ({backend}), jax {jax.__version__}; {result['seconds']:.0f} s.\n\n" + text)
+    records.replace_marked_block(args.paper, f"bench:{name}", block)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
