@@ -139,6 +139,14 @@ def _group_size(line: str, num_devices: int) -> int:
   return num_devices  # no groups: all devices
 
 
+def _result_bytes(match) -> int:
+  """Bytes of a collective's result: the tuple's sum (CPU's all-to-all returns one array per
+  peer) or, for an async `-start`, its largest element (the tuple also holds the operand and,
+  for a collective permute, u32[] context words)."""
+  shapes = _array_bytes(match.group("shape"))
+  return max(shapes) if match.group("start") else sum(shapes)
+
+
 def hlo_collectives(text: str, num_devices: int) -> list[tuple[str, float]]:
   """(kind, bytes received per device) of each collective in compiled HLO text.
 
@@ -153,8 +161,7 @@ def hlo_collectives(text: str, num_devices: int) -> list[tuple[str, float]]:
     if not match or "-done" in line.split("=")[0]:
       continue
     kind = match.group("kind")
-    shapes = _array_bytes(match.group("shape"))
-    out = shapes[-1] if match.group("start") else sum(shapes)
+    out = _result_bytes(match)
     if kind == "collective-permute":
       pairs = _PAIRS.search(line)
       moving = pairs is None or any(a != b for a, b in re.findall(r"\{(\d+),(\d+)\}",
@@ -177,14 +184,12 @@ def compiled_text(fn: Callable, *args) -> str:
 
 
 def replicates(text: str, global_bytes: int) -> bool:
-  """Whether some collective in the HLO materializes the whole tensor on a device."""
+  """Whether some collective in the HLO (all-reduce included: XLA can reshard by reducing
+  zero-padded copies) produces the whole tensor on a device."""
   for line in text.splitlines():
     match = _COLLECTIVE.search(line)
-    if match and match.group("kind") in ("all-gather", "all-to-all", "collective-permute"):
-      shapes = _array_bytes(match.group("shape"))
-      out = shapes[-1] if match.group("start") else sum(shapes)
-      if out >= global_bytes:
-        return True
+    if match and _result_bytes(match) >= global_bytes:
+      return True
   return False
 
 

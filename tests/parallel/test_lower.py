@@ -111,7 +111,12 @@ def test_hlo_reader_formats():
   %d = bf16[10]{0} all-reduce(%r), replica_groups={}
   %e = f32[6]{0} collective-permute(%u), source_target_pairs={{0,1},{1,0}}
   %f = f32[6]{0} collective-permute(%v), source_target_pairs={{0,0},{1,1}}
+  %h = (f32[4,6]{1,0}, f32[4,6]{1,0}, u32[], u32[]) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
+  %i = (f32[2,6]{1,0}, f32[8,6]{1,0}) all-gather-start(%p), replica_groups={{0,1,2,3}}, dimensions={0}
+  %j = f32[8,6]{1,0} all-gather-done(%i)
   """
   assert lower.hlo_collectives(text, 8) == [
       ("all-gather", 512 * 3 / 4), ("all-to-all", 64 / 2), ("reduce-scatter", 8.0 * 3),
-      ("all-to-all", 32 / 2), ("all-reduce", 2 * 20 * 7 / 8), ("collective-permute", 24.0), ("collective-permute", 0.0)]
+      ("all-to-all", 32 / 2), ("all-reduce", 2 * 20 * 7 / 8), ("collective-permute", 24.0), ("collective-permute", 0.0),
+      ("collective-permute", 96.0), ("all-gather", 192 * 3 / 4)]
+  assert lower.replicates(text, 512) and not lower.replicates(text, 513)  # %a is the largest
