@@ -1,0 +1,19 @@
+"""The paper's denoising run: sigma 15, 25, 50; (a) two-stage and (b) plain at every level, (c)
+full-resolution non-local at sigma 25; 2000 Adam steps of 8 patches of 40 x 40 each; held-out
+256 x 256 crops as 128 x 128 tiles.
+
+  python -m experiments.run configs/nonlocal_cnn/denoise.py
+  python -m experiments.nonlocal_cnn --paper runs/nonlocal_cnn/<run>
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.experiment = "nonlocal_cnn"
+  config.seed = 0
+  config.sigmas = (15.0, 25.0, 50.0)
+  config.models = ("two_stage", "plain", "full_nonlocal")
+  config.steps = 2000
+  return config
