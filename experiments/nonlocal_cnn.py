@@ -220,18 +220,23 @@ def _plot_examples(run, examples) -> None:
 PAPER = "papers/nonlocal_cnn.md"
 
 
-def fill_paper(run_dir, paper: str = PAPER) -> None:
-  """Copies a run's table into the paper page's `table:denoising` block."""
+def fill_paper(run_dirs, paper: str = PAPER) -> None:
+  """Copies the tables of one or more runs into the paper page's `table:denoising` block."""
   from pathlib import Path  # pylint: disable=import-outside-toplevel
-  run_dir = Path(run_dir)
-  summary = records.read_json(run_dir / "summary.json")
-  text = f"Run `{run_dir.name}`:\n\n" + results_table(summary["results"])
-  written = records.replace_marked_block(paper, "table:denoising", text)
-  print(f"{run_dir} -> {paper}: {'written' if written else 'no table:denoising marker'}")
+  parts = []
+  for run_dir in map(Path, run_dirs):
+    summary = records.read_json(run_dir / "summary.json")
+    config = records.read_json(run_dir / "config.json")
+    parts.append(f"Run `{run_dir.name}` (sigmas {tuple(config['sigmas'])}, "
+                 f"{config['steps']} steps x {config['batch_size']} patches of "
+                 f"{config['patch_size']}^2):\n\n" + results_table(summary["results"]))
+  written = records.replace_marked_block(paper, "table:denoising", "\n".join(parts))
+  print(f"{', '.join(map(str, run_dirs))} -> {paper}: "
+        f"{'written' if written else 'no table:denoising marker'}")
 
 
 if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
-  if len(sys.argv) != 3 or sys.argv[1] != "--paper":
-    sys.exit("usage: python -m experiments.nonlocal_cnn --paper RUN_DIR")
-  fill_paper(sys.argv[2])
+  if len(sys.argv) < 3 or sys.argv[1] != "--paper":
+    sys.exit("usage: python -m experiments.nonlocal_cnn --paper RUN_DIR [RUN_DIR ...]")
+  fill_paper(sys.argv[2:])
