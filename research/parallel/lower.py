@@ -14,8 +14,6 @@ import math
 import re
 from typing import Any, Callable
 
-import numpy as np
-
 from research.parallel import plan as plan_lib
 from research.parallel.layout import Layout, LayoutError
 
