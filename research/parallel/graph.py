@@ -16,6 +16,7 @@ global count), so `reference_fn` evaluates the same graph unsliced on one device
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -270,8 +271,7 @@ class PartitionedGraph:
   def predicted_bytes(self) -> float:
     return float(sum(r.plan.predicted_bytes for r in self.redistributions))
 
-  def collectives(self):
-    import collections  # pylint: disable=import-outside-toplevel
+  def collectives(self) -> collections.Counter:
     total = collections.Counter()
     for r in self.redistributions:
       total.update(r.plan.collectives())
@@ -328,21 +328,16 @@ def partition(graph: Graph, mesh: Any, input_specs: Mapping[str, Spec] | None = 
                      for i, spec in zip(node.inputs, node.strategy))
     redistributions = []
     for name, need in zip(node.inputs, required):
-      if name not in layouts:  # a parameter or an input without a given layout
-        layouts[name] = need
-      if layouts[name] != need and (name, need) not in planned:  # once per tensor and layout
-        planned.add((name, need))
-        t = tensors[name]
-        try:
-          plan = plan_lib.plan_redistribution(t.shape, t.dtype, layouts[name], need, cost_model,
-                                              refine=False)
-        except (LayoutError, plan_lib.PlanError) as error:
-          raise GraphError(f"{node.op} {node.output!r} input {name!r}: {error}") from None
-        redistributions.append(Redistribution(name, plan))
-    for name, need in zip(node.inputs, required):
+      t = tensors[name]
       try:
-        need.check_shape(tensors[name].shape)
-      except LayoutError as error:
+        need.check_shape(t.shape)
+        if name not in layouts:  # a parameter or an input without a given layout
+          layouts[name] = need
+        if layouts[name] != need and (name, need) not in planned:  # once per tensor and layout
+          planned.add((name, need))
+          redistributions.append(Redistribution(name, plan_lib.plan_redistribution(
+              t.shape, t.dtype, layouts[name], need, cost_model, refine=False)))
+      except (LayoutError, plan_lib.PlanError) as error:
         raise GraphError(f"{node.op} {node.output!r} input {name!r}: {error}") from None
     out = output_layout(node, required, [tensors[i].shape for i in node.inputs])
     out.check_shape(tensors[node.output].shape)
@@ -364,10 +359,8 @@ def partition(graph: Graph, mesh: Any, input_specs: Mapping[str, Spec] | None = 
     env = dict(params, **inputs)
     moved = {}
     for s in sliced:
-      for r in s.redistributions:
-        key = (r.tensor, r.plan.target)
-        if key not in moved:  # one redistribution per (tensor, layout), shared by consumers
-          moved[key] = lower.local_fn(r.plan)(env[r.tensor])
+      for r in s.redistributions:  # planned once per (tensor, layout), shared by consumers
+        moved[(r.tensor, r.plan.target)] = lower.local_fn(r.plan)(env[r.tensor])
       args = [moved[(i, need)] if layouts[i] != need else env[i]
               for i, need in zip(s.node.inputs, s.input_layouts)]
       env[s.node.output] = compute(s.node, args)

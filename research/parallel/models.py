@@ -74,25 +74,27 @@ def transformer_block(strategy: str, batch: int = 8, seq: int = 16, width: int =
       ("wk", (width, width)), ("wv", (width, width)), ("wo", (width, width)), ("bo", (width,)),
       ("ln2_scale", (width,)), ("ln2_bias", (width,)), ("w1", (width, hidden)),
       ("b1", (hidden,)), ("w2", (hidden, width)), ("b2", (width,))]}
+  # stream: the residual stream; inner: activations between a column- and a row-parallel
+  # matmul (heads / hidden units split over mp). The bias add after a row-parallel matmul asks
+  # for the stream's layout, which reduces its partial sums.
   if strategy == "data_parallel":
-    stream, heads_split, inner = (ALL, None, None), (ALL, None, None), (ALL, None, None)
-    col_w, row_w, out_bias, in_bias = (None, None), (None, None), (None,), (None,)
-    reduced = stream
+    stream = inner = (ALL, None, None)
+    col_w = row_w = (None, None)
+    in_bias = out_bias = (None,)
   else:
-    heads_split, inner = ("dp", None, "mp"), ("dp", None, "mp")
+    inner = ("dp", None, "mp")
     col_w, row_w, in_bias, out_bias = (None, "mp"), ("mp", None), ("mp",), (None,)
     stream = ("dp", None, None) if strategy == "megatron" else ("dp", "mp", None)
-    reduced = stream  # the row-parallel partial sums are reduced into the stream's layout
   gathered = (stream[0], None, None)  # what the column-parallel matmuls read
   ln = g.layer_norm(x, p["ln1_scale"], p["ln1_bias"], (stream, (None,), (None,)))
   q, k, v = (g.matmul(ln, p[w], (gathered, col_w)) for w in ("wq", "wk", "wv"))
-  a = g.attention(q, k, v, width // heads, (heads_split,) * 3)
-  o = g.add(g.matmul(a, p["wo"], (heads_split, row_w)), p["bo"], (reduced, out_bias))
+  a = g.attention(q, k, v, width // heads, (inner,) * 3)
+  o = g.add(g.matmul(a, p["wo"], (inner, row_w)), p["bo"], (stream, out_bias))
   r1 = g.add(x, o, (stream, stream))
   ln2 = g.layer_norm(r1, p["ln2_scale"], p["ln2_bias"], (stream, (None,), (None,)))
   h = g.unary("gelu", g.add(g.matmul(ln2, p["w1"], (gathered, col_w)), p["b1"],
                             (inner, in_bias)), (inner,))
-  m = g.add(g.matmul(h, p["w2"], (inner, row_w)), p["b2"], (reduced, out_bias))
+  m = g.add(g.matmul(h, p["w2"], (inner, row_w)), p["b2"], (stream, out_bias))
   r2 = g.add(r1, m, (stream, stream))
   loss = g.mse(r2, target, (stream, stream), name="loss")
   return g.build(loss), {"x": stream, "target": stream}

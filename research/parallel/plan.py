@@ -314,8 +314,9 @@ def _same_block_shape(mesh_axes, shape) -> dict[tuple[int, ...], list[Layout]]:
   return dict(groups)
 
 
-def _step(op: Operator, layout: Layout, shape, dtype, cost_model: CostModel) -> Step:
-  after_layout = op.apply(layout)
+def _step(op: Operator, layout: Layout, after_layout: Layout, shape, dtype,
+          cost_model: CostModel) -> Step:
+  """`op` taking `layout` to `after_layout` (= op.apply(layout)), costed."""
   before, after = local_bytes(layout, shape, dtype), local_bytes(after_layout, shape, dtype)
   if isinstance(op, Permute):
     moved = op.received_bytes(before, after, 0) if _permute_pairs_moving(layout, after_layout) else 0.0
@@ -346,7 +347,7 @@ def _search(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
       after_layout = op.apply(layout)
       if after_layout in done or not set(target.partial) <= set(after_layout.partial):
         continue
-      step = _step(op, layout, shape, dtype, cost_model)
+      step = _step(op, layout, after_layout, shape, dtype, cost_model)
       if max_bytes_per_device is not None and step.peak_bytes > max_bytes_per_device:
         continue
       cost = (seconds + step.seconds, received + step.received_bytes, count + 1)
@@ -403,7 +404,7 @@ def gather_then_slice_plan(shape: Sequence[int], dtype: Any, source: Layout, tar
   ops += [Slice(d, axes) for d, axes in enumerate(target.dims) if axes]
   steps, layout = [], source
   for op in ops:
-    steps.append(_step(op, layout, shape, dtype, cost_model))
+    steps.append(_step(op, layout, op.apply(layout), shape, dtype, cost_model))
     layout = steps[-1].after
   return Plan(shape, dtype, source, target, tuple(steps))
 
