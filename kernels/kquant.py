@@ -34,6 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels._shapes import next_power_of_two, pad_to, round_up
+
 SUPPORTED_BITS = (1, 2, 4, 8)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _GOLDEN = 0x9E3779B9
@@ -143,11 +145,6 @@ def _encode_kernel(x_ref, lo_ref, hi_ref, seed_ref, *rest, k: int, bits: int, st
   o_ref[...] = packed.astype(jnp.uint8)
 
 
-def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
-  return a if a.shape[0] == rows else jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] *
-                                              (a.ndim - 1))
-
-
 @functools.partial(jax.jit, static_argnames=("k", "bits", "stochastic", "impl", "interpret",
                                              "block_sizes"))
 def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
@@ -188,17 +185,17 @@ def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
     raise ValueError(f"impl={impl!r}: expected 'pallas' or 'reference'")
   interpret = _interpret_default() if interpret is None else interpret
   block_rows = block_sizes.rows
-  padded = -(-rows // block_rows) * block_rows
+  padded = round_up(rows, block_rows)
   width = packed_width(bucket_size, bits)
   # Padded rows get lo = 0, hi = 1, so no division by zero is ever evaluated.
-  operands = [_pad_rows(x, padded), _pad_rows(lo, padded),
-              _pad_rows(hi, padded).at[rows:].set(1.0), _pad_rows(seeds, padded)]
+  operands = [pad_to(x, {0: padded}), pad_to(lo, {0: padded}),
+              pad_to(hi, {0: padded}).at[rows:].set(1.0), pad_to(seeds, {0: padded})]
   in_specs = [pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)),
               pl.BlockSpec((block_rows,), lambda r: (r,)),
               pl.BlockSpec((block_rows,), lambda r: (r,)),
               pl.BlockSpec((block_rows,), lambda r: (r,))]
   if supplied:
-    operands.append(_pad_rows(uniforms.astype(jnp.float32), padded))
+    operands.append(pad_to(uniforms.astype(jnp.float32), {0: padded}))
     in_specs.append(pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)))
   out = pl.pallas_call(
       functools.partial(_encode_kernel, k=k, bits=bits, stochastic=stochastic,
@@ -268,12 +265,12 @@ def decode_sum(packed: jax.Array, weights: jax.Array, lo: jax.Array, hi: jax.Arr
     raise ValueError(f"impl={impl!r}: expected 'pallas' or 'reference'")
   interpret = _interpret_default() if interpret is None else interpret
   block_rows = block_sizes.rows
-  padded_rows = -(-rows // block_rows) * block_rows
-  padded_clients = 1 << max(0, (clients - 1).bit_length())  # power of two for Triton blocks
-  packed = jnp.pad(packed, [(0, padded_clients - clients), (0, padded_rows - rows), (0, 0)])
-  weights = jnp.pad(weights, (0, padded_clients - clients))  # weight 0: adds exactly 0
-  base, lo = _pad_rows(base, padded_rows), _pad_rows(lo, padded_rows)
-  hi = _pad_rows(hi, padded_rows).at[rows:].set(1.0)
+  padded_rows = round_up(rows, block_rows)
+  padded_clients = next_power_of_two(clients)  # for Triton blocks
+  packed = pad_to(packed, {0: padded_clients, 1: padded_rows})
+  weights = pad_to(weights, {0: padded_clients})  # weight 0: adds exactly 0
+  base, lo = pad_to(base, {0: padded_rows}), pad_to(lo, {0: padded_rows})
+  hi = pad_to(hi, {0: padded_rows}).at[rows:].set(1.0)
   out = pl.pallas_call(
       functools.partial(_decode_sum_kernel, k=k, bits=bits, num_clients=clients),
       out_shape=jax.ShapeDtypeStruct((padded_rows, bucket_size), jnp.float32),

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels._shapes import next_power_of_two, pad_to, round_up
+
 MASKED = -1e30  # finite: exp(MASKED - m) is 0 without inf - inf
 
 
@@ -70,18 +72,6 @@ def _check(q, k, v) -> None:
     raise ValueError(f"q, k: got lengths N={q.shape[1]}, M={k.shape[1]}; expected >= 1")
 
 
-def _next_power_of_two(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad_to(a: jax.Array, axis: int, size: int) -> jax.Array:
-  if a.shape[axis] == size:
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, size - a.shape[axis])
-  return jnp.pad(a, widths)
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
                     kv_len: int):
   q = q_ref[...].astype(jnp.float32) * scale          # (block_q, C)
@@ -116,12 +106,11 @@ def _forward(q, k, v, scale, blocks, interpret):
   """Padded kernel call: returns (out (B, N, D), lse (B, N)) for the unpadded lengths."""
   b, n, c = q.shape
   m, d = k.shape[1], v.shape[2]
-  n_pad = -(-n // blocks.block_q) * blocks.block_q
-  m_pad = -(-m // blocks.block_k) * blocks.block_k
-  c_pad, d_pad = _next_power_of_two(max(c, 16)), _next_power_of_two(max(d, 16))
-  qp = _pad_to(_pad_to(q, 1, n_pad), 2, c_pad)
-  kp = _pad_to(_pad_to(k, 1, m_pad), 2, c_pad)
-  vp = _pad_to(_pad_to(v, 1, m_pad), 2, d_pad)
+  n_pad, m_pad = round_up(n, blocks.block_q), round_up(m, blocks.block_k)
+  c_pad, d_pad = next_power_of_two(max(c, 16)), next_power_of_two(max(d, 16))
+  qp = pad_to(q, {1: n_pad, 2: c_pad})
+  kp = pad_to(k, {1: m_pad, 2: c_pad})
+  vp = pad_to(v, {1: m_pad, 2: d_pad})
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, block_k=blocks.block_k, kv_len=m),
       out_shape=(jax.ShapeDtypeStruct((b, n_pad, d_pad), q.dtype),
@@ -141,12 +130,12 @@ def _forward(q, k, v, scale, blocks, interpret):
 def _backward(q, k, v, out, lse, d_out, scale, block_k):
   """Blockwise recompute over key/value blocks: O(N * block_k) live memory, never N x M."""
   m = k.shape[1]
-  m_pad = -(-m // block_k) * block_k
+  m_pad = round_up(m, block_k)
   f32 = lambda a: a.astype(jnp.float32)
   q32, d_out32 = f32(q), f32(d_out)
   delta = jnp.sum(d_out32 * f32(out), axis=-1)                       # (B, N)
-  kb = f32(_pad_to(k, 1, m_pad)).reshape(k.shape[0], -1, block_k, k.shape[2]).swapaxes(0, 1)
-  vb = f32(_pad_to(v, 1, m_pad)).reshape(v.shape[0], -1, block_k, v.shape[2]).swapaxes(0, 1)
+  kb = f32(pad_to(k, {1: m_pad})).reshape(k.shape[0], -1, block_k, k.shape[2]).swapaxes(0, 1)
+  vb = f32(pad_to(v, {1: m_pad})).reshape(v.shape[0], -1, block_k, v.shape[2]).swapaxes(0, 1)
   hp = jax.lax.Precision.HIGHEST
 
   def step(d_q, block):
