@@ -92,9 +92,10 @@ def ssim(clean: np.ndarray, estimate: np.ndarray) -> float:
                                      data_range=1.0))
 
 
-def psnr(clean: np.ndarray, estimate: np.ndarray) -> float:
-  mse = float(np.mean((np.clip(estimate, 0, 1) - clean) ** 2))
-  return 10.0 * np.log10(1.0 / mse)
+def scores(clean: dict, estimates: dict) -> dict:
+  """(PSNR, SSIM) per held-out image."""
+  from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
+  return {n: (model.psnr(clean[n], estimates[n]), ssim(clean[n], estimates[n])) for n in clean}
 
 
 def nl_means(noisy: np.ndarray, sigma: float) -> np.ndarray:
@@ -121,12 +122,8 @@ def run(config, run):
   for sigma in config.sigmas:
     rng = np.random.default_rng([config.seed, int(sigma * 10)])
     noisy_test = {n: data.add_noise(img, sigma, rng) for n, img in test_images.items()}
-    scores = {"noisy": {n: (psnr(test_images[n], noisy_test[n]),
-                            ssim(test_images[n], noisy_test[n])) for n in test_images}}
-    outputs = {"noisy": noisy_test}
-    outputs["nl_means"] = {n: nl_means(noisy_test[n], sigma) for n in test_images}
-    scores["nl_means"] = {n: (psnr(test_images[n], outputs["nl_means"][n]),
-                              ssim(test_images[n], outputs["nl_means"][n])) for n in test_images}
+    outputs = {"noisy": noisy_test,
+               "nl_means": {n: nl_means(noisy_test[n], sigma) for n in test_images}}
     params_count = {}
     for kind in config.models:
       if kind == "full_nonlocal" and sigma not in config.full_nonlocal_sigmas:
@@ -154,15 +151,14 @@ def run(config, run):
       for name, noisy in noisy_test.items():
         out = np.asarray(denoise(params, tiles(noisy, config.tile)))
         outputs[kind][name] = untile(out, *noisy.shape[:2])
-      scores[kind] = {n: (psnr(test_images[n], outputs[kind][n]),
-                          ssim(test_images[n], outputs[kind][n])) for n in test_images}
+    measured = {m: scores(test_images, o) for m, o in outputs.items()}
     results[f"{sigma:g}"] = {
         "scores": {m: {n: {"psnr": p, "ssim": s} for n, (p, s) in v.items()}
-                   for m, v in scores.items()},
-        "mean_psnr": {m: float(np.mean([p for p, _ in v.values()])) for m, v in scores.items()},
-        "mean_ssim": {m: float(np.mean([s for _, s in v.values()])) for m, v in scores.items()},
+                   for m, v in measured.items()},
+        "mean_psnr": {m: float(np.mean([p for p, _ in v.values()])) for m, v in measured.items()},
+        "mean_ssim": {m: float(np.mean([s for _, s in v.values()])) for m, v in measured.items()},
         "params": params_count}
-    examples[sigma] = (test_images, outputs)
+    examples[sigma] = (test_images, outputs, measured)
   table = results_table(results)
   run.save_text("table.md", table)
   print(table)
@@ -200,7 +196,7 @@ def _plot_examples(run, examples) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  for sigma, (clean, outputs) in examples.items():
+  for sigma, (clean, outputs, measured) in examples.items():
     name = next(iter(clean))
     methods = ["noisy"] + [m for m in METHODS if m in outputs and m != "noisy"]
     fig, axes = plt.subplots(1, len(methods) + 1, figsize=(3 * (len(methods) + 1), 3.3))
@@ -209,7 +205,7 @@ def _plot_examples(run, examples) -> None:
     for ax, method in zip(axes[1:], methods):
       out = outputs[method][name]
       ax.imshow(np.clip(out[..., 0], 0, 1), cmap="gray", vmin=0, vmax=1)
-      ax.set_title(f"{method}\n{psnr(clean[name], out):.2f} dB")
+      ax.set_title(f"{method}\n{measured[method][name][0]:.2f} dB")
     for ax in axes:
       ax.axis("off")
     fig.tight_layout()

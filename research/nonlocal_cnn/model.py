@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels import nonlocal_attention as attention_kernel
@@ -209,15 +210,14 @@ def plain_features_matching(target_params: int, channels: int, depth: int) -> in
   return min(range(1, 512), key=lambda f: abs(count(f) - target_params))
 
 
-def psnr(clean: jax.Array, estimate: jax.Array) -> jax.Array:
+def psnr(clean, estimate) -> float:
   """Peak signal-to-noise ratio in dB for images in [0, 1] (estimate clipped to [0, 1])."""
-  mse = jnp.mean((jnp.clip(estimate, 0.0, 1.0) - clean) ** 2)
-  return 10.0 * jnp.log10(1.0 / mse)
+  mse = float(np.mean((np.clip(estimate, 0.0, 1.0) - clean) ** 2))
+  return 10.0 * np.log10(1.0 / mse)
 
 
 def pad_to_multiple(image, factor: int):
   """Reflect-pads (H, W, C) so H and W are multiples of `factor`; returns (padded, (H, W))."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   h, w = image.shape[:2]
   ph, pw = (-h) % factor, (-w) % factor
   if ph or pw:
@@ -228,7 +228,6 @@ def pad_to_multiple(image, factor: int):
 def denoise(apply: Callable, params: Params, image, factor: int, channels: int):
   """Denoises one (H, W, C) image in [0, 1]: refuses NaNs, pads by reflection to a multiple of
   the downscale factor, crops back."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   image = np.asarray(image, np.float32)
   if image.ndim != 3 or image.shape[-1] != channels:
     raise ValueError(f"image: got shape {image.shape}, expected (H, W, {channels})")
