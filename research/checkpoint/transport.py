@@ -500,11 +500,18 @@ def _inject(fault: Fault, spec, agents, conns, worker_pids, note) -> None:
 
 
 def corrupt_newest_checkpoint(directory: Path) -> str:
-  """Flips bytes in the largest file of the newest persisted step (for the fault harness)."""
-  steps = sorted((p for p in (directory / "steps").iterdir() if p.name.isdigit()),
+  """Flips bytes in the largest file of the newest committed step (for the fault harness).
+
+  Committed: the step has its manifest, so a restore would otherwise trust it (a step without
+  one is skipped anyway).
+  """
+  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+
+  steps = sorted((p for p in (directory / "steps").iterdir()
+                  if p.name.isdigit() and (directory / store.MANIFESTS / f"{p.name}.json").is_file()),
                  key=lambda p: int(p.name))
   if not steps:
-    return f"nothing (no persisted step under {directory})"
+    return f"nothing (no committed step under {directory})"
   files = sorted((p for p in steps[-1].rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   target = files[-1]
   data = bytearray(target.read_bytes())

@@ -82,3 +82,19 @@ def test_persistent_store_skips_uncommitted_and_corrupted_steps(tmp_path, states
   assert persistent.restorable_steps() == [2]
   assert any("skip persisted step 6" in line and "corrupted" in line for line in lines)
   assert _equal(persistent.restore(2, template), template)
+
+
+def test_local_restore_is_private_and_adopted_by_jax_without_a_copy(tmp_path, states):
+  template, state = states
+  slots = store.LocalSlots(tmp_path / "w0", store.packed_size(template), create=True)
+  slots.write(1, state)
+  step, restored = slots.read(template)
+  assert step == 1 and all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(restored))
+  slots.write(2, template)  # both slots are overwritten after the restore ...
+  slots.write(3, template)
+  assert _equal(restored, state)  # ... and the restored state does not change with them
+  slots.close()
+  if jax.default_backend() == "cpu":  # the zero-copy hand-over the restore time depends on
+    host = store.aligned_empty((1000, 33), np.float32)
+    assert host.ctypes.data % 64 == 0 and host.shape == (1000, 33)
+    assert jax.device_put(host).unsafe_buffer_pointer() == host.ctypes.data
