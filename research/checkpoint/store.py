@@ -71,15 +71,38 @@ def aligned_empty(shape, dtype) -> np.ndarray:
   return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def unpack(template, buffer, copy: bool = True) -> Any:
+def restore_buffers(template) -> Any:
+  """64-byte-aligned arrays shaped like `template`'s leaves, every page already touched.
+
+  What a warm spare worker holds ready: a restore into them is one copy per leaf, with no page
+  faults and no zeroing by the kernel on the way (the cost of fresh memory, which is most of a
+  restore into new arrays).
+  """
+  def one(leaf):
+    leaf = np.asarray(leaf)
+    buffer = aligned_empty(leaf.shape, leaf.dtype)
+    buffer.reshape(-1).view(np.uint8)[:] = 0
+    return buffer
+  return jax.tree.map(one, template)
+
+
+def unpack(template, buffer, copy: bool = True, out=None) -> Any:
   """The pytree of `template`'s structure, shapes and dtypes, read from `buffer`.
 
-  With copy=True every leaf is a new 64-byte-aligned array (see `aligned_empty`); with
-  copy=False the leaves are views of `buffer` (for a buffer nobody else writes).
+  With copy=True every leaf is a new 64-byte-aligned array (see `aligned_empty`), or the
+  matching leaf of `out` (from `restore_buffers`) when given; with copy=False the leaves are
+  views of `buffer` (for a buffer nobody else writes).
   """
   leaves, treedef = jax.tree.flatten(template)
+  targets = [None] * len(leaves)
+  if out is not None:
+    targets = jax.tree.leaves(out)
+    if [(t.shape, t.dtype) for t in targets] != [(np.shape(l), np.asarray(l).dtype)
+                                                  for l in leaves]:
+      raise ValueError("out: expected restore_buffers(template) (the same leaves, shapes and "
+                       "dtypes as the template)")
   out, offset = [], 0
-  for leaf in leaves:
+  for leaf, target in zip(leaves, targets):
     leaf = np.asarray(leaf)
     size = leaf.nbytes
     if offset + size > len(buffer):
@@ -88,7 +111,7 @@ def unpack(template, buffer, copy: bool = True) -> Any:
     view = np.frombuffer(buffer, dtype=leaf.dtype, count=leaf.size, offset=offset)
     view = view.reshape(leaf.shape)
     if copy:
-      view, source = aligned_empty(leaf.shape, leaf.dtype), view
+      view, source = (aligned_empty(leaf.shape, leaf.dtype) if target is None else target), view
       np.copyto(view, source)
     out.append(view)
     offset += size
@@ -106,7 +129,12 @@ _HEADER_BYTES = 64
 class LocalSlots:
   """Two snapshot slots of one worker in a memory-mapped RAM file."""
 
-  def __init__(self, path: str | os.PathLike, state_bytes: int, create: bool = False):
+  def __init__(self, path: str | os.PathLike, state_bytes: int, create: bool = False,
+               populate: bool = False):
+    """Maps the file (creates it, empty, when `create`); `populate` maps every page up front
+
+    (MAP_POPULATE: one call instead of a page fault per 4 KB at the first read).
+    """
     self.path, self.state_bytes = Path(path), int(state_bytes)
     self.slot_bytes = _HEADER_BYTES + self.state_bytes
     size = 2 * self.slot_bytes
@@ -117,7 +145,8 @@ class LocalSlots:
     elif not self.path.is_file() or self.path.stat().st_size != size:
       raise FileNotFoundError(f"no local-memory file of {size} bytes at {str(self.path)!r}")
     self._file = open(self.path, "r+b")
-    self._map = mmap.mmap(self._file.fileno(), size)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    self._map = mmap.mmap(self._file.fileno(), size, flags=flags)
 
   def _header(self, slot: int) -> tuple[int, int, int, int]:
     return _HEADER.unpack_from(self._map, slot * self.slot_bytes)
@@ -144,21 +173,21 @@ class LocalSlots:
     pack(tree, self._payload(slot))
     _HEADER.pack_into(self._map, slot * self.slot_bytes, step, self.state_bytes, 1, sequence)
 
-  def read(self, template) -> tuple[int, Any] | None:
+  def read(self, template, out=None) -> tuple[int, Any] | None:
     """(step, state) of the newest valid snapshot, or None; the state's leaves are jax arrays.
 
-    One copy per leaf from the shared mapping into a private 64-byte-aligned array (numpy
-    backs large ones with huge pages, so few page faults), which `jax.device_put` then adopts
-    without a second copy. The copy is what makes the state private: a later snapshot into this
-    slot cannot change a restored state.
+    One copy per leaf from the shared mapping into a private 64-byte-aligned array (new, or
+    `out` from `restore_buffers`: then the arrays belong to the returned state), which
+    `jax.device_put` then adopts without a second copy. The copy is what makes the state
+    private: a later snapshot into this slot cannot change a restored state.
     """
     newest = self.newest()
     if newest is None:
       return None
     slot, step = newest
-    state = unpack(template, self._payload(slot), copy=True)
+    state = unpack(template, self._payload(slot), copy=True, out=out)
     if self._header(slot)[:3] != (step, self.state_bytes, 1):
-      return self.read(template)  # overwritten while we read (cannot happen with one writer)
+      return self.read(template, out)  # overwritten while we read (cannot happen with one writer)
     return step, jax.device_put(state)
 
   def close(self) -> None:

@@ -62,6 +62,7 @@ class JobSpec:
   heartbeat_timeout: float = 2.0
   startup_timeout: float = 120.0  # a new process imports jax and compiles before it beats
   min_step_seconds: float = 0.0   # pace steps to emulate compute time (async saves need time)
+  warm_spare: bool = True         # one standby worker per node, compiled, buffers touched
 
   def __post_init__(self):
     for name in ("num_agents", "workers_per_agent", "steps", "batch_size", "snapshot_every",
@@ -114,11 +115,18 @@ def _problem(spec: JobSpec):
 # --- worker process ---------------------------------------------------------------------------
 
 
-def worker_main(conn, spec: JobSpec, worker: int, restore) -> None:
-  """A worker: restore (init / local memory / persisted step), then serve steps and updates."""
+def worker_main(conn, spec: JobSpec, worker: int | None, restore, agent: int = 0) -> None:
+  """A worker: restore (init / local memory / persisted step), then serve steps and updates.
+
+  restore="standby" makes a warm spare of node `agent` (worker=None): it imports jax, compiles
+  the step, maps the node's local memory and touches a set of restore buffers, says
+  ("standby",) and waits for ("assign", worker); its restore is then one copy from local memory
+  into those buffers (a new process pays for imports, compilation and fresh pages first).
+  """
   send_lock = threading.Lock()
   pause_until = [0.0]
   beat_every = [spec.heartbeat_interval]
+  me = [worker]  # the worker this process is; None while a spare
 
   def send(message):
     with send_lock:
@@ -127,9 +135,9 @@ def worker_main(conn, spec: JobSpec, worker: int, restore) -> None:
   def heartbeats():
     while True:
       time.sleep(beat_every[0])
-      if time.monotonic() >= pause_until[0]:
+      if me[0] is not None and time.monotonic() >= pause_until[0]:
         try:
-          send(("heartbeat", worker))
+          send(("heartbeat", me[0]))
         except (OSError, EOFError):
           return
 
@@ -139,21 +147,41 @@ def worker_main(conn, spec: JobSpec, worker: int, restore) -> None:
 
   problem = _problem(spec)
   gradient, update = worker_lib.make_step_fns(problem)
-  template = worker_lib.init_state(problem, worker)
+  state_bytes = store.packed_size(worker_lib.init_state(problem, 0))
+  buffers, how = None, "new process"
   try:
-    slots = store.LocalSlots(spec.slots_path(worker), store.packed_size(template))
+    if restore == "standby":
+      warm = worker_lib.init_state(problem, 0)
+      x, y, position = worker_lib.batch_for(problem, 0, warm)
+      update(warm, gradient(warm, x, y)[0], position)  # compiles both steps before any failure
+      node_slots = {w: store.LocalSlots(spec.slots_path(w), state_bytes, populate=True)
+                    for w in spec.workers_of(agent)}
+      buffers = store.restore_buffers(warm)
+      send(("standby",))
+      message = conn.recv()
+      if message[0] != "assign":
+        return  # ("stop",): the job ended without needing this spare
+      worker, restore, how = message[1], "local", "warm spare"
+      me[0] = worker
+      slots = node_slots[worker]
+    else:
+      slots = store.LocalSlots(spec.slots_path(worker), state_bytes)
   except FileNotFoundError:
     return  # the node's local memory is gone: its agent was killed while this process started
-  source = restore
+  except (EOFError, OSError):
+    return  # the agent is gone
+  template = worker_lib.init_state(problem, worker)
+  source, start = restore, time.perf_counter()
   if restore == "local":
-    found = slots.read(template)
+    found = slots.read(template, out=buffers)
     state = found[1] if found else template
     source = "local" if found else "init (local memory empty)"
   elif isinstance(restore, tuple) and restore[0] == "persistent":
     state = store.PersistentStore(spec.persist_dir(worker)).restore(restore[1], template)
   else:
     state = template
-  send(("ready", worker, int(state.step), source))
+  seconds = time.perf_counter() - start
+  send(("ready", worker, int(state.step), source, f"{how}, {1e3 * seconds:.1f} ms"))
   while True:
     try:
       message = conn.recv()
@@ -216,12 +244,22 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
   update_log: dict[int, bytes] = {}
   current = done_reported = 0  # the step in progress; the newest step reported done
 
-  def spawn(w, how):
+  def start(w, how):
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=worker_main, args=(child, spec, w, how), daemon=False)
+    proc = ctx.Process(target=worker_main, args=(child, spec, w, how, agent), daemon=False)
     proc.start()
     child.close()
-    procs[w], conns[w], ready[w], last_beat[w] = proc, parent, False, time.monotonic()
+    return proc, parent
+
+  def spawn(w, how):
+    procs[w], conns[w] = start(w, how)
+    ready[w], last_beat[w] = False, time.monotonic()
+
+  spare = {}  # the warm spare: "proc", "conn", "standby" (it said it is ready)
+
+  def spawn_spare():
+    spare["proc"], spare["conn"] = start(None, "standby")
+    spare["standby"] = False
 
   for w in workers:
     spawn(w, restore)
@@ -232,8 +270,15 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
       os.kill(proc.pid, signal.SIGKILL)  # fence: a hung worker must not come back
     proc.join(timeout=5)
     conns[w].close()
-    log(f"worker {w} failed ({why}); replacing it, restoring from local memory")
-    spawn(w, "local")  # a gradient it already delivered for this step stays delivered
+    if spare.get("standby"):
+      log(f"worker {w} failed ({why}); the warm spare takes over, restoring from local memory")
+      procs[w], conns[w] = spare.pop("proc"), spare.pop("conn")
+      ready[w], last_beat[w] = False, time.monotonic()
+      conns[w].send(("assign", w))
+      spawn_spare()
+    else:
+      log(f"worker {w} failed ({why}); replacing it, restoring from local memory")
+      spawn(w, "local")  # a gradient it already delivered for this step stays delivered
 
   last_heartbeat = time.monotonic()
   while True:
@@ -244,12 +289,26 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
       for w in workers:  # commit (manifest) the async saves orbax has finished
         for step in stores[w].commit_finished(wait=False):
           log(f"worker {w}: persisted step {step} committed")
+    if spec.warm_spare and not spare and all(ready.values()):
+      spawn_spare()  # once the workers run: its imports do not slow their start
+    if spare and not spare["proc"].is_alive():
+      log(f"the warm spare exited with {spare['proc'].exitcode}; starting another")
+      spawn_spare()
     for w in workers:
       if not procs[w].is_alive():
         replace(w, f"process exited with {procs[w].exitcode}")
       elif now - last_beat[w] > (spec.heartbeat_timeout if ready[w] else spec.startup_timeout):
         replace(w, f"no heartbeat for {now - last_beat[w]:.1f} s")
-    for source in wait_for([conn] + [conns[w] for w in workers], timeout=spec.heartbeat_interval):
+    sources = [conn] + [conns[w] for w in workers] + ([spare["conn"]] if spare else [])
+    for source in wait_for(sources, timeout=spec.heartbeat_interval):
+      if spare and source is spare["conn"]:
+        try:
+          spare["standby"] = source.recv() == ("standby",)
+          if spare["standby"]:
+            conn.send(("spare", agent))
+        except (EOFError, OSError):
+          spare["proc"].join(timeout=5)  # restarted above on the next pass
+        continue
       if source is conn:
         try:
           message = conn.recv()
@@ -280,6 +339,12 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
               conns[w].send(("stop",))
             except (OSError, EOFError):
               pass
+          if spare:
+            try:
+              spare["conn"].send(("stop",))
+            except (OSError, EOFError):
+              pass
+            spare["proc"].join(timeout=10)
           for w in workers:
             procs[w].join(timeout=10)
             stores[w].close()
@@ -299,6 +364,8 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
         ready[w] = True
         restored = message[2]
         applied[w] = restored
+        if message[3] == "local":
+          log(f"worker {w}: restored step {restored} from local memory ({message[4]})")
         conn.send(("worker", agent, w, procs[w].pid, restored, message[3]))
         for s in range(restored + 1, max(update_log, default=0) + 1):
           if s not in update_log:
@@ -388,6 +455,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
     last_beat = {a: time.monotonic() for a in agents}
     heard_from = set()
     ready = set()
+    spares = set()  # agents whose warm spare stands by
 
     def receive(timeout):
       """Messages from agents; raises AgentFailure when one died or went silent."""
@@ -418,12 +486,16 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
             steps_lost.append(max(0, current - 1 - restored))
           if restore != "init" or source != "init":
             note(f"worker {w} ready at step {restored} (restored from {source})")
+        elif message[0] == "spare":
+          spares.add(message[1])
         elif message[0] == "error":
           raise RuntimeError(f"worker {message[1]}: {message[2]}")
-      return [m for m in got if m[0] not in ("event", "worker", "heartbeat")]
+      return [m for m in got if m[0] not in ("event", "worker", "heartbeat", "spare")]
 
     try:
-      while len(ready) < spec.num_workers:
+      # Start when every worker is ready and every node's first spare stands by (so which
+      # failure a spare takes does not depend on how fast it compiled).
+      while len(ready) < spec.num_workers or (spec.warm_spare and len(spares) < spec.num_agents):
         receive(spec.heartbeat_interval)
       for step in range(first_step, spec.steps + 1):
         current = step

@@ -37,10 +37,13 @@ def test_worker_failures_recover_from_local_memory_bit_for_bit(tmp_path, fault_f
   result = transport.run_job(_spec(tmp_path), faults, log=lines.append)
   assert result.final_state == fault_free
   assert result.replicas_equal and result.restarts == 0
-  replaced = [line for line in lines if "failed" in line and "replacing it" in line]
+  replaced = [line for line in lines if "failed (" in line]
   assert len(replaced) == 2, lines  # the killed and the hung worker, not the slow one
   assert any("worker 2 failed (no heartbeat" in line for line in replaced)
+  # Each node's spare stood by before step 1: the first failure takes it, restoring in one copy.
+  assert "the warm spare takes over" in replaced[0], replaced
   assert sum("restored from local" in line for line in lines) == 2
+  assert any("from local memory (warm spare" in line for line in lines), lines
   assert result.steps_lost == [0, 0]  # snapshots every step: only the step in flight is redone
   assert list(store.local_memory_root().glob(f"{_spec(tmp_path).slots_path(0).name}*")) == []
 
