@@ -11,6 +11,9 @@ For worker states (MLP params + Adam moments + step, data position, RNG) of abou
   in the page cache ("warm") and once after dropping them from it with posix_fadvise(DONTNEED)
   ("cold"); ratio disk / local (anchor: Gemini, 13x from CPU memory of peers vs remote
   storage; goal: at least 10x at 100 MB and above);
+- steps lost per failure: 0 for a worker (snapshot every step), at most 2P - 1 for a node,
+  with P the smallest orbax save period at which one async save ends before the next (from
+  the measured save time and step time);
 - snapshot overhead: median step time (gradient + Adam update, jitted, batch 1024) with a
   local-memory snapshot every step, written synchronously after the update or by a background
   thread overlapping the next step (CheckFreq's pipelining), vs no snapshot (anchor: CheckFreq,
@@ -94,8 +97,9 @@ def bench_size(megabytes: float, steps: int, repeats: int, batch_size: int,
   state = step(step(state))  # compile
   steps_per_round = 1 if megabytes >= 500 else 3
   times = {"none": [], "sync": [], "async": []}
-  for _ in range(steps):  # interleaved rounds: the modes see the same machine noise
-    for mode in times:
+  modes = list(times)
+  for round_ in range(steps):  # interleaved rounds: the modes see the same machine noise
+    for mode in modes[round_ % 3:] + modes[:round_ % 3]:  # and take turns at going first
       writer = None
       start = time.perf_counter()
       for _ in range(steps_per_round):
@@ -160,6 +164,7 @@ def bench_size(megabytes: float, steps: int, repeats: int, batch_size: int,
   persistent.close()
   slots.close()
   slots.path.unlink()
+  persist_every = max(1, math.ceil(persist_seconds / step_seconds["none"]))
   return {
       "target_mb": megabytes, "state_bytes": state_bytes, "hidden": hidden_for(megabytes),
       "batch_size": batch_size,
@@ -170,6 +175,13 @@ def bench_size(megabytes: float, steps: int, repeats: int, batch_size: int,
       "snapshot_s": snapshot_seconds, "persist_blocking_s": persist_seconds,
       "step_s": step_seconds["none"],
       "snapshot_over_step_pct": 100 * snapshot_seconds / step_seconds["none"],
+      # Steps lost per failure under the policy these numbers allow: a snapshot every step
+      # (a worker failure redoes only the step in flight), an orbax save every P steps with P
+      # the smallest period at which one async save ends before the next begins; a node
+      # failure goes back to the newest committed save: at most 2P - 1 steps (P - 1 since
+      # the newest save, P more when that save was still in flight).
+      "persist_every_min": persist_every,
+      "steps_lost_worker": 0, "steps_lost_node_max": 2 * persist_every - 1,
       "overhead_sync_pct": overhead["sync"], "overhead_async_pct": overhead["async"],
   }
 
@@ -179,7 +191,8 @@ def table(rows: list[dict]) -> str:
       ["state", "local: warm spare (ms)", "local: new process (ms)", "orbax warm (ms)",
        "orbax cold (ms)", "disk / spare (warm, cold)", "disk / new process (warm, cold)",
        "step (ms)", "snapshot (ms)", "snapshot / step (%)",
-       "measured overhead sync / async (%)"],
+       "measured overhead sync / async (%)", "orbax save (s)",
+       "steps lost: worker / node (max)"],
       [[f"{r['state_bytes'] / 1e6:,.1f} MB", f"{1e3 * r['restore_spare_s']:.1f}",
         f"{1e3 * r['restore_local_s']:.1f}",
         f"{1e3 * r['restore_disk_warm_s']:.1f}", f"{1e3 * r['restore_disk_cold_s']:.1f}",
@@ -187,7 +200,10 @@ def table(rows: list[dict]) -> str:
         f"{r['disk_over_local_warm']:.1f}x, {r['disk_over_local_cold']:.1f}x",
         f"{1e3 * r['step_s']:.1f}", f"{1e3 * r['snapshot_s']:.1f}",
         f"{r['snapshot_over_step_pct']:.1f}",
-        f"{r['overhead_sync_pct']:+.1f} / {r['overhead_async_pct']:+.1f}"] for r in rows])
+        f"{r['overhead_sync_pct']:+.1f} / {r['overhead_async_pct']:+.1f}",
+        f"{r['persist_blocking_s']:.2f}",
+        f"{r['steps_lost_worker']} / {r['steps_lost_node_max']} "
+        f"(save every {r['persist_every_min']})"] for r in rows])
 
 
 def plot(rows: list[dict], path: Path) -> None:

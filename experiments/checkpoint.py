@@ -14,6 +14,8 @@ failure cost.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 import numpy as np
 
@@ -111,6 +113,8 @@ def run(config, run):
         "bit_exact": result.final_state == reference, "replicas_equal": result.replicas_equal,
         "seconds": float(sum(s for _, s in result.step_seconds)), "restarts": result.restarts,
         "steps_lost": result.steps_lost, "faults": [f.__dict__ for f in faults],
+        "local_restores": [f"{how}, {ms} ms" for how, ms in re.findall(
+            r"from local memory \((.+?), ([\d.]+) ms\)", "\n".join(lines))],
         "step_seconds": result.step_seconds}
   run.save_text("events.log", "\n".join(f"[{n}] {line}" for n in events for line in events[n])
                 + "\n")
@@ -162,10 +166,11 @@ def results_table(summary: dict) -> str:
     faults = ", ".join(f"{f['kind']} {f['target']} @ step {f['step']}" for f in job["faults"])
     rows.append([name.replace("_", "-"), faults or "-", "yes" if job["bit_exact"] else "NO",
                  "yes" if job["replicas_equal"] else "NO", job["restarts"],
-                 str(job["steps_lost"]), f"{job['seconds']:.1f}"])
+                 str(job["steps_lost"]), "; ".join(job.get("local_restores", [])) or "-",
+                 f"{job['seconds']:.1f}"])
   return records.write_markdown_table(
       ["job", "faults", "final state == reference (bits)", "replicas equal", "job restarts",
-       "steps lost per failure", "step-loop seconds"], rows)
+       "steps lost per failure", "local-memory restores (who, time)", "step-loop seconds"], rows)
 
 
 def fill_paper(run_dir, paper: str = PAPER) -> None:

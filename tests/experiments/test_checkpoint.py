@@ -14,6 +14,8 @@ def test_smoke_faulted_job_ends_bit_exact_and_logs_each_recovery(tmp_path):
   assert faulted["bit_exact"] and faulted["replicas_equal"] and faulted["restarts"] == 1
   assert {f["kind"] for f in faulted["faults"]} == {"kill_worker", "kill_agent",
                                                     "corrupt_checkpoint"}
+  # The killed worker's node had its warm spare standing by: it took over with one copy.
+  assert faulted["local_restores"] and faulted["local_restores"][0].startswith("warm spare, ")
   events = (run_dir / "events.log").read_text()
   assert "skip persisted step" in events and "corrupted" in events
   assert "restoring every worker from persisted step" in events
