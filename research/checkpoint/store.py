@@ -1,11 +1,13 @@
 """Where checkpoint states live: node-local memory (fast, per node) and orbax on disk (durable).
 
-Local memory: one file per worker slot in a RAM-backed folder (`/dev/shm` on Linux), memory-mapped
-by the worker that writes its snapshot and by a replacement that restores from it. Two slots per
-worker, each with a header (step, payload bytes, a valid flag, a sequence number): a snapshot goes into
-the slot not holding the newest state, which is marked invalid first and valid last, so a worker
-killed in the middle of a copy leaves the previous snapshot as the newest valid one. The file outlives any worker process; the node
-agent owns it.
+Local memory: one file per worker in a RAM-backed folder (`/dev/shm` on Linux), memory-mapped by
+the worker that writes its snapshots and by a replacement that restores from it. Two slots per
+worker, each with a header (step, payload bytes, a valid flag, a sequence number): a snapshot
+goes into the slot not holding the newest state, which is marked invalid first and valid last,
+so a worker killed in the middle of a copy leaves the previous snapshot as the newest valid one.
+The file outlives any worker process; the node agent owns it. A restore is one copy per leaf
+into 64-byte-aligned arrays that jax adopts without another copy; a warm spare prepares those
+arrays (`restore_buffers`) and the mapping before it is needed.
 
 Persistent: an orbax `CheckpointManager` per worker (async saves; orbax writes each step to a
 temporary folder and renames it on commit). A step counts as committed only when our manifest

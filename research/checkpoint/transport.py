@@ -15,8 +15,10 @@ pipes; messages are tuples whose first entry names them. One training step:
 
 Failures. Workers send heartbeats to their agent, agents to the coordinator. A worker whose
 process died, whose pipe closed or whose heartbeats stopped for `heartbeat_timeout` is killed
-(fenced: a hung worker must not come back) and replaced by a new process restored from the
-node's local memory; the agent replays the mean gradients it relayed since that snapshot and
+(fenced: a hung worker must not come back) and replaced, restored from the node's local
+memory: by the node's warm spare (a standby worker that has compiled the step and prepared its
+restore buffers; the job starts once every node has one) or, when that is used up, by a new
+process; the agent replays the mean gradients it relayed since that snapshot and
 re-sends the step in progress. An agent that dies (its node) takes its workers and local memory
 with it: the coordinator kills every process, picks the newest step every worker has committed
 and intact on disk, restarts all agents from it, and re-runs the steps after it. Every message
@@ -579,8 +581,9 @@ def corrupt_newest_checkpoint(directory: Path) -> str:
   """
   from research.checkpoint import store  # pylint: disable=import-outside-toplevel
 
+  manifests = directory / store.MANIFESTS
   steps = sorted((p for p in (directory / "steps").iterdir()
-                  if p.name.isdigit() and (directory / store.MANIFESTS / f"{p.name}.json").is_file()),
+                  if p.name.isdigit() and (manifests / f"{p.name}.json").is_file()),
                  key=lambda p: int(p.name))
   if not steps:
     return f"nothing (no committed step under {directory})"
