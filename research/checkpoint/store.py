@@ -103,7 +103,7 @@ def unpack(template, buffer, copy: bool = True, out=None) -> Any:
                                                   for l in leaves]:
       raise ValueError("out: expected restore_buffers(template) (the same leaves, shapes and "
                        "dtypes as the template)")
-  out, offset = [], 0
+  restored, offset = [], 0
   for leaf, target in zip(leaves, targets):
     leaf = np.asarray(leaf)
     size = leaf.nbytes
@@ -115,11 +115,11 @@ def unpack(template, buffer, copy: bool = True, out=None) -> Any:
     if copy:
       view, source = (aligned_empty(leaf.shape, leaf.dtype) if target is None else target), view
       np.copyto(view, source)
-    out.append(view)
+    restored.append(view)
     offset += size
   if offset != len(buffer):
     raise ValueError(f"buffer has {len(buffer)} bytes, the state {offset}")
-  return jax.tree.unflatten(treedef, out)
+  return jax.tree.unflatten(treedef, restored)
 
 
 # --- node-local memory ------------------------------------------------------------------------
@@ -133,9 +133,10 @@ class LocalSlots:
 
   def __init__(self, path: str | os.PathLike, state_bytes: int, create: bool = False,
                populate: bool = False):
-    """Maps the file (creates it, empty, when `create`); `populate` maps every page up front
+    """Maps the file, creating it (empty) when `create`.
 
-    (MAP_POPULATE: one call instead of a page fault per 4 KB at the first read).
+    `populate` maps every page up front (MAP_POPULATE: one call instead of a page fault per
+    4 KB at the first read); a warm spare does this before it is needed.
     """
     self.path, self.state_bytes = Path(path), int(state_bytes)
     self.slot_bytes = _HEADER_BYTES + self.state_bytes

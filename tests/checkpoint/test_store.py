@@ -25,6 +25,12 @@ def test_pack_unpack_is_exact_and_checks_length(states):
   assert _equal(store.unpack(template, packed), state)
   with pytest.raises(ValueError, match="too short"):
     store.unpack(template, packed[:-8])
+  buffers = store.restore_buffers(template)
+  back = store.unpack(template, packed, out=buffers)
+  assert _equal(back, state)
+  assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(buffers)))
+  with pytest.raises(ValueError, match="out: expected restore_buffers"):
+    store.unpack(template, packed, out=store.restore_buffers(template.params))
 
 
 def test_local_slots_keep_the_previous_snapshot_when_a_copy_is_cut_short(tmp_path, states):
