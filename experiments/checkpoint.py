@@ -14,8 +14,6 @@ failure cost.
 
 from __future__ import annotations
 
-import re
-
 import ml_collections
 import numpy as np
 
@@ -113,8 +111,7 @@ def run(config, run):
         "bit_exact": result.final_state == reference, "replicas_equal": result.replicas_equal,
         "seconds": float(sum(s for _, s in result.step_seconds)), "restarts": result.restarts,
         "steps_lost": result.steps_lost, "faults": [f.__dict__ for f in faults],
-        "local_restores": [f"{how}, {ms} ms" for how, ms in re.findall(
-            r"from local memory \((.+?), ([\d.]+) ms\)", "\n".join(lines))],
+        "local_restores": result.local_restores,
         "step_seconds": result.step_seconds}
   run.save_text("events.log", "\n".join(f"[{n}] {line}" for n in events for line in events[n])
                 + "\n")

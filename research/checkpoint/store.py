@@ -83,7 +83,7 @@ def restore_buffers(template) -> Any:
   def one(leaf):
     leaf = np.asarray(leaf)
     buffer = aligned_empty(leaf.shape, leaf.dtype)
-    buffer.reshape(-1).view(np.uint8)[:] = 0
+    buffer.fill(0)
     return buffer
   return jax.tree.map(one, template)
 

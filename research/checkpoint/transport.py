@@ -149,11 +149,12 @@ def worker_main(conn, spec: JobSpec, worker: int | None, restore, agent: int = 0
 
   problem = _problem(spec)
   gradient, update = worker_lib.make_step_fns(problem)
-  state_bytes = store.packed_size(worker_lib.init_state(problem, 0))
+  first = worker_lib.init_state(problem, 0)  # every worker's state has its shapes
+  state_bytes = store.packed_size(first)
   buffers, how = None, "new process"
   try:
     if restore == "standby":
-      warm = worker_lib.init_state(problem, 0)
+      warm = first
       x, y, position = worker_lib.batch_for(problem, 0, warm)
       update(warm, gradient(warm, x, y)[0], position)  # compiles both steps before any failure
       node_slots = {w: store.LocalSlots(spec.slots_path(w), state_bytes, populate=True)
@@ -368,7 +369,7 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
         applied[w] = restored
         if message[3] == "local":
           log(f"worker {w}: restored step {restored} from local memory ({message[4]})")
-        conn.send(("worker", agent, w, procs[w].pid, restored, message[3]))
+        conn.send(("worker", agent, w, procs[w].pid, restored, message[3], message[4]))
         for s in range(restored + 1, max(update_log, default=0) + 1):
           if s not in update_log:
             log(f"worker {w}: update {s} is no longer in the replay log")
@@ -415,6 +416,7 @@ class JobResult:
   steps_lost: list[int]       # per failure: steps recomputed because of it
   step_seconds: list[tuple[int, float]]  # (step, seconds) in the order run, replays included
   restarts: int
+  local_restores: list[str]   # per restore from local memory: "warm spare, 2.2 ms" and the like
 
 
 def run_job(spec: JobSpec, faults: list[Fault] = (), log: Callable[[str], None] = print,
@@ -438,7 +440,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
   problem = _problem(spec)
   current = 0  # the step in progress (read by receive())
   pending = sorted(faults, key=lambda f: f.step)
-  events, steps_lost, step_seconds = [], [], []
+  events, steps_lost, step_seconds, local_restores = [], [], [], []
   worker_pids: dict[int, int] = {}
 
   def note(text):
@@ -481,11 +483,12 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
         if message[0] == "event":
           note(f"agent {message[1]}: {message[2]}")
         elif message[0] == "worker":
-          _, _, w, pid, restored, source = message
+          _, _, w, pid, restored, source, how = message
           worker_pids[w] = pid
           ready.add(w)
           if source == "local":
             steps_lost.append(max(0, current - 1 - restored))
+            local_restores.append(how)
           if restore != "init" or source != "init":
             note(f"worker {w} ready at step {restored} (restored from {source})")
         elif message[0] == "spare":
@@ -539,7 +542,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
       states = [store.unpack(template, finals[w]) for w in range(spec.num_workers)]
       replicas = [store.pack((state.params, state.opt_state)) for state in states]
       return JobResult(finals[0], len(set(replicas)) == 1, events, steps_lost, step_seconds,
-                       restarts)
+                       restarts, local_restores)
     except AgentFailure as failure:
       failed_step = max(current, first_step)
       _kill_all(agents, worker_pids)
