@@ -17,6 +17,7 @@ import optax
 
 from research.common import config as config_lib
 from research.common import data as data_lib
+from research.common import records
 from research.fedavg import model as model_lib
 from research.fedavg import rounds
 
@@ -37,6 +38,7 @@ def config_schema() -> ml_collections.ConfigDict:
   })
 
 
+PAPER_PAGE = "papers/fedavg.md"
 
 
 def validate_config(config) -> None:
@@ -47,10 +49,6 @@ def validate_config(config) -> None:
   if any(h < 1 for h in config.hidden):
     raise config_lib.ConfigError(f"config key 'hidden': got {config.hidden!r}, expected positive "
                                  "layer widths")
-
-
-def client_optimizer(learning_rate: float) -> optax.GradientTransformation:
-  return optax.sgd(learning_rate, momentum=0.9)
 
 
 def run(config, run):
@@ -65,7 +63,7 @@ def run(config, run):
   # Centralized baseline: same model, initial params and client optimizer on pooled data.
   key_central, key_rounds = jax.random.split(jax.random.key(config.seed))
   central_train = jax.jit(functools.partial(
-      rounds.local_train, loss_fn=loss_fn, optimizer=client_optimizer(config.client_learning_rate),
+      rounds.local_train, loss_fn=loss_fn, optimizer=rounds.client_optimizer(config.client_learning_rate),
       steps=config.centralized_steps, batch_size=config.batch_size))
   central_params, _ = central_train(params, jnp.asarray(split.x_train),
                                     jnp.asarray(split.y_train),
@@ -75,7 +73,7 @@ def run(config, run):
   server_optimizer = optax.sgd(config.server_learning_rate)
   round_step = jax.jit(functools.partial(
       rounds.round_fn, loss_fn=loss_fn,
-      client_optimizer=client_optimizer(config.client_learning_rate),
+      client_optimizer=rounds.client_optimizer(config.client_learning_rate),
       server_optimizer=server_optimizer, local_steps=config.local_steps,
       batch_size=config.batch_size))
   state = rounds.init(params, server_optimizer)
@@ -99,6 +97,20 @@ def run(config, run):
       "client_sizes": np.asarray(shards.count).tolist(),
       "param_count": model_lib.param_count(params),
   }
+
+
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's table from a kept result (its config and summary)."""
+  config, summary = result["config"], result["summary"]
+  setting = (f"{config['num_clients']} clients ({config['partition']}), {config['rounds']} "
+             f"rounds x {config['local_steps']} local steps (batch {config['batch_size']}, SGD "
+             f"{config['client_learning_rate']:g} momentum {rounds.CLIENT_MOMENTUM:g})")
+  return {"results": records.write_markdown_table(
+      ["model", "setting", "test accuracy"],
+      [["FedAvg", setting, f"{summary['final_test_accuracy']:.4f}"],
+       ["centralized", f"same model and optimizer, {config['centralized_steps']} steps on the "
+        "pooled data", f"{summary['centralized_test_accuracy']:.4f}"],
+       ["gap (points)", "", f"{summary['accuracy_gap_points']:.2f}"]])}
 
 
 def _plot(run, accuracies, central_accuracy, config) -> None:

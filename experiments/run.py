@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from research.common import config as config_lib
 from research.common import mesh as mesh_lib
 from research.common import records
+from research.common import versions
 
 HEADLINE_KEYS = ("metric", "value", "baseline", "baseline_value")
 
@@ -35,7 +36,7 @@ HEADLINE_KEYS = ("metric", "value", "baseline", "baseline_value")
 def available_experiments() -> list[str]:
   here = Path(__file__).parent
   return sorted(m.name for m in pkgutil.iter_modules([str(here)])
-                if not m.name.startswith(("_", "bench_")) and m.name not in ("run", "demo"))
+                if not m.name.startswith(("_", "bench_")) and m.name not in ("run", "demo", "paper"))
 
 
 def experiment_module(name: str):
@@ -79,14 +80,12 @@ class Run:
     self._metrics = records.MetricsWriter(workdir / "metrics.jsonl") if self.is_main else None
     self._progress = None
     self._task = None
-    self.history: list[dict[str, Any]] = []
 
   def log(self, step: int, **metrics: Any) -> None:
     """Appends one metrics record (JSON line) and shows it on the progress bar."""
     if not self.is_main:
       return
     record = self._metrics.write(step, **metrics)
-    self.history.append(record)
     if self._progress is not None:
       shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in record.items() if k != "step")
@@ -183,7 +182,9 @@ def run_in_this_process(args) -> dict[str, Any]:
     workdir = Path(args.run_dir) if args.run_dir else new_run_dir(Path(args.workdir),
                                                                     config.experiment)
     workdir.mkdir(parents=True, exist_ok=True)
-    records.atomic_write_json(workdir / "config.json", config.to_dict())
+    # The resolved config, plus the package versions it ran with (not a config key).
+    records.atomic_write_json(workdir / "config.json",
+                              dict(config.to_dict(), environment=versions.resolved_versions()))
     print(f"run folder: {workdir}", flush=True)
   run = Run(workdir, is_main)
   start = time.perf_counter()
@@ -196,11 +197,16 @@ def run_in_this_process(args) -> dict[str, Any]:
                  devices=jax.device_count(), backend=jax.default_backend())
   if is_main:
     records.atomic_write_json(workdir / "summary.json", summary)
+    if callable(getattr(module, "paper_tables", None)):
+      tables = module.paper_tables({"config": config.to_dict(), "summary":
+                                    records.to_jsonable(summary)})
+      run.save_text("tables.md", "".join(f"## {name}\n\n{text}\n" for name, text in
+                                         tables.items()))
     headline = summary["headline"]
     print(f"{config.experiment}: {headline['metric']} = {headline['value']:.4g} "
           f"({headline['baseline']}: {headline['baseline_value']:.4g}) in "
           f"{summary['seconds']:.1f} s", flush=True)
-  return records.to_jsonable(summary)
+  return dict(records.to_jsonable(summary), run_dir=str(workdir) if workdir else None)
 
 
 def _free_port() -> int:
@@ -240,7 +246,35 @@ def run_local_processes(args) -> dict[str, Any]:
     for child in children:
       if child.poll() is None:
         child.kill()
-  return records.read_json(run_dir / "summary.json")
+  return dict(records.read_json(run_dir / "summary.json"), run_dir=str(run_dir))
+
+
+def command_line(args) -> str:
+  """The command that reproduces a run (what a kept result records)."""
+  words = ["python -m experiments.run", str(args.config)]
+  words += [f"--set {override}" if " " not in override and "'" not in override
+            else f'--set "{override}"' for override in args.set]
+  if args.processes > 1:
+    words += [f"--processes {args.processes}"]
+  if args.cpu_devices is not None:
+    words += [f"--cpu-devices {args.cpu_devices}"]
+  return " ".join(words + [f"--paper {args.paper}"])
+
+
+def keep_for_paper(args, summary: dict[str, Any]) -> None:
+  """`--paper KEY`: keep the run as papers/results/KEY.json and fill the blocks naming it."""
+  from experiments import paper  # pylint: disable=import-outside-toplevel
+  run_dir = Path(summary["run_dir"])
+  config = records.read_json(run_dir / "config.json")
+  config.pop("environment", None)
+  module = experiment_module(config["experiment"])
+  page = getattr(module, "PAPER_PAGE", None)
+  if page is None or not callable(getattr(module, "paper_tables", None)):
+    raise config_lib.ConfigError(f"--paper: experiments/{config['experiment']}.py defines no "
+                                 "PAPER_PAGE and paper_tables(result); it has no paper page")
+  kept = {k: v for k, v in summary.items() if k != "run_dir"}  # a local path
+  paper.keep_and_fill(args.paper, module=module.__name__, page=page,
+                      command=command_line(args), summary=kept, config=config)
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -260,7 +294,16 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument("--coordinator", default=None, help="coordinator address HOST:PORT")
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--paper", default=None, metavar="KEY",
+                      help="keep the result as papers/results/KEY.json and fill the page's "
+                           "blocks that name KEY (see experiments/paper.py)")
   args = parser.parse_args(argv)
+  if args.paper is not None:
+    from experiments import paper  # pylint: disable=import-outside-toplevel
+    try:
+      paper.check_key(args.paper)
+    except paper.PaperError as error:
+      parser.error(f"--paper: {error}")
   if args.processes < 1:
     parser.error(f"--processes={args.processes}: expected a positive int")
   if args.cpu_devices is not None and args.cpu_devices < 1:
@@ -271,8 +314,12 @@ def parse_args(argv: Sequence[str] | None):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.processes > 1:
-    return run_local_processes(args)
-  return run_in_this_process(args)
+    summary = run_local_processes(args)
+  else:
+    summary = run_in_this_process(args)
+  if args.paper is not None and summary.get("run_dir"):
+    keep_for_paper(args, summary)
+  return summary
 
 
 if __name__ == "__main__":

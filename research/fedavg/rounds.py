@@ -27,6 +27,16 @@ class ServerState(NamedTuple):
   round: chex.Array          # shape=(), dtype=int32: rounds completed
 
 
+# Client SGD momentum of every FedAvg-style experiment here (FedAvg, K-quant): one place.
+CLIENT_MOMENTUM = 0.9
+
+
+def client_optimizer(learning_rate: float,
+                     momentum: float = CLIENT_MOMENTUM) -> optax.GradientTransformation:
+  """The clients' optimizer: SGD with momentum, fresh at every round."""
+  return optax.sgd(learning_rate, momentum=momentum)
+
+
 def local_train(params: Params, x: jax.Array, y: jax.Array, count: jax.Array, key: jax.Array, *,
                 loss_fn: LossFn, optimizer: optax.GradientTransformation, steps: int,
                 batch_size: int) -> tuple[Params, jax.Array]:
