@@ -51,6 +51,14 @@ class PaperError(ValueError):
   """A page block or kept result that does not fit the paper path."""
 
 
+def _shown(path: Path) -> str:
+  """A path as the messages show it: relative to the repository when inside it."""
+  try:
+    return str(path.resolve().relative_to(ROOT))
+  except ValueError:
+    return str(path)
+
+
 def check_key(key: str) -> str:
   if not re.fullmatch(_KEY, key) or key.startswith(".") or "/" in key:
     raise PaperError(f"result key {key!r}: expected letters, digits, '_', '-', '.' "
@@ -80,11 +88,11 @@ def keep(key: str, *, module: str, page: str, command: str, summary: dict[str, A
 def load_result(key: str) -> dict[str, Any]:
   path = result_path(key)
   if not path.exists():
-    raise PaperError(f"kept result {path.relative_to(ROOT)} does not exist")
+    raise PaperError(f"kept result {_shown(path)} does not exist")
   result = records.read_json(path)
   for field in ("format", "module", "page", "command", "summary"):
     if field not in result:
-      raise PaperError(f"{path.relative_to(ROOT)}: missing field {field!r} (expected a "
+      raise PaperError(f"{_shown(path)}: missing field {field!r} (expected a "
                        f"{FORMAT} result written by experiments.paper.keep)")
   return result
 
@@ -138,7 +146,7 @@ def blocks(pages: Iterable[Path] | None = None) -> list[Block]:
     text = page.read_text(encoding="utf-8")
     legacy = LEGACY.search(text)
     if legacy:
-      raise PaperError(f"{page.relative_to(ROOT)}: block {legacy.group(0)} is not a paper "
+      raise PaperError(f"{_shown(page)}: block {legacy.group(0)} is not a paper "
                        "block; use <!-- paper:KEY#TABLE --> with a kept result")
     for match in BLOCK.finditer(text):
       found.append(Block(page, match["key"], match["table"], match["body"]))
@@ -149,7 +157,7 @@ def check(pages: Iterable[Path] | None = None) -> list[str]:
   """Every block equals what its kept result regenerates; returns the differences."""
   problems = []
   for block in blocks(pages):
-    where = f"{block.page.relative_to(ROOT)}: {block.key}#{block.table}"
+    where = f"{_shown(block.page)}: {block.key}#{block.table}"
     try:
       expected = render(block.key, block.table)
     except PaperError as error:
@@ -172,7 +180,7 @@ def fill(keys: Sequence[str] = (), pages: Iterable[Path] | None = None) -> list[
       if keys and not any(fnmatch.fnmatchcase(k, match["key"]) or k == match["key"]
                           for k in keys):
         return match.group(0)
-      written.append(f"{page.relative_to(ROOT)}: {match['key']}#{match['table']}")
+      written.append(f"{_shown(page)}: {match['key']}#{match['table']}")
       return (f"<!-- paper:{match['key']}#{match['table']} -->\n"
               f"{render(match['key'], match['table'])}"
               f"<!-- /paper:{match['key']}#{match['table']} -->")
@@ -186,7 +194,7 @@ def fill(keys: Sequence[str] = (), pages: Iterable[Path] | None = None) -> list[
 def keep_and_fill(key: str, **result: Any) -> None:
   """What `--paper KEY` does after a run: keep the result, rewrite the blocks that name it."""
   path = keep(key, **result)
-  print(f"kept result: {path.relative_to(ROOT)}")
+  print(f"kept result: {_shown(path)}")
   tables = _tables_fn(result["module"])(load_result(key))
   written = fill([key])
   for line in written:

@@ -149,3 +149,42 @@ def test_experiment_value_checks_run_at_load():
   with pytest.raises(config_lib.ConfigError, match="'experiment': got 'nosuch', expected one of"):
     config_lib.resolve(ml_collections.ConfigDict({"experiment": "nosuch"}), [],
                        lambda name: launcher.experiment_module(name).config_schema())
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  flat = {}
+  for key in config.keys():
+    value = config_lib._raw(config._fields[key])  # pylint: disable=protected-access
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def test_config_files_state_only_what_differs_from_the_schema():
+  """Defaults live once, in the experiment's schema: a config file repeating one is refused."""
+  from experiments import run as launcher
+  repeated = []
+  for path in sorted((REPO / "configs").glob("*/*.py")):
+    given = config_lib.load_config_file(path)
+    schema = config_lib.base_schema()
+    specific = launcher.experiment_module(given.experiment).config_schema()
+    for key in specific.keys():
+      schema[key] = specific._fields[key]  # pylint: disable=protected-access
+    defaults = _flat(schema)
+    for key, value in _flat(given).items():
+      if key != "experiment" and key in defaults and _same(defaults[key], value):
+        repeated.append(f"{path.relative_to(REPO)}: {key} = {value!r} (the schema's default)")
+  assert not repeated, "\n".join(repeated)
+
+
+def _same(default, value) -> bool:
+  try:
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+      return tuple(default) == tuple(value)
+    return type(default) is type(value) and default == value or (
+        isinstance(default, float) and isinstance(value, (int, float)) and
+        not isinstance(value, bool) and float(value) == default)
+  except Exception:  # pylint: disable=broad-except
+    return False

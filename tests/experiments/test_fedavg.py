@@ -10,10 +10,15 @@ def test_fedavg_digits_is_within_two_points_of_centralized(tmp_path):
   summary = launcher.main(["configs/fedavg/digits.py", "--workdir", str(tmp_path)])
   run_dir = next((tmp_path / "fedavg").iterdir())
   assert sorted(p.name for p in run_dir.iterdir()) == [
-      "accuracy.png", "config.json", "metrics.jsonl", "summary.json"]
+      "accuracy.png", "config.json", "metrics.jsonl", "summary.json", "tables.md"]
+  assert summary.pop("run_dir") == str(run_dir)
   assert records.read_json(run_dir / "summary.json") == summary
   config = records.read_json(run_dir / "config.json")
   assert config["experiment"] == "fedavg" and config["rounds"] == 40
+  # The package versions it ran with are recorded beside the resolved config.
+  import jax
+  assert config["environment"]["jax"] == jax.__version__
+  assert f"| {summary['final_test_accuracy']:.4f} |" in (run_dir / "tables.md").read_text()
   metrics = records.read_metrics(run_dir / "metrics.jsonl")
   assert [m["step"] for m in metrics] == list(range(1, 41))
   assert metrics[-1]["test_accuracy"] == summary["final_test_accuracy"]
