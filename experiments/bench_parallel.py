@@ -14,11 +14,12 @@ meshes (8,), (2, 4), (4, 2) and (2, 2, 2):
 
 Wall time of (a) vs (b) on the CPU devices for a seeded sample of pairs spread over the sets, at
 larger shapes (1024 x 1024, 64 x 128 x 128), interleaved in one process; outputs checked equal.
-Writes papers/results/bench_parallel.cpu.{json,md} (summaries) and .pairs.jsonl.gz (one record
-per pair), papers/figures/bench_parallel.png and the
-`bench:cpu` block of papers/parallel.md (the block only when --out-dir is the default).
+Writes runs/bench_parallel/<timestamp>/ (summary.json, tables.md, pairs.jsonl.gz with one record
+per pair, bench_parallel.png). With --paper also keeps the summary as
+papers/results/bench_parallel.cpu.json, the pairs as papers/results/bench_parallel.cpu.pairs.jsonl.gz
+and the figure as papers/figures/bench_parallel.png, and fills the blocks of papers/parallel.md.
 
-  python -m experiments.bench_parallel [--max-pairs N] [--timed-pairs 40] [--quick]
+  python -m experiments.bench_parallel [--max-pairs N] [--timed-pairs 40] [--quick] [--paper]
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from experiments import paper
 from research.common import mesh as mesh_lib
 from research.common import records
 
-ROOT = Path(__file__).resolve().parent.parent
+PAPER_PAGE = "papers/parallel.md"
+FIGURE = paper.PAPERS / "figures" / "bench_parallel.png"
 MESHES = (((8,), ("a",)), ((2, 4), ("x", "y")), ((4, 2), ("x", "y")),
           ((2, 2, 2), ("x", "y", "z")))
 SHAPES = {2: (64, 64), 3: (16, 16, 16)}
@@ -227,35 +231,74 @@ def _set_name(mesh, rank) -> str:
   return f"{tuple(mesh)} rank {rank}"
 
 
-def tables(sets_summary: dict, overall: dict, timed: list[dict]) -> str:
+def _ordered_sets(sets: dict) -> list[str]:
+  """Set names in MESHES x rank order (a kept JSON holds them sorted by name)."""
+  names = [_set_name(shape, rank) for shape, _ in MESHES for rank in sorted(SHAPES)]
+  return [n for n in names if n in sets] + sorted(n for n in sets if n not in names)
+
+
+def _plan_steps(plan: str) -> str:
+  """The steps of a `Plan.summary()` text: 'slice(dim 1 by x); all-to-all(...)' (each step line
+  is the operator, then ' -> ' and the layout after it, which starts with '[')."""
+  lines = plan.splitlines()[1:-1]
+  return "; ".join(line.split(" -> [")[0].strip() for line in lines)
+
+
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's tables from a kept result (`result["summary"]` is what `main` measured)."""
+  summary = result["summary"]
+  sets, overall, timed = summary["sets"], summary["overall"], summary["timed"]
+  machine = summary["machine"]
+  order = _ordered_sets(sets)
+  total = sum(sets[k]["total"] for k in order)
+  b = collections.defaultdict(lambda: float("nan"), overall["ours_over_bound"])
+  claims = records.write_markdown_table(
+      ("layout pairs measured / total", "ours > XLA", "XLA replicates", "ours < XLA there",
+       "median ours/bound", "p90 ours/bound", "max ours/bound", "plan bytes = HLO bytes",
+       "median ours/XLA time (timed pairs)", "run time"),
+      [(f"{overall['pairs']}/{total}", overall["ours_worse"], overall["xla_replicates"],
+        overall["ours_better_where_xla_replicates"], f"{b['median']:.3f}", f"{b['p90']:.3f}",
+        f"{b['max']:.3f}", f"{overall['plan_equals_hlo']}/{overall['pairs']}",
+        f"{overall['timed_median_ratio']:.2f} ({len(timed)})" if timed else "-",
+        f"{summary['seconds']:.0f} s ({summary['seconds'] / 60:.0f} min)")])
   rows = []
-  total = sum(s["total"] for s in sets_summary.values())
-  for key, s in list(sets_summary.items()) + [("all", {"total": total, "summary": overall})]:
+  for key, s in [(k, sets[k]) for k in order] + [("all", {"total": total, "summary": overall})]:
     r, b = s["summary"], s["summary"]["ours_over_bound"]
     rows.append((key, f"{r['pairs']}/{s['total']}", f"{r['ours_over_xla']['median']:.3f}",
                  f"{r['ours_over_xla']['max']:.3f}", f"{r['fraction_better']:.2f}",
                  r["ours_worse"], r["xla_replicates"], r["ours_better_where_xla_replicates"],
                  f"{b.get('median', float('nan')):.3f}", f"{b.get('p90', float('nan')):.3f}",
                  f"{b.get('max', float('nan')):.3f}", f"{r['plan_equals_hlo']}/{r['pairs']}"))
-  text = records.write_markdown_table(
-      ("mesh / rank", "pairs measured / total", "median ours/XLA", "max ours/XLA",
-       "fraction ours < XLA", "ours > XLA", "XLA replicates", "ours < XLA there",
-       "median ours/bound", "p90 ours/bound", "max ours/bound", "plan bytes = HLO bytes"), rows)
+  bytes_table = (
+      f"{machine['backend'].upper()}, {machine['devices']} host devices on "
+      f"{machine['cpu_count']} cores, jax {machine['jax']}; {summary['seconds']:.0f} s. Pairs "
+      "per set: measured / total (a seeded sample where fewer, `--max-pairs`).\n\n"
+      + records.write_markdown_table(
+          ("mesh / rank", "pairs measured / total", "median ours/XLA", "max ours/XLA",
+           "fraction ours < XLA", "ours > XLA", "XLA replicates", "ours < XLA there",
+           "median ours/bound", "p90 ours/bound", "max ours/bound", "plan bytes = HLO bytes"),
+          rows))
+  farthest = records.write_markdown_table(
+      ("mesh", "shape", "source -> target", "our plan", "ours (B)", "XLA (B)", "bound (B)"),
+      [(tuple(c["mesh"]), " x ".join(map(str, c["shape"])), f"{c['source']} -> {c['target']}",
+        _plan_steps(c["plan"]) if "plan" in c else "", f"{c['ours']:.0f}", f"{c['xla']:.0f}",
+        f"{c['bound']:.0f}") for c in overall["farthest_from_bound"]])
+  tables = {"claims": claims, "bytes": bytes_table, "farthest": farthest}
   if timed:
     groups = collections.defaultdict(list)
     for t in timed:
       groups[_set_name(t["mesh"], t["rank"])].append(t)
     rows = []
-    for key, group in [(k, groups[k]) for k in sets_summary if k in groups] + [("all", timed)]:
+    for key, group in [(k, groups[k]) for k in order if k in groups] + [("all", timed)]:
       ratios = [t["ratio"] for t in group]
       rows.append((key, " x ".join(map(str, group[0]["shape"])) if key != "all" else "",
                    len(group), f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f}",
                    f"{max(ratios):.3f}", f"{sum(t['exact'] for t in group)}/{len(group)}",
                    f"{sum(t['xla_exact'] for t in group)}/{len(group)}"))
-    text += "\n" + records.write_markdown_table(
+    tables["timing"] = records.write_markdown_table(
         ("mesh / rank", "shape", "timed pairs", "median ours/XLA time", "min", "max",
          "our output exact", "XLA output exact"), rows)
-  return text
+  return tables
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -292,9 +335,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
                       help="rank 2 on (2, 4) and (2, 2, 2), 30 pairs each, 4 timed")
-  parser.add_argument("--out-dir", default=str(ROOT / "papers" / "results"))
-  parser.add_argument("--figure", default=str(ROOT / "papers" / "figures" / "bench_parallel.png"))
-  parser.add_argument("--paper", default=str(ROOT / "papers" / "parallel.md"))
+  paper.add_paper_argument(parser, default_key="bench_parallel.cpu")
   args = parser.parse_args(argv)
   if "device_count" not in os.environ.get("XLA_FLAGS", ""):
     mesh_lib.set_cpu_device_count(8)
@@ -338,7 +379,9 @@ def main(argv=None) -> int:
   overall = summarize(all_rows)
   if timed:
     overall["timed_median_ratio"] = statistics.median(t["ratio"] for t in timed)
-  result = {
+  # The pairs file sits beside the summary: papers/results/ when kept, else the run folder.
+  pairs_file = f"{args.paper}.pairs.jsonl.gz" if args.paper else "pairs.jsonl.gz"
+  summary = {
       "machine": {"platform": platform.platform(), "processor": platform.processor(),
                   "cpu_count": os.cpu_count(), "jax": jax.__version__,
                   "backend": jax.default_backend(), "devices": jax.device_count()},
@@ -346,29 +389,22 @@ def main(argv=None) -> int:
       "timed_shapes": {str(k): v for k, v in TIMED_SHAPES.items()},
       "args": vars(args), "seconds": round(time.perf_counter() - start, 1),
       "measure_seconds_per_pair": measure_seconds / max(len(all_rows), 1),
-      "sets": sets_summary, "overall": overall, "timed": timed,
-      "pairs_file": "bench_parallel.cpu.pairs.jsonl.gz"}
-  out = Path(args.out_dir)
-  records.atomic_write_json(out / "bench_parallel.cpu.json", result)
+      "sets": sets_summary, "overall": overall, "timed": timed, "pairs_file": pairs_file}
+  run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper,
+                                   sys.argv[1:] if argv is None else argv)
   # One JSON line per measured pair (without the plan text), gzipped: ~14k pairs stay small.
   lines = "".join(json.dumps({k: v for k, v in r.items() if k != "plan"}) + "\n"
                   for r in all_rows)
-  records.atomic_write_bytes(out / result["pairs_file"],
-                             gzip.compress(lines.encode(), mtime=0))
-  text = tables(sets_summary, overall, timed)
-  records.atomic_write_text(out / "bench_parallel.cpu.md", text)
-  plot(all_rows, Path(args.figure))
-  print(text)
+  records.atomic_write_bytes(run_dir / "pairs.jsonl.gz", gzip.compress(lines.encode(), mtime=0))
+  plot(all_rows, run_dir / "bench_parallel.png")
+  if args.paper:
+    for name, dest in (("pairs.jsonl.gz", paper.RESULTS / pairs_file),
+                       ("bench_parallel.png", FIGURE)):
+      records.atomic_write_bytes(dest, (run_dir / name).read_bytes())
+  print((run_dir / "tables.md").read_text())
   print(f"{len(all_rows)} pairs in {measure_seconds:.1f} s "
-        f"({result['measure_seconds_per_pair']:.3f} s/pair), {len(timed)} timed, "
-        f"{result['seconds']} s in all -> {out}; goals: {overall['goals']}")
-  if Path(args.paper).exists() and out.resolve() == (ROOT / "papers" / "results").resolve():
-    cpu = result["machine"]
-    block = (f"CPU, {cpu['devices']} host devices on {cpu['cpu_count']} cores, jax {cpu['jax']}; "
-             f"{result['seconds']:.0f} s. Pairs per set: measured / total (a seeded sample "
-             f"where fewer, `--max-pairs`).\n\n" + text +
-             "\n![ours / XLA and ours / bound](figures/bench_parallel.png)\n")
-    records.replace_marked_block(args.paper, "bench:cpu", block)
+        f"({summary['measure_seconds_per_pair']:.3f} s/pair), {len(timed)} timed, "
+        f"{summary['seconds']} s in all -> {run_dir}; goals: {overall['goals']}")
   return 0
 
 
