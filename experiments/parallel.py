@@ -7,10 +7,11 @@ redistributions and the sliced graph is trained with Adam; the same steps on the
 unsliced on one device. Losses are compared step by step. With `bench_pairs > 0` the run also
 measures, on a seeded sample of rank-2 layout pairs per benchmark mesh, the bytes each device
 receives under our plan and under XLA's own resharding (`experiments.bench_parallel`; the full
-sweep is `python -m experiments.bench_parallel`). Headline: bytes of our plans vs XLA's.
+sweep is `python -m experiments.bench_parallel`). Headline: bytes of our plans vs XLA's with
+`bench_pairs > 0`, else the first run's final sliced loss vs one device's.
 
   python -m experiments.run configs/parallel/smoke.py --cpu-devices 8
-  python -m experiments.run configs/parallel/train.py --cpu-devices 8
+  python -m experiments.run configs/parallel/train.py --cpu-devices 8 --paper parallel.train
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def config_schema() -> ml_collections.ConfigDict:
       "mesh_shape": (2, 4),          # ('dp', 'mp')
       "models": MODELS,
       "strategies": ("data_parallel", "megatron", "mixed"),
-      "steps": 50,
+      "steps": 100,
       "learning_rate": 0.01,
       "mlp_batch": 64,
       "mlp_hidden": 128,
@@ -39,8 +40,11 @@ def config_schema() -> ml_collections.ConfigDict:
       "block_heads": 8,
       "block_hidden": 128,
       "loss_rtol": 1e-4,             # the equality the run asserts (relative, per step)
-      "bench_pairs": 24,             # rank-2 layout pairs per benchmark mesh; 0: no bytes table
+      "bench_pairs": 0,              # rank-2 layout pairs per benchmark mesh; 0: no bytes table
   })
+
+
+PAPER_PAGE = "papers/parallel.md"
 
 
 def validate_config(config) -> None:
@@ -123,23 +127,25 @@ def run(config, run):
         "max_rel_diff": max(rel), "equal_within_rtol": max(rel) <= config.loss_rtol,
         "collectives": dict(sliced.collectives()), "predicted_bytes": sliced.predicted_bytes}
   run.save_text("graphs.md", "\n".join(summaries))
-  table = training_table(results)
-  run.save_text("table.md", table)
-  print(table)
+  print(training_table(results))
   _plot(run, results)
   worst = max(r["max_rel_diff"] for r in results.values())
   all_equal = all(r["equal_within_rtol"] for r in results.values())
-  note = (f"training = one device in {sum(r['equal_within_rtol'] for r in results.values())}/"
-          f"{len(results)} runs (worst rel. loss diff {worst:.1e})")
+  note = (f"{config.steps} Adam steps of {len(config.models)} models x "
+          f"{len(config.strategies)} strategy sets on a {tuple(config.mesh_shape)} mesh: sliced "
+          f"= one device in {sum(r['equal_within_rtol'] for r in results.values())}/"
+          f"{len(results)} (worst rel. loss diff {worst:.1e})")
   summary = {"training": results, "all_equal": all_equal}
   if config.bench_pairs:
-    bytes_summary = _bench(config, run)
+    from experiments import bench_parallel  # pylint: disable=import-outside-toplevel
+    bytes_summary = bench_parallel.sample_summary(config.bench_pairs, config.seed)
     summary["bytes"] = bytes_summary
     headline = {"metric": "bytes received per device, our plans (sum over sampled pairs)",
                 "value": bytes_summary["ours"], "baseline": "XLA resharding (jit out_shardings)",
                 "baseline_value": bytes_summary["xla"],
-                "note": note + f"; XLA replicates in {bytes_summary['xla_replicates']} of "
-                               f"{bytes_summary['pairs']} pairs, ours worse in "
+                "note": note + f"; {bytes_summary['pairs']} sampled rank-2 layout pairs on "
+                               f"{len(bench_parallel.MESHES)} meshes: XLA replicates in "
+                               f"{bytes_summary['xla_replicates']}, ours worse in "
                                f"{bytes_summary['ours_worse']}"}
   else:
     final = [r for r in results.values()][0]
@@ -166,9 +172,26 @@ def training_table(results: dict) -> str:
   return records.write_markdown_table(header, rows)
 
 
-def _bench(config, run) -> dict:
-  from experiments import bench_parallel  # pylint: disable=import-outside-toplevel
-  return bench_parallel.sample_summary(config.bench_pairs, config.seed)
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's tables from a kept result: training (setting and per-run losses) and, when the
+  run sampled layout pairs, their bytes."""
+  config, summary = result["config"], result["summary"]
+  dp, mp = config["mesh_shape"]
+  setting = (f"({dp}, {mp}) mesh ('dp', 'mp'), Adam {config['learning_rate']:g}, "
+             f"{config['steps']} steps, seed {config['seed']}; MLP (hidden "
+             f"{config['mlp_hidden']}) on digits batches of {config['mlp_batch']}, transformer "
+             f"block (batch {config['block_batch']}, sequence {config['block_seq']}, width "
+             f"{config['block_width']}, {config['block_heads']} heads, hidden "
+             f"{config['block_hidden']}) on a synthetic sequence task.\n\n")
+  tables = {"training": setting + training_table(summary["training"])}
+  if "bytes" in summary:
+    b = summary["bytes"]
+    tables["bytes"] = records.write_markdown_table(
+        ("rank-2 pairs sampled", "bytes / device, ours (sum)", "XLA (sum)", "lower bound (sum)",
+         "ours > XLA", "XLA replicates", "ours < XLA there"),
+        [(b["pairs"], f"{b['ours']:.0f}", f"{b['xla']:.0f}", f"{b['bound']:.0f}",
+          b["ours_worse"], b["xla_replicates"], b["ours_better_where_xla_replicates"])])
+  return tables
 
 
 def _plot(run, results) -> None:
@@ -195,22 +218,3 @@ def _plot(run, results) -> None:
   run.save_figure("losses.png", fig)
   plt.close(fig)
 
-
-PAPER = "papers/parallel.md"
-
-
-def fill_paper(run_dir, paper: str = PAPER) -> None:
-  """Writes the training table of a run folder into the paper page's `table:training` block."""
-  from pathlib import Path  # pylint: disable=import-outside-toplevel
-  run_dir = Path(run_dir)
-  summary = records.read_json(run_dir / "summary.json")
-  text = f"Run `{run_dir.name}`:\n\n" + training_table(summary["training"])
-  written = records.replace_marked_block(paper, "table:training", text)
-  print(f"{run_dir} -> {paper}: {'written' if written else 'no table:training marker'}")
-
-
-if __name__ == "__main__":
-  import sys  # pylint: disable=import-outside-toplevel
-  if len(sys.argv) != 3 or sys.argv[1] != "--paper":
-    sys.exit("usage: python -m experiments.parallel --paper RUN_DIR")
-  fill_paper(sys.argv[2])

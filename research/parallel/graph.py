@@ -21,8 +21,6 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from research.parallel import lower
 from research.parallel import plan as plan_lib
 from research.parallel.layout import Layout, LayoutError
@@ -403,14 +401,3 @@ def init_params(graph: Graph, key) -> dict[str, Any]:
       params[name] = jnp.zeros(t.shape, t.dtype)
   return params
 
-
-def check_inputs(graph: Graph, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Checks data arrays against the graph's input shapes (a clear error names the input)."""
-  for name in graph.inputs:
-    if name not in arrays:
-      raise GraphError(f"input {name!r} missing; expected {graph.inputs}")
-    shape = tuple(np.shape(arrays[name]))
-    if shape != graph.tensors[name].shape:
-      raise GraphError(f"input {name!r}: got shape {shape}, expected "
-                       f"{graph.tensors[name].shape}")
-  return dict(arrays)

@@ -22,7 +22,9 @@ def test_smoke_training_equal_and_plans_never_move_more_than_xla(tmp_path):
   assert summary["headline"]["value"] <= summary["headline"]["baseline_value"]
   assert (run_dir / "losses.png").read_bytes()[:4] == b"\x89PNG"
   assert "all-gather(dim 1 over mp)" in (run_dir / "graphs.md").read_text()
-  assert "| transformer_block | mixed |" in (run_dir / "table.md").read_text()
+  tables = (run_dir / "tables.md").read_text()
+  assert "| transformer_block | mixed |" in tables and "## bytes" in tables
+  assert summary["headline"]["note"].startswith("3 Adam steps of 2 models x 3 strategy sets")
 
 
 @pytest.mark.parametrize("override, match", [
