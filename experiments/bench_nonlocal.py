@@ -13,16 +13,18 @@ For square greyscale images of 64^2 .. 1024^2 pixels (batch 1, 32 features, dept
 - on a GPU (`jax.default_backend() == "gpu"`): kernel time vs `jax.nn.dot_product_attention`
   for the stage-two shapes (N queries, N / s^2 keys). Skipped elsewhere, and said so.
 
-  python -m experiments.bench_nonlocal [--sizes 64 128 256 512 1024] [--time-max 128]
+  python -m experiments.bench_nonlocal [--sizes 64 128 256 512 1024] [--time-max 128] [--paper]
 
-Writes papers/results/bench_nonlocal.<backend>.{json,md}, papers/figures/bench_nonlocal.png and
-the `bench:<backend>` block of papers/nonlocal_cnn.md.
+Writes runs/bench_nonlocal/<timestamp>/ (summary.json, tables.md, bench_nonlocal.png). With
+--paper also keeps the summary as papers/results/bench_nonlocal.<backend>.json, the figure as
+papers/figures/bench_nonlocal.<backend>.png, and fills the blocks of papers/nonlocal_cnn.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import paper
 from experiments._timing import median_seconds
 from research.common import records
 from research.common.jaxpr import largest_intermediate
 from research.nonlocal_cnn import model
 
-ROOT = Path(__file__).resolve().parent.parent
+PAPER_PAGE = "papers/nonlocal_cnn.md"
 SIZES = dict(channels=1, features=32, depth=6, factor=4, global_depth=2)
 
 
@@ -103,33 +106,52 @@ def gpu_kernel_times(sizes, repeats: int) -> list[dict]:
   return rows
 
 
-def tables(rows, timed, gpu) -> str:
-  out = [(r["size"], f"{r['pixels']}", f"{r['two_stage/flops']:.3g}",
-          f"{r['full_nonlocal/flops']:.3g}",
-          f"{r['full_nonlocal/flops'] / r['two_stage/flops']:.1f}",
-          f"{r['two_stage/attention_flops']:.3g}", f"{r['full_nonlocal/attention_flops']:.3g}",
-          f"{r['two_stage/reference/largest_bytes'] / 1e6:.3g}",
-          f"{r['full_nonlocal/reference/largest_bytes'] / 1e6:.3g}",
-          f"{r['two_stage/pallas/largest_bytes'] / 1e6:.3g}",
-          f"{r['full_nonlocal/pallas/largest_bytes'] / 1e6:.3g}") for r in rows]
-  text = records.write_markdown_table(
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's tables from a kept result (`result["summary"]` is what `main` measured):
+  `cost` (FLOPs and largest array per size), `time` ((a) vs (c) on this backend), `gpu` (kernel vs
+  `jax.nn.dot_product_attention`, or why not measured) and `claims` (the readings the page's
+  prose quotes)."""
+  summary = result["summary"]
+  rows, timed, gpu, machine = summary["rows"], summary["timed"], summary["gpu"], summary["machine"]
+  cost = records.write_markdown_table(
       ("image", "pixels N", "FLOPs (a)", "FLOPs (c)", "(c)/(a)", "attention FLOPs (a), N*N/s^2",
        "attention FLOPs (c), N^2", "largest array (a), jnp MB", "largest array (c), jnp MB",
-       "largest array (a), kernel MB", "largest array (c), kernel MB"), out)
+       "largest array (a), kernel MB", "largest array (c), kernel MB"),
+      [(r["size"], f"{r['pixels']}", f"{r['two_stage/flops']:.3g}",
+        f"{r['full_nonlocal/flops']:.3g}",
+        f"{r['full_nonlocal/flops'] / r['two_stage/flops']:.1f}",
+        f"{r['two_stage/attention_flops']:.3g}", f"{r['full_nonlocal/attention_flops']:.3g}",
+        f"{r['two_stage/reference/largest_bytes'] / 1e6:.3g}",
+        f"{r['full_nonlocal/reference/largest_bytes'] / 1e6:.3g}",
+        f"{r['two_stage/pallas/largest_bytes'] / 1e6:.3g}",
+        f"{r['full_nonlocal/pallas/largest_bytes'] / 1e6:.3g}") for r in rows])
+  tables = {"cost": (f"{machine['device']} ({machine['backend']}), jax {machine['jax']}; "
+                     f"{summary['seconds']:.0f} s.\n\n{cost}")}
+  tables["time"] = (records.write_markdown_table(
+      ("image", "(a) seconds", "(c) seconds", "(a)/(c) time"),
+      [(t["size"], f"{t['two_stage_s']:.4f}", f"{t['full_nonlocal_s']:.4f}",
+        f"{t['ratio']:.3f}") for t in timed]) if timed else
+      f"Not timed on {machine['backend']} (`--time-max` below the smallest size).\n")
+  tables["gpu"] = (records.write_markdown_table(
+      ("image", "N", "M", "kernel ms", "dot_product_attention ms", "kernel / dpa"),
+      [(g["size"], g["n"], g["m"], f"{g['kernel_s'] * 1e3:.3f}",
+        f"{g['dot_product_attention_s'] * 1e3:.3f}", f"{g['ratio']:.3f}") for g in gpu])
+      if gpu else f"Kernel vs `jax.nn.dot_product_attention` needs a GPU; not measured on "
+      f"{machine['backend']}.\n")
+  largest = rows[-1]
+  claims = [("(c)/(a) forward FLOPs (XLA's count) at the largest image",
+             f"{largest['size']}^2", f"{largest['full_nonlocal/flops'] / largest['two_stage/flops']:.1f}"),
+            ("largest array of (c) with the jnp attention (N x N scores)", f"{largest['size']}^2",
+             f"{largest['full_nonlocal/reference/largest_bytes'] / 1e12:.1f} TB"),
+            ("largest array of (c) with the Pallas kernel", f"{largest['size']}^2",
+             f"{largest['full_nonlocal/pallas/largest_bytes'] / 1e6:.0f} MB")]
   if timed:
-    text += "\n" + records.write_markdown_table(
-        ("image", "(a) seconds", "(c) seconds", "(a)/(c) time"),
-        [(t["size"], f"{t['two_stage_s']:.4f}", f"{t['full_nonlocal_s']:.4f}",
-          f"{t['ratio']:.3f}") for t in timed])
-  if gpu:
-    text += "\n" + records.write_markdown_table(
-        ("image", "N", "M", "kernel ms", "dot_product_attention ms", "kernel / dpa"),
-        [(g["size"], g["n"], g["m"], f"{g['kernel_s'] * 1e3:.3f}",
-          f"{g['dot_product_attention_s'] * 1e3:.3f}", f"{g['ratio']:.3f}") for g in gpu])
-  else:
-    text += ("\nKernel vs `jax.nn.dot_product_attention` needs a GPU; not measured on "
-             f"{jax.default_backend()}.\n")
-  return text
+    ratios = [t["ratio"] for t in timed]
+    claims.append((f"(a)'s time as a share of (c)'s on {machine['backend']}",
+                   ", ".join(f"{t['size']}^2" for t in timed),
+                   f"{100 * min(ratios):.0f}-{100 * max(ratios):.0f} %"))
+  tables["claims"] = records.write_markdown_table(("reading", "image", "value"), claims)
+  return tables
 
 
 def plot(rows, path: Path) -> None:
@@ -165,31 +187,24 @@ def main(argv=None) -> int:
   parser.add_argument("--time-max", type=int, default=128,
                       help="largest image timed (the full-resolution model's N^2 scores)")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out-dir", default=str(ROOT / "papers" / "results"))
-  parser.add_argument("--figure", default=None)
-  parser.add_argument("--paper", default=str(ROOT / "papers" / "nonlocal_cnn.md"))
-  args = parser.parse_args(argv)
   backend = jax.default_backend()
+  paper.add_paper_argument(parser, default_key=f"bench_nonlocal.{backend}")
+  args = parser.parse_args(argv)
   start = time.perf_counter()
   rows = [measure_size(s) for s in args.sizes]
   timed = [time_size(s, args.repeats) for s in args.sizes if s <= args.time_max]
   gpu = gpu_kernel_times(args.sizes, 20) if backend == "gpu" else []
-  device = jax.devices()[0].device_kind
-  result = {"machine": {"platform": platform.platform(), "backend": backend, "device": device,
-                        "jax": jax.__version__},
-            "model": SIZES, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
-            "timed": timed, "gpu": gpu}
-  out = Path(args.out_dir)
-  name = "cpu" if backend == "cpu" else backend
-  records.atomic_write_json(out / f"bench_nonlocal.{name}.json", result)
-  text = tables(rows, timed, gpu)
-  records.atomic_write_text(out / f"bench_nonlocal.{name}.md", text)
-  figure = Path(args.figure) if args.figure else ROOT / "papers" / "figures" / "bench_nonlocal.png"
-  plot(rows, figure)
-  print(text)
-  if Path(args.paper).exists() and out.resolve() == (ROOT / "papers" / "results").resolve():
-    block = (f"{device} ({backend}), jax {jax.__version__}; {result['seconds']:.0f} s.\n\n" + text)
-    records.replace_marked_block(args.paper, f"bench:{name}", block)
+  summary = {"machine": {"platform": platform.platform(), "backend": backend,
+                         "device": jax.devices()[0].device_kind, "jax": jax.__version__},
+             "model": SIZES, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
+             "timed": timed, "gpu": gpu}
+  run_dir = paper.finish_benchmark("bench_nonlocal", PAPER_PAGE, summary, args.paper,
+                                   sys.argv[1:] if argv is None else argv)
+  plot(rows, run_dir / "bench_nonlocal.png")
+  if args.paper:
+    records.atomic_write_bytes(paper.PAPERS / "figures" / f"{args.paper}.png",
+                               (run_dir / "bench_nonlocal.png").read_bytes())
+  print((run_dir / "tables.md").read_text())
   return 0
 
 
