@@ -15,9 +15,10 @@ two (Triton's block rule) with zeros, which change no dot product. The gradient 
 a blockwise recompute in plain jnp over the same key/value blocks, from the saved log-sum-exp:
 memory O(N * block_k), never N x M.
 
-`attention_reference` is the plain-jnp definition the tests compare against. On CPU the kernel
-runs with `interpret=True`; for GPU it lowers through Triton (`jax.export(..., platforms=["cuda"])`
-in the tests proves it without a GPU).
+`nonlocal_attention(..., impl="reference")` is `attention_reference` (last in this file), the
+plain-jnp definition the tests compare against; `interpret` defaults to True on CPU
+(kernels/_common.py, as in kernels/kquant.py); for GPU the kernel lowers through Triton
+(`jax.export(..., platforms=["cuda"])` in the tests proves it without a GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels._common import check_impl, resolve_interpret
 from kernels._shapes import next_power_of_two, pad_to, round_up
 
 MASKED = -1e30  # finite: exp(MASKED - m) is 0 without inf - inf
@@ -46,19 +48,6 @@ class BlockSizes:
       value = getattr(self, name)
       if value < 16 or value & (value - 1):
         raise ValueError(f"BlockSizes.{name}={value}: expected a power of two >= 16")
-
-
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None
-                        ) -> jax.Array:
-  """softmax(scale * q k^T) v, materializing the (B, N, M) scores. float32 math."""
-  _check(q, k, v)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  scores = jnp.einsum("bnc,bmc->bnm", q.astype(jnp.float32), k.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST) * scale
-  weights = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bnm,bmd->bnd", weights, v.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-  return out.astype(q.dtype)
 
 
 def _check(q, k, v) -> None:
@@ -176,19 +165,38 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def nonlocal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None, *,
-                       blocks: BlockSizes = BlockSizes(), interpret: bool | None = None
-                       ) -> jax.Array:
+                       impl: str = "pallas", blocks: BlockSizes = BlockSizes(),
+                       interpret: bool | None = None) -> jax.Array:
   """softmax(scale * q k^T) v without the N x M matrix; see the module docstring.
 
   Args:
     q: (B, N, C) queries; k: (B, M, C) keys; v: (B, M, D) values (float32 or bfloat16).
     scale: logit scale, default C ** -0.5.
-    blocks: query / key-value block lengths.
+    impl: "pallas" (the kernel) or "reference" (`attention_reference`: the same function, with
+      the N x M scores).
+    blocks: query / key-value block lengths (pallas).
     interpret: run the Pallas interpreter (default: on CPU).
   Returns:
     (B, N, D) in q's dtype.
   """
   _check(q, k, v)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-  return _attention(q, k, v, scale, blocks, interpret)
+  if check_impl(impl) == "reference":
+    return attention_reference(q, k, v, scale)
+  return _attention(q, k, v, scale, blocks, resolve_interpret(interpret))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-jnp reference.
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None
+                        ) -> jax.Array:
+  """softmax(scale * q k^T) v, materializing the (B, N, M) scores. float32 math."""
+  _check(q, k, v)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  scores = jnp.einsum("bnc,bmc->bnm", q.astype(jnp.float32), k.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST) * scale
+  weights = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bnm,bmd->bnd", weights, v.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.astype(q.dtype)

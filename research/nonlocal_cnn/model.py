@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import _common as kernels_common
 from kernels import nonlocal_attention as attention_kernel
 
 Params = Any
-IMPLS = ("reference", "pallas")
+IMPLS = kernels_common.IMPLS  # the attention's `impl` choices
 MODELS = ("two_stage", "plain", "full_nonlocal")
 
 
@@ -56,11 +57,7 @@ def downscale(x: jax.Array, factor: int) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
-  if impl == "pallas":
-    return attention_kernel.nonlocal_attention(q, k, v)
-  if impl == "reference":
-    return attention_kernel.attention_reference(q, k, v)
-  raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+  return attention_kernel.nonlocal_attention(q, k, v, impl=impl)
 
 
 class NonLocal(nnx.Module):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels._common import resolve_interpret
 from kernels.nonlocal_attention import BlockSizes, attention_reference, nonlocal_attention
 from research.common.jaxpr import largest_intermediate
 
@@ -69,6 +70,21 @@ def test_bad_shapes_are_refused(shapes, match):
   q, k, v = (jnp.zeros(s) for s in shapes)
   with pytest.raises(ValueError, match=match):
     nonlocal_attention(q, k, v)
+
+
+def test_impl_selects_the_kernel_or_the_reference():
+  q, k, v, _ = operands(1, 20, 9, 4, 4, seed=5)
+  assert jnp.array_equal(nonlocal_attention(q, k, v, impl="reference"),
+                         attention_reference(q, k, v))
+  np.testing.assert_allclose(nonlocal_attention(q, k, v, impl="pallas", blocks=BlockSizes(16, 16)),
+                             attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"impl='triton': expected 'pallas' or 'reference'"):
+    nonlocal_attention(q, k, v, impl="triton")
+
+
+def test_interpret_defaults_to_the_backend():
+  assert resolve_interpret(None) == (jax.default_backend() == "cpu")
+  assert resolve_interpret(False) is False and resolve_interpret(True) is True
 
 
 def test_block_sizes_must_suit_triton():
