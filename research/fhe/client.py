@@ -97,6 +97,21 @@ def read_state(state_dir) -> dict[str, Any]:
   return records.read_json(path)
 
 
+def read_model(model_dir, package: transport.Bundle, key_id: str) -> transport.Bundle:
+  """A verified model bundle made for `package` under `key_id`, this client's key id.
+
+  concrete decrypts ciphertexts under another key set without complaint (into garbage), so a
+  model trained under other evaluation keys is refused here, before any decryption.
+  """
+  model = transport.read_bundle(model_dir, "model", expect={
+      "package_id": package.meta["package_id"]})
+  if model.meta.get("key_id") != key_id:
+    raise transport.MessageError(
+        f"model {str(model_dir)!r} was trained under key id {model.meta.get('key_id')}, this "
+        f"client's key id is {key_id}: it cannot be decrypted with these keys")
+  return model
+
+
 def decrypt(package_dir, state_dir, model_dir, out, evaluate=None) -> dict[str, Any]:
   """Checks and decrypts the returned model; writes it (and the preprocessing) to `out`."""
   package = package_lib.read_package(package_dir, "client")
@@ -105,13 +120,8 @@ def decrypt(package_dir, state_dir, model_dir, out, evaluate=None) -> dict[str, 
     raise transport.MessageError(f"state {str(state_dir)!r} belongs to package "
                                  f"{state['package_id']}, not {package.meta['package_id']}")
   client = _fhe_client(package, Path(state_dir))
-  own_key_id = transport.sha256(client.get_serialized_evaluation_keys())
-  model = transport.read_bundle(model_dir, "model", expect={
-      "package_id": package.meta["package_id"]})
-  if model.meta.get("key_id") != own_key_id:
-    raise transport.MessageError(
-        f"model {str(model_dir)!r} was trained under key id {model.meta.get('key_id')}, this "
-        f"client's key id is {own_key_id}: it cannot be decrypted with these keys")
+  model = read_model(model_dir, package,
+                     key_id=transport.sha256(client.get_serialized_evaluation_keys()))
   start = time.perf_counter()
   snapshots = []
   for iteration in model.meta["snapshots"]:

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from research.common import versions
 from research.fhe import train
 from research.fhe import transport
 
@@ -50,6 +51,7 @@ def compare(train_path, test_path, n_features: int, iterations: int, seed: int, 
                     for s in snapshots],
       "clear": train.clear_baselines(x_fit, y_train, x_eval, y_test, seed),
       "compile_seconds": compile_seconds, "seconds_per_iteration": train_seconds / iterations,
+      "environment": versions.resolved_versions(),  # the FHE environment's packages
   }
 
 

@@ -37,25 +37,30 @@ def build(out: str | Path, spec: train.TrainerSpec, overwrite: bool = False) -> 
   """Compiles the training circuit for `spec` and writes both packages; returns the manifest."""
   from concrete.ml.deployment import FHEModelDev  # pylint: disable=import-outside-toplevel
 
-  out = Path(out)
   trainer = train.compile_trainer(spec)
   with tempfile.TemporaryDirectory(prefix="fhe-build-") as scratch:
     dev_dir = Path(scratch) / "dev"
     FHEModelDev(str(dev_dir), trainer).save(mode="training")
-    client_zip, server_zip = dev_dir / "client.zip", dev_dir / "server.zip"
-    client_sha, server_sha = records.sha256_file(client_zip), records.sha256_file(server_zip)
-    manifest = {
-        "versions": versions(),
-        "spec": spec.to_json(),
-        "shapes": spec.shapes(),
-        "client_zip_sha256": client_sha,
-        "server_zip_sha256": server_sha,
-        "package_id": transport.sha256(f"{client_sha}:{server_sha}".encode())[:32],
-    }
-    transport.write_bundle(out / "client", "client-package", {"client.zip": client_zip},
-                           manifest, overwrite=overwrite)
-    transport.write_bundle(out / "server", "server-package", {"server.zip": server_zip},
-                           manifest, overwrite=overwrite)
+    return write_packages(out, spec, dev_dir / "client.zip", dev_dir / "server.zip", overwrite)
+
+
+def write_packages(out: str | Path, spec: train.TrainerSpec, client_zip: Path, server_zip: Path,
+                   overwrite: bool = False) -> dict[str, Any]:
+  """Writes `out/client` and `out/server` around the two zips; returns their manifest."""
+  out = Path(out)
+  client_sha, server_sha = records.sha256_file(client_zip), records.sha256_file(server_zip)
+  manifest = {
+      "versions": versions(),
+      "spec": spec.to_json(),
+      "shapes": spec.shapes(),
+      "client_zip_sha256": client_sha,
+      "server_zip_sha256": server_sha,
+      "package_id": transport.sha256(f"{client_sha}:{server_sha}".encode())[:32],
+  }
+  transport.write_bundle(out / "client", "client-package", {"client.zip": client_zip},
+                         manifest, overwrite=overwrite)
+  transport.write_bundle(out / "server", "server-package", {"server.zip": server_zip},
+                         manifest, overwrite=overwrite)
   return manifest
 
 

@@ -28,7 +28,6 @@ import numpy as np
 
 # concrete-ml 1.9 fixes the encrypted-training batch at 8 rows (`SGDClassifier.batch_size`).
 BATCH_SIZE = 8
-FHE_MODES = ("disable", "simulate", "execute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,12 +250,6 @@ def clear_baselines(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray
     results[name] = {"accuracy": float(accuracy_score(y_test, predicted)),
                      "f1": float(f1_score(y_test, predicted, zero_division=0.0))}
   return results
-
-
-def max_quantization_steps(a: np.ndarray, b: np.ndarray, trainer) -> float:
-  """How far apart two weight vectors are, in steps of the circuit's weight quantizer."""
-  scale = float(np.ravel(trainer.training_quantized_module.output_quantizers[0].scale)[0])
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / scale)
 
 
 def load_table(path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:

@@ -1,35 +1,91 @@
 """The FHE experiment through the launcher: the main environment drives the FHE one by processes.
 
-Needs .venv-fhe (`make venv-fhe`; `make test` builds it before this suite).
+Needs .venv-fhe (`make venv-fhe`; `make test` builds it before this suite). The default case runs
+the simulation-only path on a small setting; the real encrypted round trip (all parties as
+processes) is marked slow.
 """
 
+import copy
+
+import numpy as np
 import pytest
 
+from experiments import fhe as fhe_experiment
 from experiments import run as launcher
 from research.common import config as config_lib
 from research.common import records
 
 
-def test_smoke_round_trip_reports_encrypted_and_clear_results(tmp_path):
-  summary = launcher.main(["configs/fhe/smoke.py", "--workdir", str(tmp_path)])
+def _run(tmp_path, *overrides):
+  args = ["configs/fhe/smoke.py", "--workdir", str(tmp_path)]
+  for override in overrides:
+    args += ["--set", override]
+  summary = launcher.main(args)
   run_dir = next((tmp_path / "fhe").iterdir())
-  for name in ("accuracy_vs_iterations.png", "table.md", "metrics.jsonl", "summary.json",
-               "compare_simulate.json", "hospital/model.npz", "wire/model/bundle.json"):
-    assert (run_dir / name).is_file(), name
-  assert (run_dir / "accuracy_vs_iterations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert summary["run_dir"] == str(run_dir)
+  return summary, run_dir
 
-  execute, simulate = summary["execute"], summary["simulate"]
+
+def _check_simulated(summary, run_dir, iterations, every):
   full = records.read_json(run_dir / "compare_simulate.json")
-  assert summary["headline"]["value"] == full["curve"][-1]["accuracy"]
+  simulate = summary["simulate"]
+  assert summary["headline"]["value"] == full["curve"][-1]["accuracy"] == \
+      simulate["test"]["accuracy"]
   assert summary["headline"]["baseline_value"] == \
       full["clear"]["sklearn_logistic_regression"]["accuracy"]
-  assert execute["iterations"] == 2 and len(execute["iteration_seconds"]) == 2
-  assert execute["seconds_per_iteration"] > 0 and execute["evaluation_key_bytes"] > 1e7
-  assert execute["max_steps_from_simulation"] <= 3  # p_error 0.01: a PBS error moves a step
-  assert "s per encrypted iteration" in summary["headline"]["note"]
+  np.testing.assert_allclose(simulate["gap_points"], 100 * (summary["headline"]["baseline_value"]
+                                                            - summary["headline"]["value"]))
+  assert [s["seed"] for s in simulate["seeds"]] == [0]
   assert 0.6 < simulate["test"]["accuracy"] <= 1.0
   metrics = records.read_metrics(run_dir / "metrics.jsonl")
-  assert [m["step"] for m in metrics if m.get("mode") == "simulate"] == list(range(5, 45, 5))
+  assert [m["step"] for m in metrics if m.get("mode") == "simulate"] == \
+      list(range(every, iterations + 1, every))
+  assert (run_dir / "accuracy_vs_iterations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert summary["machine"]["cpus"] >= 1 and len(summary["machine"]["load_average_1min"]) == 2
+
+
+def test_simulated_run_reports_encrypted_training_against_the_clear_model(tmp_path):
+  summary, run_dir = _run(tmp_path, "simulate_features=4", "simulate_iterations=10")
+  _check_simulated(summary, run_dir, iterations=10, every=5)
+  assert summary["execute"] is None and not (run_dir / "wire").exists()
+  assert summary["headline"]["note"].startswith("FHE simulation only, 4 features x 10 iterations")
+  tables = (run_dir / "tables.md").read_text()
+  assert "## results" in tables and "## anchors" in tables and "## cost" not in tables
+
+  # The page's tables come from the kept result alone; several seeds add the seeds table.
+  result = {"config": records.read_json(run_dir / "config.json"),
+            "summary": records.read_json(run_dir / "summary.json")}
+  assert "seeds" not in fhe_experiment.paper_tables(result)
+  seeds = copy.deepcopy(result)
+  first = seeds["summary"]["simulate"]["seeds"][0]
+  seeds["summary"]["simulate"]["seeds"] = [dict(first, seed=s, gap_points=g)
+                                           for s, g in ((0, 1.0), (1, 12.0), (2, 2.0))]
+  tables = fhe_experiment.paper_tables(seeds)
+  assert "| largest gap (seed 1) |" in tables["seeds"] and "| 12.0 | no |" in tables["seeds"]
+  assert "| mean |" in tables["seeds"] and "| 5.0 | yes |" in tables["seeds"]
+  assert "ours, seeds 0-2 (4 features)" in tables["anchors"]
+
+
+@pytest.mark.slow
+def test_real_encrypted_round_trip_reports_encrypted_and_clear_results(tmp_path):
+  summary, run_dir = _run(tmp_path, "execute_iterations=2", "execute_features=2")
+  for name in ("tables.md", "metrics.jsonl", "summary.json", "compare_execute_config.json",
+               "hospital/model.npz", "wire/model/bundle.json"):
+    assert (run_dir / name).is_file(), name
+  _check_simulated(summary, run_dir, iterations=40, every=5)
+
+  execute = summary["execute"]
+  assert execute["iterations"] == 2 and len(execute["iteration_seconds"]) == 2
+  assert execute["seconds_per_iteration"] > 0 and execute["evaluation_key_bytes"] > 1e7
+  # Decrypted and simulated weights sit on the same quantizer grid: a whole number of steps
+  # apart (up to the float error of the division). At p_error 0.01 a bootstrap error moves a
+  # weight by a step; over 2 iterations a few steps are allowed.
+  steps = execute["max_steps_from_simulation"]
+  assert steps == pytest.approx(round(steps), abs=1e-6) and round(steps) <= 3
+  assert "s per encrypted iteration" in summary["headline"]["note"]
+  assert "## cost" in (run_dir / "tables.md").read_text()
+  metrics = records.read_metrics(run_dir / "metrics.jsonl")
+  assert [m["step"] for m in metrics if m.get("mode") == "execute"] == [1, 2]
   # The wire holds only bundles; the client's private state stays under hospital/.
   assert sorted(p.name for p in (run_dir / "wire").iterdir()) == ["model", "upload"]
   assert not any(p.name.startswith("secretKey") for p in (run_dir / "wire").rglob("*"))
@@ -38,6 +94,8 @@ def test_smoke_round_trip_reports_encrypted_and_clear_results(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("execute_features=31", "'execute_features': got 31"),
+    ("execute_iterations=-1", "'execute_iterations': got -1"),
+    ("simulate_seeds=0", "'simulate_seeds': got 0"),
     ("fhe_python=/nonexistent/python", "'fhe_python'.*make venv-fhe"),
     ("p_error=1.5", "'p_error': got 1.5"),
 ])

@@ -1,10 +1,12 @@
 """A real encrypted round trip (execute mode), each party its own process, and what it must refuse.
 
+Marked slow (`make test-slow`): concrete key generation and real encrypted iterations. The same
+protocol checks run in the default suite with a toy cipher (tests/fhe/test_protocol.py).
+
 Tiny config: 2 client-selected features, 2 encrypted iterations. The circuit is built with
 p_error 1e-5 instead of concrete-ml's 0.01 so that a programmable bootstrap error (which makes
 an executed iteration differ from its simulation by a quantization step) is rare; the decrypted
-model must then equal the simulated fit of the same seed to within one weight-quantizer step
-(it has been identical in every run we made). About 2-3 minutes on 2 cores.
+model must then equal the simulated fit of the same seed to within one weight-quantizer step.
 """
 
 import json
@@ -24,6 +26,8 @@ from research.fhe import transport
 
 REPO = Path(__file__).resolve().parents[2]
 FEATURES, ITERATIONS, SEED, P_ERROR = 2, 2, 0, 1e-5
+
+pytestmark = pytest.mark.slow
 
 
 def party(module, *args, check=True):

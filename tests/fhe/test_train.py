@@ -13,15 +13,21 @@ def table():
   return split
 
 
-def test_our_loop_trains_exactly_what_concrete_ml_fit_trains(table):
+@pytest.fixture(scope="module")
+def four_features(table):
+  """The client's 4 features and the circuit compiled for them (at a small p_error, so that a
+  simulated run has no bootstrap error; the clear quantized run does not depend on p_error)."""
+  preprocessing = train.fit_preprocessing(table.x_train, table.y_train, 4)
+  spec = train.TrainerSpec(4, p_error=1e-5)
+  return preprocessing.apply(table.x_train), spec, train.compile_trainer(spec)
+
+
+def test_our_loop_trains_exactly_what_concrete_ml_fit_trains(table, four_features):
   from concrete.ml.sklearn import SGDClassifier
 
-  preprocessing = train.fit_preprocessing(table.x_train, table.y_train, 4)
-  x = preprocessing.apply(table.x_train)
-  spec = train.TrainerSpec(4)
+  x, spec, trainer = four_features
   plan = train.schedule(len(x), spec, iterations=12, seed=3)
-  snapshots = train.train_quantized(train.compile_trainer(spec), x, table.y_train, plan,
-                                    "disable", every=4)
+  snapshots = train.train_quantized(trainer, x, table.y_train, plan, "disable", every=4)
   reference = SGDClassifier(random_state=3, max_iter=12, fit_encrypted=True,
                             parameters_range=(-1.0, 1.0))
   reference.fit(x, table.y_train, fhe="disable")
@@ -29,6 +35,26 @@ def test_our_loop_trains_exactly_what_concrete_ml_fit_trains(table):
   np.testing.assert_array_equal(snapshots[-1].weights, np.ravel(reference._weights_encrypted_fit))
   assert snapshots[-1].bias == float(np.ravel(reference._bias_encrypted_fit)[0])
   assert not np.array_equal(snapshots[0].weights, snapshots[-1].weights)
+
+
+def test_simulation_without_bootstrap_errors_is_the_quantized_clear_run(table, four_features):
+  """What an executed run is judged against (research/fhe/compare.py): FHE simulation of the
+  same circuit and schedule. With bootstrap errors made rare it equals the quantized clear run
+  exactly, and the weights sit on the quantizer's grid of (high - low) / 63 (6 bits)."""
+  x, spec, trainer = four_features
+  plan = train.schedule(len(x), spec, iterations=6, seed=0)
+  simulated = train.train_quantized(trainer, x, table.y_train, plan, "simulate", every=3)
+  clear = train.train_quantized(trainer, x, table.y_train, plan, "disable", every=3)
+  assert [s.iteration for s in simulated] == [3, 6]
+  for a, b in zip(simulated, clear, strict=True):
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert a.bias == b.bias
+  step = float(np.ravel(trainer.training_quantized_module.output_quantizers[0].scale)[0])
+  np.testing.assert_allclose(step, 2.0 / 63)
+  offsets = (simulated[-1].weights - simulated[0].weights) / step
+  np.testing.assert_allclose(offsets, np.round(offsets), atol=1e-6)
+  with pytest.raises(ValueError, match="execute runs through the client and server"):
+    train.train_quantized(trainer, x, table.y_train, plan, "execute")
 
 
 def test_preprocessing_uses_the_clients_training_data_only(table):
