@@ -1,12 +1,19 @@
 """The package versions a run used (recorded in every run's config.json and kept result).
 
 Standard library only: both environments (.venv and .venv-fhe) import it.
+
+`resolved_versions()` reads the installed distributions (importlib.metadata); `lock_sha256()`
+names the lock file (requirements.lock / requirements-fhe.lock) the running environment was
+built from, as recorded by scripts/ensure_venv.sh in the environment's stamp.
 """
 
 from __future__ import annotations
 
 import platform
+import re
+import sys
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
             "ml-collections", "scikit-learn", "scikit-image", "concrete-ml", "concrete-python",
@@ -22,3 +29,24 @@ def resolved_versions(packages=None) -> dict[str, str]:
     except metadata.PackageNotFoundError:
       continue
   return found
+
+
+STAMP = ".meshwork-stamp"
+
+
+def lock_sha256(prefix: str | Path | None = None) -> str | None:
+  """sha256 (hex) of the lock file the environment at `prefix` (default: this one) was built from.
+
+  Read from PREFIX/.meshwork-stamp, which scripts/ensure_venv.sh writes as
+  "<sha256 of the lock file> <python version>" once the environment is complete; the lock file
+  itself is not hashed here (it may have changed since). None when there is no such stamp (an
+  environment not made by `make venv` / `make venv-fhe`) or it is not in that form.
+  """
+  stamp = Path(sys.prefix if prefix is None else prefix) / STAMP
+  try:
+    fields = stamp.read_text().split()
+  except OSError:
+    return None
+  if fields and re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+    return fields[0]
+  return None
