@@ -15,7 +15,8 @@ one float32 per bucket: float32 (no compression), QSGD (Alistarh et al. 2017; s 
 |v| / ||v||_2 with stochastic rounding, 1 sign bit + ceil(log2(s + 1)) bits), TernGrad (Wen et al.
 2017; {-1, 0, 1} x max|v|, 2 bits) and signSGD with majority vote (Bernstein et al. 2019; 1 bit,
 the coordinator takes the weighted majority sign and scales it by the mean client scale).
-Error feedback (Karimireddy et al. 2019) wraps any of them in rounds.py.
+`for_pytrees` wraps any of them for params pytrees, with optional error feedback (Karimireddy
+et al. 2019); the round (rounds.py) runs its clients through it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import kquant as kq
+from research.kquant import buckets as buckets_lib
 from research.kquant.buckets import BucketLayout
 
 Message = Any
@@ -177,41 +179,66 @@ def by_name(name: str, layout: BucketLayout, *, k: int = 16, qsgd_levels: int = 
 
 
 class CompressorState(NamedTuple):
+  """A client's state across rounds."""
   error: jax.Array  # shape=(rows, bucket_size), dtype=float32: error-feedback residual
 
 
-class TreeCompressor(NamedTuple):
-  """A compressor over params pytrees, optax style: state in, state out.
+class ClientUpdate(NamedTuple):
+  """A client's update as buckets with its carried residual added: what it reports a range from
+  (client_minmax) and then encodes."""
+  v: jax.Array       # shape=(rows, bucket_size), dtype=float32: update (+ residual); non-finite -> 0
+  finite: jax.Array  # shape=(rows, bucket_size), dtype=bool: where the update was finite
 
-    state = tc.init(params)
-    message, state = tc.encode(update, state, spec, key)   # client
-    update_hat = tc.decode(message, spec)                  # coordinator (one client)
+
+class TreeCompressor(NamedTuple):
+  """A compressor over params pytrees, optax style: state in, state out. A client, each round:
+
+    state = tc.init(params)                          # once
+    prepared = tc.prepare(update, state)             # update as buckets, residual added
+    message, state = tc.encode(prepared, spec, key)  # spec may come from prepared.v's min/max
+    update_hat = tc.decode(message, spec)            # coordinator, one client
+
+  Two client steps, not one, because the client_minmax range policy asks every client for the
+  min/max of its prepared update before the coordinator sends the range it encodes in.
   """
   init: Callable[[Any], CompressorState]
-  encode: Callable[[Any, CompressorState, RangeSpec, jax.Array], tuple[Message, CompressorState]]
+  prepare: Callable[[Any, CompressorState], ClientUpdate]
+  encode: Callable[[ClientUpdate, RangeSpec, jax.Array], tuple[Message, CompressorState]]
   decode: Callable[[Message, RangeSpec], Any]
+
+
+def zero_state(layout: BucketLayout, num_clients: int | None = None) -> CompressorState:
+  """The state before the first round: a zero residual (one client's, or `num_clients` stacked)."""
+  shape = (layout.num_rows, layout.bucket_size)
+  return CompressorState(jnp.zeros(shape if num_clients is None else (num_clients, *shape),
+                                   jnp.float32))
 
 
 def for_pytrees(compressor: Compressor, layout: BucketLayout, *,
                 error_feedback: bool = False) -> TreeCompressor:
-  """Wraps a bucket compressor for pytrees, with optional error feedback (the residual
-  v - decode(encode(v)) is added to the next update; zero where the update was non-finite)."""
-  from research.kquant import buckets as buckets_lib  # pylint: disable=import-outside-toplevel
+  """Wraps a bucket compressor for pytrees, with optional error feedback (Karimireddy et al.
+  2019): the residual v - decode(encode(v)) is added to the next round's update; it is zero where
+  the update was non-finite. Without error feedback the state stays zero."""
 
   def init(params):
     del params
-    return CompressorState(jnp.zeros((layout.num_rows, layout.bucket_size), jnp.float32))
+    return zero_state(layout)
 
-  def encode(update, state, spec, key):
+  def prepare(update, state):
     v = buckets_lib.to_buckets(update, layout)
     finite = jnp.isfinite(v)
-    v = jnp.where(finite, v, 0.0) + (state.error if error_feedback else 0.0)
-    message = compressor.encode(v, spec, key)
+    return ClientUpdate(jnp.where(finite, v, 0.0) + (state.error if error_feedback else 0.0),
+                        finite)
+
+  def encode(prepared, spec, key):
+    message = compressor.encode(prepared.v, spec, key)
     if error_feedback:
-      state = CompressorState(jnp.where(finite, v - compressor.decode(message, spec), 0.0))
-    return message, state
+      error = jnp.where(prepared.finite, prepared.v - compressor.decode(message, spec), 0.0)
+    else:
+      error = jnp.zeros_like(prepared.v)
+    return message, CompressorState(error)
 
   def decode(message, spec):
     return buckets_lib.from_buckets(compressor.decode(message, spec), layout)
 
-  return TreeCompressor(init, encode, decode)
+  return TreeCompressor(init, prepare, encode, decode)

@@ -5,14 +5,15 @@ Clients are vmapped inside one jitted call. Protocol rules this file fixes:
   non-finite entries encoded as 0), but the coordinator counts it as dropped and gives it weight
   0; the other clients' weights are renormalized. If every client is dropped the model stays.
 - Error feedback: each client keeps the residual v + e - decode(message) and adds it to the next
-  round's update; the residual is zero where the update was non-finite.
+  round's update; the residual is zero where the update was non-finite. The clients run through
+  the pytree compressor (`quantize.for_pytrees`), which holds that rule; this file only stacks
+  their states.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,6 +21,7 @@ import optax
 from research.fedavg import rounds as fedavg
 from research.kquant import buckets as buckets_lib
 from research.kquant import coordinator
+from research.kquant import quantize
 from research.kquant.quantize import Compressor, RangeSpec
 
 Params = Any
@@ -27,14 +29,14 @@ Params = Any
 
 class KQuantState(NamedTuple):
   server: fedavg.ServerState
-  spec: RangeSpec     # the range the coordinator sends next round (fixed / last_round)
-  error: chex.Array   # shape=(clients, rows, bucket_size), dtype=float32: error feedback
+  spec: RangeSpec                    # the range the coordinator sends next round (fixed / last_round)
+  clients: quantize.CompressorState  # every client's, stacked: error (clients, rows, bucket_size)
 
 
 def init(params: Params, server_optimizer: optax.GradientTransformation,
          layout: buckets_lib.BucketLayout, num_clients: int, radius: float) -> KQuantState:
   return KQuantState(fedavg.init(params, server_optimizer), coordinator.fixed_range(layout, radius),
-                     jnp.zeros((num_clients, layout.num_rows, layout.bucket_size), jnp.float32))
+                     quantize.zero_state(layout, num_clients))
 
 
 def round_fn(state: KQuantState, x: jax.Array, y: jax.Array, count: jax.Array, key: jax.Array, *,
@@ -50,24 +52,17 @@ def round_fn(state: KQuantState, x: jax.Array, y: jax.Array, count: jax.Array, k
   deltas, losses = fedavg.client_deltas(
       state.server.params, x, y, count, train_key, loss_fn=loss_fn,
       client_optimizer=client_optimizer, local_steps=local_steps, batch_size=batch_size)
-  updates = jax.vmap(buckets_lib.to_buckets, (0, None))(deltas, layout)
-  finite = jnp.isfinite(updates)
-  nonfinite = jnp.sum(~finite, axis=(1, 2))
-  included = nonfinite == 0
-  updates = jnp.where(finite, updates, 0.0) + (state.error if error_feedback else 0.0)
+  client = quantize.for_pytrees(compressor, layout, error_feedback=error_feedback)
+  prepared = jax.vmap(client.prepare)(deltas, state.clients)
+  included = jnp.sum(~prepared.finite, axis=(1, 2)) == 0
 
   if range_policy == "client_minmax":
-    spec = coordinator.range_from_client_minmax(updates, included, layout, per_tensor=per_tensor,
-                                                min_width=min_width)
+    spec = coordinator.range_from_client_minmax(prepared.v, included, layout,
+                                                per_tensor=per_tensor, min_width=min_width)
   else:
     spec = state.spec
-  messages = jax.vmap(compressor.encode, (0, None, 0))(
-      updates, spec, jax.random.split(encode_key, count.shape[0]))
-  if error_feedback:
-    decoded = jax.vmap(compressor.decode, (0, None))(messages, spec)
-    error = jnp.where(finite, updates - decoded, 0.0)
-  else:
-    error = state.error
+  messages, clients = jax.vmap(client.encode, (0, None, 0))(
+      prepared, spec, jax.random.split(encode_key, count.shape[0]))
 
   weights = jnp.where(included, count, 0).astype(jnp.float32)
   total = jnp.sum(weights)
@@ -80,7 +75,7 @@ def round_fn(state: KQuantState, x: jax.Array, y: jax.Array, count: jax.Array, k
     spec = coordinator.range_from_aggregate(aggregate, layout, per_tensor=per_tensor,
                                             margin=range_margin, min_width=min_width)
 
-  exact = jnp.tensordot(weights, jnp.where(finite, updates, 0.0), axes=1)
+  exact = jnp.tensordot(weights, jnp.where(prepared.finite, prepared.v, 0.0), axes=1)
   metrics = {
       "client_loss": jnp.dot(weights, losses),
       "update_norm": jnp.linalg.norm(aggregate),
@@ -88,4 +83,4 @@ def round_fn(state: KQuantState, x: jax.Array, y: jax.Array, count: jax.Array, k
           jnp.linalg.norm(exact), 1e-12),
       "dropped_clients": jnp.sum(~included),
   }
-  return KQuantState(server, spec, error), metrics
+  return KQuantState(server, spec, clients), metrics

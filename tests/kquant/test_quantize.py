@@ -1,5 +1,6 @@
 """research/kquant: buckets, compressors, coordinator policies."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,17 +164,41 @@ def test_pytree_compressor_round_trip_and_error_feedback(error_feedback):
   update = jax.tree.map(lambda a: 0.2 * jax.random.normal(jax.random.key(a.size), a.shape),
                         PARAMS)
   spec = coordinator.fixed_range(lay, 1.0)
+  step = 2.0 / 15
   state = tc.init(PARAMS)
-  message, state = tc.encode(update, state, spec, jax.random.key(0))
+  np.testing.assert_array_equal(state.error, np.zeros((12, 64)))
+  prepared = tc.prepare(update, state)
+  np.testing.assert_array_equal(prepared.v, buckets.to_buckets(update, lay))  # zero residual
+  message, state = tc.encode(prepared, spec, jax.random.key(0))
   decoded = tc.decode(message, spec)
-  jax.tree.map(lambda d, u: np.testing.assert_allclose(d, u, atol=1 / 15 + 1e-6), decoded,
-               update)
+  chex.assert_trees_all_equal_structs(decoded, update)
+  # Nearest rounding: within half a bin of the update.
+  chex.assert_trees_all_close(decoded, update, atol=step / 2 * (1 + 1e-5))
   residual = jax.tree.map(jnp.subtract, update, decoded)
   if error_feedback:  # the state holds exactly what the message lost
-    jax.tree.map(lambda r, e: np.testing.assert_allclose(r, e, atol=1e-6), residual,
-                 buckets.from_buckets(state.error, lay))
-    # Sending the same update twice: the residual is carried into the second message.
-    message2, _ = tc.encode(update, state, spec, jax.random.key(1))
+    chex.assert_trees_all_close(buckets.from_buckets(state.error, lay), residual, atol=1e-6)
+    # Sending the same update again: the residual is added, and the second message carries it.
+    again = tc.prepare(update, state)
+    np.testing.assert_allclose(again.v, buckets.to_buckets(update, lay) + state.error, atol=0)
+    message2, _ = tc.encode(again, spec, jax.random.key(1))
+    chex.assert_trees_all_close(tc.decode(message2, spec),
+                                jax.tree.map(jnp.add, update, residual),
+                                atol=step / 2 * (1 + 1e-5))
     assert not np.array_equal(message2, message)
   else:
     np.testing.assert_array_equal(state.error, 0.0)
+
+
+def test_pytree_compressor_drops_the_residual_where_the_update_was_not_finite():
+  lay = layout()
+  tc = quantize.for_pytrees(quantize.kquant(lay, k=4, stochastic=False), lay,
+                            error_feedback=True)
+  update = jax.tree.map(lambda a: jnp.full(a.shape, 0.3), PARAMS)
+  update["w"] = update["w"].at[0, 0].set(jnp.nan).at[0, 1].set(jnp.inf)
+  prepared = tc.prepare(update, tc.init(PARAMS))
+  assert int(jnp.sum(~prepared.finite)) == 2
+  assert bool(jnp.all(jnp.isfinite(prepared.v)))  # non-finite entries enter as 0
+  _, state = tc.encode(prepared, coordinator.fixed_range(lay, 1.0), jax.random.key(0))
+  error = buckets.from_buckets(state.error, lay)["w"]
+  np.testing.assert_array_equal(error[0, :2], 0.0)
+  assert float(jnp.abs(error).max()) > 0  # elsewhere 0.3 is not on the K=4 grid

@@ -86,10 +86,10 @@ def test_error_feedback_keeps_what_the_message_lost():
   updates = jax.vmap(buckets.to_buckets, (0, None))(deltas, lay)
   decoded = jax.vmap(lambda v: compressor.decode(compressor.encode(v, init.spec, key),
                                                  init.spec))(updates)
-  np.testing.assert_allclose(state.error, updates - decoded, atol=1e-6)
-  assert float(jnp.abs(state.error).max()) > 0
+  np.testing.assert_allclose(state.clients.error, updates - decoded, atol=1e-6)
+  assert float(jnp.abs(state.clients.error).max()) > 0
   without, _ = kquant_round(apply, lay, compressor, policy="fixed")(init, *shards, key)
-  np.testing.assert_array_equal(without.error, 0.0)
+  np.testing.assert_array_equal(without.clients.error, 0.0)
 
 
 def test_kquant_round_with_pallas_matches_reference():
