@@ -20,7 +20,8 @@ Randomness for stochastic rounding: Pallas on GPU has no PRNG primitive, so eith
 passed in, or they come from a counter hash (murmur3's 32-bit finalizer) of a per-row seed and
 the column index, computed identically in the kernel and in the reference.
 
-Each public function takes `impl="pallas" | "reference"`; `interpret` defaults to True on CPU.
+Each public function takes `impl="pallas" | "reference"` and `interpret=None` (True on CPU), both
+resolved by kernels/_common.py as in every kernel file here; the references come last.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels._common import check_impl, resolve_interpret
 from kernels._shapes import next_power_of_two, pad_to, round_up
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -46,9 +48,9 @@ class BlockSizes:
   rows: int  # bucket rows per program; a power of two for the Triton lowering
 
 
-# Measured on an H200 at 33.5M floats (papers/kquant.md): stochastic encode 214 / 263 / 388 / 157
-# GB/s at 8 / 16 / 32 / 64 rows; decode+sum over 64 clients 11.7 / 11.3 / 10.8 / 3.9 TB/s at
-# 4 / 8 / 16 / 32 rows.
+# Picked by a block-size sweep on an H200 whose numbers were not kept (sweep again before changing
+# them); what these sizes measure is the kept papers/results/bench_kquant.gpu.json
+# (`python -m experiments.bench_kquant --sizes 4194304,33554432 --clients 64 --paper` on a GPU).
 ENCODE_BLOCKS = BlockSizes(rows=32)
 DECODE_BLOCKS = BlockSizes(rows=8)
 
@@ -72,10 +74,6 @@ def _check_bucket_size(bucket_size: int, bits: int) -> None:
   if bucket_size % per or bucket_size < per:
     raise ValueError(f"bucket_size={bucket_size} must be a positive multiple of {per} "
                      f"(indices per byte at bits={bits})")
-
-
-def _interpret_default() -> bool:
-  return jax.default_backend() == "cpu"
 
 
 def _compiler_params():
@@ -178,12 +176,10 @@ def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
   lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
   seeds = row_seeds(jnp.uint32(0) if seed is None else seed, rows)
   supplied = stochastic and uniforms is not None
-  if impl == "reference":
+  if check_impl(impl) == "reference":
     return encode_reference(x, lo, hi, k=k, bits=bits, stochastic=stochastic, seeds=seeds,
                             uniforms=uniforms if supplied else None)
-  if impl != "pallas":
-    raise ValueError(f"impl={impl!r}: expected 'pallas' or 'reference'")
-  interpret = _interpret_default() if interpret is None else interpret
+  interpret = resolve_interpret(interpret)
   block_rows = block_sizes.rows
   padded = round_up(rows, block_rows)
   width = packed_width(bucket_size, bits)
@@ -258,12 +254,10 @@ def decode_sum(packed: jax.Array, weights: jax.Array, lo: jax.Array, hi: jax.Arr
       raise ValueError(f"{name}: got shape {value.shape}, expected ({rows},)")
   bucket_size = width * 8 // bits
   weights, lo, hi = (a.astype(jnp.float32) for a in (weights, lo, hi))
-  base = _decode_base(weights, lo)
-  if impl == "reference":
+  if check_impl(impl) == "reference":
     return decode_sum_reference(packed, weights, lo, hi, k=k, bits=bits)
-  if impl != "pallas":
-    raise ValueError(f"impl={impl!r}: expected 'pallas' or 'reference'")
-  interpret = _interpret_default() if interpret is None else interpret
+  interpret = resolve_interpret(interpret)
+  base = _decode_base(weights, lo)
   block_rows = block_sizes.rows
   padded_rows = round_up(rows, block_rows)
   padded_clients = next_power_of_two(clients)  # for Triton blocks

@@ -147,6 +147,11 @@ def test_bad_shapes_are_named():
     kq.encode(x, *ranges(2), k=4, bits=2, stochastic=True)
   with pytest.raises(ValueError, match=r"weights: got shape \(2,\), expected \(1,\)"):
     kq.decode_sum(jnp.zeros((1, 2, 2), jnp.uint8), jnp.ones(2), *ranges(2), k=2, bits=2)
+  with pytest.raises(ValueError, match="impl='triton': expected 'pallas' or 'reference'"):
+    kq.encode(random_update(2, 8), *ranges(2), k=4, bits=2, impl="triton")
+  with pytest.raises(ValueError, match="impl='triton': expected 'pallas' or 'reference'"):
+    kq.decode_sum(jnp.zeros((1, 2, 2), jnp.uint8), jnp.ones(1), *ranges(2), k=4, bits=2,
+                  impl="triton")
 
 
 @pytest.mark.parametrize("bits", kq.SUPPORTED_BITS)
