@@ -10,9 +10,12 @@ faulted job vs the fault-free job; the note says whether both ended bit-exact an
 failure cost.
 
   python -m experiments.run configs/checkpoint/smoke.py
+  python -m experiments.run configs/checkpoint/faults.py --paper checkpoint.faults
 """
 
 from __future__ import annotations
+
+import shutil
 
 import ml_collections
 import numpy as np
@@ -23,9 +26,9 @@ from research.common import records
 
 def config_schema() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "num_agents": 2,
+      "num_agents": 2,               # nodes
       "workers_per_agent": 2,
-      "steps": 30,
+      "steps": 40,
       "hidden": (64,),
       "batch_size": 32,
       "learning_rate": 0.05,
@@ -33,11 +36,18 @@ def config_schema() -> ml_collections.ConfigDict:
       "persist_every": 5,            # orbax period (steps)
       "min_step_seconds": 0.1,       # emulated compute time per step
       "heartbeat_timeout": 2.0,
-      "worker_failures": 1,          # kill -9 of random workers at random steps
-      "hung_workers": 0,             # workers that stop (no heartbeats) for 2 x the timeout
+      "worker_failures": 2,          # kill -9 of random workers at random steps
+      "hung_workers": 1,             # workers that stop (no heartbeats) for 2 x the timeout
       "agent_failures": 1,           # kill -9 of a random agent at a random step
       "corrupt_before_node_failure": True,  # corrupt the newest persisted step first
+      # One jax compilation cache for the jobs' processes (a process after the first loads its
+      # programs instead of compiling them; startup only): "run" = a folder in the run folder,
+      # removed at the end; "off"; or a folder to keep (e.g. one the tests share).
+      "compilation_cache": "run",
   })
+
+
+PAPER_PAGE = "papers/checkpoint.md"
 
 
 def validate_config(config) -> None:
@@ -50,6 +60,9 @@ def validate_config(config) -> None:
   for key in ("worker_failures", "hung_workers", "agent_failures"):
     if config[key] < 0:
       raise config_lib.ConfigError(f"config key {key!r}: got {config[key]}, expected >= 0")
+  if not config.compilation_cache:
+    raise config_lib.ConfigError("config key 'compilation_cache': got '', expected 'run', "
+                                 "'off' or a folder")
   if config.steps < 3:
     raise config_lib.ConfigError(f"config key 'steps': got {config.steps}, expected >= 3 "
                                  "(faults go at steps 2 .. steps)")
@@ -83,14 +96,18 @@ def run(config, run):
   from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
   from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
 
-  def spec_for(name):
+  cache = {"run": str(run.workdir / "compilation_cache"), "off": ""}.get(
+      config.compilation_cache, config.compilation_cache)
+
+  def spec_for(name, warm_spare=True):
     return transport.JobSpec(
         workdir=str(run.workdir / name), num_agents=config.num_agents,
         workers_per_agent=config.workers_per_agent, steps=config.steps, seed=config.seed,
         hidden=tuple(config.hidden), batch_size=config.batch_size,
         learning_rate=config.learning_rate, snapshot_every=config.snapshot_every,
         persist_every=config.persist_every, min_step_seconds=config.min_step_seconds,
-        heartbeat_timeout=config.heartbeat_timeout)
+        heartbeat_timeout=config.heartbeat_timeout, warm_spare=warm_spare,
+        compilation_cache=cache)
 
   problem = worker_lib.make_problem(config.num_agents * config.workers_per_agent,
                                     tuple(config.hidden), config.batch_size,
@@ -98,8 +115,10 @@ def run(config, run):
   reference = store.pack(worker_lib.reference_run(problem, config.steps))
   results, events = {}, {}
   for name in ("fault_free", "faulted"):
-    spec = spec_for(name)
-    faults = draw_faults(config, spec) if name == "faulted" else []
+    faults = draw_faults(config, spec_for(name)) if name == "faulted" else []
+    # No failure, nothing for a warm spare to take over: the fault-free job starts none (a
+    # spare stands by idle, so this changes its start, not its step loop).
+    spec = spec_for(name, warm_spare=bool(faults))
     lines = []
     for _ in run.progress([name], description=f"{name} job"):
       result = transport.run_job(spec, faults, log=lines.append,
@@ -113,17 +132,24 @@ def run(config, run):
         "steps_lost": result.steps_lost, "faults": [f.__dict__ for f in faults],
         "local_restores": result.local_restores,
         "step_seconds": result.step_seconds}
+  if config.compilation_cache == "run":
+    shutil.rmtree(cache, ignore_errors=True)  # compiled programs, not results
   run.save_text("events.log", "\n".join(f"[{n}] {line}" for n in events for line in events[n])
                 + "\n")
   _plot(run, results)
   faulted, clean = results["faulted"], results["fault_free"]
   bit_exact = faulted["bit_exact"] and clean["bit_exact"]
+  faults = ", ".join(_fault_text(f) for f in faulted["faults"]) or "no faults"
+  restores = "; ".join(faulted["local_restores"]) or "none"
   return {
       "headline": {
           "metric": "faulted job seconds (step loop)", "value": faulted["seconds"],
           "baseline": "fault-free job seconds", "baseline_value": clean["seconds"],
-          "note": (f"bit-exact vs fault-free: {'yes' if bit_exact else 'NO'}; "
-                   f"{len(faulted['faults'])} faults, steps lost per failure "
+          "note": (f"{config.num_agents} node{'s' * (config.num_agents > 1)} x "
+                   f"{config.workers_per_agent} workers, "
+                   f"{config.steps} steps; {faults}; restored from local memory: {restores}; "
+                   f"both jobs bit-exact vs the single-process reference: "
+                   f"{'yes' if bit_exact else 'NO'}; steps lost per failure "
                    f"{faulted['steps_lost']}"),
       },
       "bit_exact": bit_exact,
@@ -153,34 +179,19 @@ def _plot(run, results) -> None:
   plt.close(fig)
 
 
-PAPER = "papers/checkpoint.md"
+def _fault_text(fault: dict) -> str:
+  return f"{fault['kind']} {fault['target']} @ step {fault['step']}"
 
 
-def results_table(summary: dict) -> str:
-  """The recovery table of the paper page, from a summary."""
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's recovery table from a kept result (its summary)."""
   rows = []
-  for name, job in summary["jobs"].items():
-    faults = ", ".join(f"{f['kind']} {f['target']} @ step {f['step']}" for f in job["faults"])
-    rows.append([name.replace("_", "-"), faults or "-", "yes" if job["bit_exact"] else "NO",
-                 "yes" if job["replicas_equal"] else "NO", job["restarts"],
-                 str(job["steps_lost"]), "; ".join(job.get("local_restores", [])) or "-",
-                 f"{job['seconds']:.1f}"])
-  return records.write_markdown_table(
+  for name, job in result["summary"]["jobs"].items():
+    rows.append([name.replace("_", "-"), ", ".join(map(_fault_text, job["faults"])) or "-",
+                 "yes" if job["bit_exact"] else "NO", "yes" if job["replicas_equal"] else "NO",
+                 job["restarts"], str(job["steps_lost"]),
+                 "; ".join(job["local_restores"]) or "-", f"{job['seconds']:.1f}"])
+  return {"faults": records.write_markdown_table(
       ["job", "faults", "final state == reference (bits)", "replicas equal", "job restarts",
-       "steps lost per failure", "local-memory restores (who, time)", "step-loop seconds"], rows)
-
-
-def fill_paper(run_dir, paper: str = PAPER) -> None:
-  from pathlib import Path  # pylint: disable=import-outside-toplevel
-  run_dir = Path(run_dir)
-  summary = records.read_json(run_dir / "summary.json")
-  text = f"Run `{run_dir.name}`:\n\n" + results_table(summary)
-  written = records.replace_marked_block(paper, "table:faults", text)
-  print(f"{run_dir} -> {paper}: {'written' if written else 'no table:faults marker'}")
-
-
-if __name__ == "__main__":
-  import sys  # pylint: disable=import-outside-toplevel
-  if len(sys.argv) != 3 or sys.argv[1] != "--paper":
-    sys.exit("usage: python -m experiments.checkpoint --paper RUN_DIR")
-  fill_paper(sys.argv[2])
+       "steps lost per failure", "local-memory restores (who, time)", "step-loop seconds"],
+      rows)}

@@ -63,8 +63,7 @@ def aligned_empty(shape, dtype) -> np.ndarray:
   """An uninitialized array whose data starts on a 64-byte boundary.
 
   `jax.device_put` on CPU wraps such an array in place (zero copy); numpy's own allocations
-  are only 16-byte aligned, and device_put copies those (about 5x the time of the copy that
-  filled them, at 100 MB).
+  are only 16-byte aligned, and device_put copies those (a second copy of the whole state).
   """
   dtype = np.dtype(dtype)
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -1,7 +1,9 @@
 """The processes: a coordinator, one node agent per simulated node, the agents' workers.
 
 Every party is an OS process (multiprocessing, spawn start: each imports jax afresh) talking over
-pipes; messages are tuples whose first entry names them. One training step:
+pipes; messages are tuples whose first entry names them. The coordinator hands every process the
+training rows, and a job's processes may share one jax compilation cache (`JobSpec`), so a process
+after the first loads its programs instead of compiling them. One training step:
 
   coordinator -> agents -> workers   ("step", s)
   workers -> agents -> coordinator   ("grads", s, worker, packed gradient)   relayed as is
@@ -36,8 +38,10 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
+import traceback
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Callable
@@ -65,6 +69,12 @@ class JobSpec:
   startup_timeout: float = 120.0  # a new process imports jax and compiles before it beats
   min_step_seconds: float = 0.0   # pace steps to emulate compute time (async saves need time)
   warm_spare: bool = True         # one standby worker per node, compiled, buffers touched
+  # The training rows (x, y), handed to every process so none imports scikit-learn for them;
+  # None: each loads them (run_job fills this in once for the processes it starts).
+  data: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
+  compilation_cache: str = ""     # a folder for jax's persistent compilation cache, shared by
+                                  # the job's processes ("": off): a process after the first
+                                  # loads the init and step programs instead of compiling them
 
   def __post_init__(self):
     for name in ("num_agents", "workers_per_agent", "steps", "batch_size", "snapshot_every",
@@ -108,10 +118,42 @@ class Fault:
       raise ValueError(f"fault kind={self.kind!r}; expected one of {FAULT_KINDS}")
 
 
+def _use_compilation_cache(spec: JobSpec) -> None:
+  """Points this (spawned) process's jax at the job's shared compilation cache, if it has one.
+
+  Every entry, however small: the programs here compile in well under jax's default threshold
+  of one second each, and a worker compiles about twenty of them. A torn entry (two processes
+  writing one key) is read as a miss and compiled.
+  """
+  if spec.compilation_cache:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", spec.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def _problem(spec: JobSpec):
   from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
   return worker_lib.make_problem(spec.num_workers, spec.hidden, spec.batch_size,
-                                 spec.learning_rate, spec.dropout, spec.seed)
+                                 spec.learning_rate, spec.dropout, spec.seed, spec.data)
+
+
+def _process_main(main: Callable, *args) -> None:
+  """A spawned process's target: `main(*args)`, then the process ends at once (os._exit).
+
+  Left to itself, a spawned process ends with the interpreter's teardown of the jax, flax and
+  orbax modules, which takes seconds on a busy 2-core machine while the parent waits to join
+  it; nothing in it matters here (results went out over the pipe, files are closed).
+  """
+  code = 1
+  try:
+    main(*args)
+    code = 0
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
 
 
 # --- worker process ---------------------------------------------------------------------------
@@ -144,6 +186,7 @@ def worker_main(conn, spec: JobSpec, worker: int | None, restore, agent: int = 0
           return
 
   threading.Thread(target=heartbeats, daemon=True).start()  # before the slow imports
+  _use_compilation_cache(spec)
   from research.checkpoint import store  # pylint: disable=import-outside-toplevel
   from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
 
@@ -151,12 +194,14 @@ def worker_main(conn, spec: JobSpec, worker: int | None, restore, agent: int = 0
   gradient, update = worker_lib.make_step_fns(problem)
   first = worker_lib.init_state(problem, 0)  # every worker's state has its shapes
   state_bytes = store.packed_size(first)
+  x, y, position = worker_lib.batch_for(problem, 0, first)
+  # Compiles both halves of a step before this process says it is ready (a spare: before any
+  # failure), so the job's step loop times steps, not compilation.
+  update(first, gradient(first, x, y)[0], position)
   buffers, how = None, "new process"
   try:
     if restore == "standby":
       warm = first
-      x, y, position = worker_lib.batch_for(problem, 0, warm)
-      update(warm, gradient(warm, x, y)[0], position)  # compiles both steps before any failure
       node_slots = {w: store.LocalSlots(spec.slots_path(w), state_bytes, populate=True)
                     for w in spec.workers_of(agent)}
       buffers = store.restore_buffers(warm)
@@ -227,6 +272,7 @@ def worker_main(conn, spec: JobSpec, worker: int | None, restore, agent: int = 0
 
 def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
   """A node agent: owns its workers' local memory, replaces failed workers, persists."""
+  _use_compilation_cache(spec)
   from research.checkpoint import store  # pylint: disable=import-outside-toplevel
   from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
 
@@ -249,7 +295,8 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
 
   def start(w, how):
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=worker_main, args=(child, spec, w, how, agent), daemon=False)
+    proc = ctx.Process(target=_process_main, args=(worker_main, child, spec, w, how, agent),
+                       daemon=False)
     proc.start()
     child.close()
     return proc, parent
@@ -342,11 +389,14 @@ def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
               conns[w].send(("stop",))
             except (OSError, EOFError):
               pass
-          if spare:
+          if spare and not spare["standby"]:
+            spare["proc"].kill()  # still importing and compiling: nothing to wait for
+          elif spare:
             try:
               spare["conn"].send(("stop",))
             except (OSError, EOFError):
               pass
+          if spare:
             spare["proc"].join(timeout=10)
           for w in workers:
             procs[w].join(timeout=10)
@@ -416,7 +466,8 @@ class JobResult:
   steps_lost: list[int]       # per failure: steps recomputed because of it
   step_seconds: list[tuple[int, float]]  # (step, seconds) in the order run, replays included
   restarts: int
-  local_restores: list[str]   # per restore from local memory: "warm spare, 2.2 ms" and the like
+  local_restores: list[str]   # per restore from local memory: who and how long, e.g.
+                              # "warm spare, <t> ms" or "new process, <t> ms"
 
 
 def run_job(spec: JobSpec, faults: list[Fault] = (), log: Callable[[str], None] = print,
@@ -438,6 +489,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
 
   ctx = mp.get_context("spawn")
   problem = _problem(spec)
+  spec = dataclasses.replace(spec, data=(problem.x, problem.y))
   current = 0  # the step in progress (read by receive())
   pending = sorted(faults, key=lambda f: f.step)
   events, steps_lost, step_seconds, local_restores = [], [], [], []
@@ -452,7 +504,7 @@ def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
     agents, conns = {}, {}
     for a in range(spec.num_agents):
       parent, child = ctx.Pipe()
-      proc = ctx.Process(target=agent_main, args=(child, spec, a, restore))
+      proc = ctx.Process(target=_process_main, args=(agent_main, child, spec, a, restore))
       proc.start()
       child.close()
       agents[a], conns[a] = proc, parent

@@ -53,18 +53,27 @@ class Problem:
 
 
 def make_problem(num_workers: int, hidden: tuple[int, ...] = (64,), batch_size: int = 32,
-                 learning_rate: float = 0.05, dropout: float = 0.1, seed: int = 0) -> Problem:
-  """The digits classifier the job trains: an MLP, Adam, an IID shard per worker."""
+                 learning_rate: float = 0.05, dropout: float = 0.1, seed: int = 0,
+                 data: tuple[np.ndarray, np.ndarray] | None = None) -> Problem:
+  """The digits classifier the job trains: an MLP, Adam, an IID shard per worker.
+
+  `data`: the training rows (x, y) of `data_lib.digits(seed=seed)`, when the caller has them
+  (a process that gets them from its parent skips scikit-learn's import); None loads them.
+  """
   if num_workers < 1:
     raise ValueError(f"num_workers={num_workers}; expected >= 1")
-  split = data_lib.digits(seed=seed)
-  apply, params = model_lib.mlp((split.x_train.shape[1], *hidden, split.num_classes), seed)
-  shards = tuple(data_lib.iid_partition(len(split.x_train), num_workers, seed))
+  if data is None:
+    split = data_lib.digits(seed=seed)
+    data = (split.x_train, split.y_train)
+  x, y = data
+  num_classes = int(y.max()) + 1  # the stratified training split holds every class
+  apply, params = model_lib.mlp((x.shape[1], *hidden, num_classes), seed)
+  shards = tuple(data_lib.iid_partition(len(x), num_workers, seed))
   if min(len(s) for s in shards) < batch_size:
     raise ValueError(f"batch_size={batch_size} exceeds the smallest shard "
                      f"({min(len(s) for s in shards)} rows)")
-  return Problem(apply, params, optax.adam(learning_rate), split.x_train, split.y_train,
-                 shards, batch_size, dropout, seed)
+  return Problem(apply, params, optax.adam(learning_rate), x, y, shards, batch_size, dropout,
+                 seed)
 
 
 def init_state(problem: Problem, worker: int) -> WorkerState:

@@ -1,32 +1,65 @@
 """The checkpoint experiment through the launcher: both jobs end bit for bit on the reference."""
 
+from pathlib import Path
+
 import pytest
 
 from experiments import run as launcher
 from research.common import config as config_lib
 
 
-def test_smoke_faulted_job_ends_bit_exact_and_logs_each_recovery(tmp_path):
-  summary = launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path)])
-  run_dir = next((tmp_path / "checkpoint").iterdir())
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """The session's jax compilation cache for checkpoint jobs (tests/checkpoint shares it; a
+  run's own cache would start empty)."""
+  path = tmp_path_factory.getbasetemp() / "checkpoint_jax_compilation_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+def test_smoke_killed_worker_is_restored_from_local_memory_bit_exact(tmp_path,
+                                                                    compilation_cache):
+  summary = launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path),
+                           "--set", f"compilation_cache={compilation_cache}"])
+  run_dir = Path(summary["run_dir"])
+  assert summary["bit_exact"] is True
+  faulted, clean = summary["jobs"]["faulted"], summary["jobs"]["fault_free"]
+  assert clean["bit_exact"] and clean["local_restores"] == [] and clean["restarts"] == 0
+  assert faulted["bit_exact"] and faulted["replicas_equal"] and faulted["restarts"] == 0
+  assert [f["kind"] for f in faulted["faults"]] == ["kill_worker"]
+  # The node's warm spare stood by before step 1; it takes over and restores in one copy.
+  assert len(faulted["local_restores"]) == 1, faulted
+  assert faulted["local_restores"][0].startswith("warm spare, "), faulted["local_restores"]
+  assert faulted["steps_lost"] == [0]
+  assert "the warm spare takes over" in (run_dir / "events.log").read_text()
+  assert (run_dir / "steps_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| faulted | kill_worker" in (run_dir / "tables.md").read_text()
+  note = summary["headline"]["note"]
+  assert "restored from local memory: warm spare, " in note
+  assert "bit-exact vs the single-process reference: yes" in note
+
+
+@pytest.mark.slow
+def test_node_failure_through_the_launcher_skips_the_corrupted_checkpoint(tmp_path):
+  summary = launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path),
+                           "--set", "num_agents=2", "--set", "steps=12", "--set",
+                           "persist_every=3", "--set", "agent_failures=1"])
+  run_dir = Path(summary["run_dir"])
   assert summary["bit_exact"] is True
   faulted = summary["jobs"]["faulted"]
   assert faulted["bit_exact"] and faulted["replicas_equal"] and faulted["restarts"] == 1
   assert {f["kind"] for f in faulted["faults"]} == {"kill_worker", "kill_agent",
                                                     "corrupt_checkpoint"}
-  # A restore from local memory, when the node failure (same step here) did not pre-empt it,
-  # is the warm spare's, which stood by before step 1 (tests/checkpoint pins this case).
-  assert all(r.startswith("warm spare, ") for r in faulted["local_restores"][:1])
   events = (run_dir / "events.log").read_text()
   assert "skip persisted step" in events and "corrupted" in events
   assert "restoring every worker from persisted step" in events
-  assert (run_dir / "steps_vs_time.png").read_bytes()[:4] == b"\x89PNG"
-  assert "bit-exact vs fault-free: yes" in summary["headline"]["note"]
+  assert all(r.startswith(("warm spare, ", "new process, ")) for r in faulted["local_restores"])
 
 
 @pytest.mark.parametrize("override, match", [
     ("persist_every=4", "'persist_every': got 4, expected a multiple of snapshot_every"),
     ("worker_failures=-1", "'worker_failures': got -1"),
+    ("compilation_cache=", "'compilation_cache': got ''"),
 ])
 def test_bad_config_is_refused(tmp_path, override, match):
   overrides = ["--set", override]
