@@ -19,10 +19,12 @@ For worker states (MLP params + Adam moments + step, data position, RNG) of abou
   thread overlapping the next step (CheckFreq's pipelining), vs no snapshot (anchor: CheckFreq,
   at most 3.5 %). Each mode is measured in interleaved rounds in one process.
 
-  python -m experiments.bench_checkpoint [--sizes-mb 1 10 100 1000] [--steps 8]
+  python -m experiments.bench_checkpoint [--sizes-mb 1 10 100 1000] [--steps 8] [--paper]
 
-Writes papers/results/bench_checkpoint.cpu.{json,md}, a plot beside them and the table block
-in papers/checkpoint.md.
+Writes runs/bench_checkpoint/<timestamp>/ (summary.json, tables.md, bench_checkpoint.png); with
+--paper also keeps the summary as papers/results/bench_checkpoint.<backend>.json, fills the
+blocks of papers/checkpoint.md and copies the plot to papers/figures/bench_checkpoint.png. A
+timing benchmark: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import argparse
 import math
 import os
 import platform
+import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -40,14 +44,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments import paper
 from experiments._timing import median_seconds
 from research.checkpoint import store
 from research.checkpoint import worker as worker_lib
 from research.common import records
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER = ROOT / "papers" / "checkpoint.md"
-RESULTS = ROOT / "papers" / "results"
+PAPER_PAGE = "papers/checkpoint.md"
+FIGURE = "bench_checkpoint.png"
+RESTORE_GOAL = 10.0     # disk / local memory at 100 MB and above (Gemini: about 13x)
+RESTORE_GOAL_MB = 100
+OVERHEAD_GOAL_PCT = 3.5  # snapshot overhead per step (CheckFreq)
 
 
 def hidden_for(megabytes: float) -> int:
@@ -179,13 +187,14 @@ def bench_size(megabytes: float, steps: int, repeats: int, batch_size: int,
 
 
 def table(rows: list[dict]) -> str:
+  """The costs table: one row per state size."""
   return records.write_markdown_table(
       ["state", "local: warm spare (ms)", "local: new process (ms)", "orbax warm (ms)",
        "orbax cold (ms)", "disk / spare (warm, cold)", "disk / new process (warm, cold)",
        "step (ms)", "snapshot (ms)", "snapshot / step (%)",
        "measured overhead sync / async (%)", "orbax save (s)",
        "steps lost: worker / node (max)"],
-      [[f"{r['state_bytes'] / 1e6:,.1f} MB", f"{1e3 * r['restore_spare_s']:.1f}",
+      [[_size(r), f"{1e3 * r['restore_spare_s']:.1f}",
         f"{1e3 * r['restore_local_s']:.1f}",
         f"{1e3 * r['restore_disk_warm_s']:.1f}", f"{1e3 * r['restore_disk_cold_s']:.1f}",
         f"{r['disk_over_spare_warm']:.1f}x, {r['disk_over_spare_cold']:.1f}x",
@@ -196,6 +205,47 @@ def table(rows: list[dict]) -> str:
         f"{r['persist_blocking_s']:.2f}",
         f"{r['steps_lost_worker']} / {r['steps_lost_node_max']} "
         f"(save every {r['persist_every_min']})"] for r in rows])
+
+
+def _size(row: dict) -> str:
+  return f"{row['state_bytes'] / 1e6:,.1f} MB"
+
+
+def goals_table(rows: list[dict]) -> str:
+  """The anchors' goals read from the costs table: per size, and whether this run meets them."""
+  large = [r for r in rows if r["state_bytes"] >= RESTORE_GOAL_MB * 1e6 * 0.99]
+
+  def restore(label, key):
+    holds = bool(large) and all(r[key] >= RESTORE_GOAL for r in large)
+    return [f"restore: {label}", *(f"{r[key]:.1f}x" for r in rows),
+            ("yes" if holds else "no") + f" (>= {RESTORE_GOAL:g}x from {RESTORE_GOAL_MB} MB up)"]
+
+  def overhead(label, key, sign=""):
+    met = [_size(r) for r in rows if r[key] < OVERHEAD_GOAL_PCT]
+    return [label, *(f"{r[key]:{sign}.1f} %" for r in rows),
+            f"under {OVERHEAD_GOAL_PCT:g} % at " + (", ".join(met) if met else "no size")]
+
+  return records.write_markdown_table(
+      ["reading", *(_size(r) for r in rows), "goal met in this run"],
+      [restore("orbax (page cache) / warm spare", "disk_over_spare_warm"),
+       restore("orbax (disk) / warm spare", "disk_over_spare_cold"),
+       restore("orbax (page cache) / new process", "disk_over_local_warm"),
+       restore("orbax (disk) / new process", "disk_over_local_cold"),
+       overhead("snapshot time / step time", "snapshot_over_step_pct"),
+       overhead("measured overhead, snapshot after the update", "overhead_sync_pct", "+"),
+       overhead("measured overhead, snapshot in a background thread", "overhead_async_pct",
+                "+"),
+       ["snapshot copy rate (state bytes / snapshot time)",
+        *(f"{r['state_bytes'] / r['snapshot_s'] / 1e9:.1f} GB/s" for r in rows), "-"]])
+
+
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's tables from a kept result (`result["summary"]` is what `main` measured)."""
+  summary = result["summary"]
+  machine = (f"{summary['backend']} backend, {summary['cpu_count']} cores "
+             f"({summary['machine']}), jax {summary['jax']}")
+  return {"costs": f"Measured on: {machine}.\n\n" + table(summary["rows"]),
+          "goals": goals_table(summary["rows"])}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -236,7 +286,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=8, help="interleaved rounds per mode")
   parser.add_argument("--batch-size", type=int, default=1024)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--no-paper", action="store_true", help="do not touch papers/")
+  paper.add_paper_argument(parser, default_key=f"bench_checkpoint.{jax.default_backend()}")
   args = parser.parse_args(argv)
   rows = []
   with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=ROOT) as scratch:
@@ -244,15 +294,17 @@ def main(argv=None) -> int:
       rows.append(bench_size(megabytes, args.steps, args.repeats, args.batch_size,
                              Path(scratch)))
       print(table(rows[-1:]).splitlines()[-1], flush=True)
-  result = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "jax": jax.__version__, "rows": rows}
-  text = table(rows)
-  print(text)
-  if not args.no_paper:
-    records.atomic_write_json(RESULTS / "bench_checkpoint.cpu.json", result)
-    records.atomic_write_text(RESULTS / "bench_checkpoint.cpu.md", text)
-    plot(rows, ROOT / "papers" / "figures" / "bench_checkpoint.png")
-    records.replace_marked_block(PAPER, "bench:cpu", text)
+  summary = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+             "machine": platform.machine(), "jax": jax.__version__,
+             "settings": {"sizes_mb": args.sizes_mb, "steps": args.steps,
+                          "batch_size": args.batch_size, "repeats": args.repeats},
+             "rows": rows}
+  print(table(rows))
+  run_dir = paper.finish_benchmark("bench_checkpoint", PAPER_PAGE, summary, args.paper,
+                                   sys.argv[1:] if argv is None else argv)
+  plot(rows, run_dir / FIGURE)
+  if args.paper is not None:
+    shutil.copyfile(run_dir / FIGURE, ROOT / "papers" / "figures" / FIGURE)
   return 0
 
 
