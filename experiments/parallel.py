@@ -131,10 +131,11 @@ def run(config, run):
   _plot(run, results)
   worst = max(r["max_rel_diff"] for r in results.values())
   all_equal = all(r["equal_within_rtol"] for r in results.values())
-  note = (f"{config.steps} Adam steps of {len(config.models)} models x "
-          f"{len(config.strategies)} strategy sets on a {tuple(config.mesh_shape)} mesh: sliced "
-          f"= one device in {sum(r['equal_within_rtol'] for r in results.values())}/"
-          f"{len(results)} (worst rel. loss diff {worst:.1e})")
+  runs = ", ".join(results) if len(results) <= 2 else f"{len(results)} model x strategy runs"
+  note = (f"{config.steps} Adam steps, {runs} on a {tuple(config.mesh_shape)} mesh: sliced = "
+          f"one device in "
+          f"{sum(r['equal_within_rtol'] for r in results.values())}/{len(results)} (worst rel. "
+          f"loss diff {worst:.1e})")
   summary = {"training": results, "all_equal": all_equal}
   if config.bench_pairs:
     from experiments import bench_parallel  # pylint: disable=import-outside-toplevel

@@ -6,10 +6,31 @@ from experiments import run as launcher
 from research.common import config as config_lib
 
 
+def test_one_model_and_strategy_through_the_launcher(tmp_path):
+  summary = launcher.main(["configs/parallel/smoke.py", "--workdir", str(tmp_path),
+                           "--set", "models=('mlp',)", "--set", "strategies=('data_parallel',)",
+                           "--set", "steps=2", "--set", "bench_pairs=1"])
+  run_dir = next((tmp_path / "parallel").iterdir())
+  assert summary["all_equal"] is True and list(summary["training"]) == ["mlp/data_parallel"]
+  result = summary["training"]["mlp/data_parallel"]
+  # The fast counterpart of tests/parallel/test_graph.py's slow step-by-step training test.
+  assert len(result["losses"]) == 2 and result["max_rel_diff"] < 1e-4
+  assert result["reference_losses"][1] < result["reference_losses"][0]
+  assert result["collectives"] == {"all-reduce": 1}  # the loss only
+  bytes_ = summary["bytes"]
+  assert bytes_["pairs"] == 4 and bytes_["ours_worse"] == 0
+  assert summary["headline"]["value"] <= summary["headline"]["baseline_value"]
+  assert summary["headline"]["note"].startswith("2 Adam steps, mlp/data_parallel on a (2, 4) mesh")
+  assert (run_dir / "losses.png").read_bytes()[:4] == b"\x89PNG"
+  assert "## mlp / data_parallel" in (run_dir / "graphs.md").read_text()
+  tables = (run_dir / "tables.md").read_text()
+  assert "| mlp | data_parallel |" in tables and "## bytes" in tables
+
+
+@pytest.mark.slow
 def test_smoke_training_equal_and_plans_never_move_more_than_xla(tmp_path):
   summary = launcher.main(["configs/parallel/smoke.py", "--workdir", str(tmp_path),
                            "--set", "steps=3", "--set", "bench_pairs=6"])
-  run_dir = next((tmp_path / "parallel").iterdir())
   assert summary["all_equal"] is True
   assert len(summary["training"]) == 6
   for result in summary["training"].values():
@@ -20,11 +41,10 @@ def test_smoke_training_equal_and_plans_never_move_more_than_xla(tmp_path):
   bytes_ = summary["bytes"]
   assert bytes_["pairs"] == 24 and bytes_["ours_worse"] == 0
   assert summary["headline"]["value"] <= summary["headline"]["baseline_value"]
-  assert (run_dir / "losses.png").read_bytes()[:4] == b"\x89PNG"
+  assert summary["headline"]["note"].startswith("3 Adam steps, 6 model x strategy runs")
+  run_dir = next((tmp_path / "parallel").iterdir())
   assert "all-gather(dim 1 over mp)" in (run_dir / "graphs.md").read_text()
-  tables = (run_dir / "tables.md").read_text()
-  assert "| transformer_block | mixed |" in tables and "## bytes" in tables
-  assert summary["headline"]["note"].startswith("3 Adam steps of 2 models x 3 strategy sets")
+  assert "| transformer_block | mixed |" in (run_dir / "tables.md").read_text()
 
 
 @pytest.mark.parametrize("override, match", [

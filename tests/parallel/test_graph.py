@@ -29,14 +29,41 @@ def random_inputs(graph, seed):
           for i, n in enumerate(graph.inputs)}
 
 
-@pytest.mark.parametrize("build", [models.mlp, models.transformer_block])
-@pytest.mark.parametrize("strategy", models.STRATEGIES)
+def random_params(graph, seed):
+  """Nonzero biases and scales too; numpy, so no per-shape compile of the initializer (each
+  truncated-normal shape costs seconds on CPU)."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name in graph.params:
+    shape = graph.tensors[name].shape
+    scale = 1 / np.sqrt(shape[0]) if len(shape) == 2 else 0.1
+    params[name] = ((name.endswith("scale") + scale * rng.normal(size=shape))
+                    .astype(np.float32))
+  return params
+
+
+def test_init_params_shapes_and_dtypes():
+  graph, _ = models.transformer_block("mixed")
+  params = jax.eval_shape(lambda key: graph_lib.init_params(graph, key), jax.random.key(0))
+  assert set(params) == set(graph.params)
+  for name, value in params.items():
+    assert value.shape == graph.tensors[name].shape and value.dtype == graph.tensors[name].dtype
+
+
+# Every strategy on the MLP and the mixed set (all-to-all, all-gather, reduce-scatter) on the
+# transformer block by default; the block's data-parallel and Megatron sets are slow.
+@pytest.mark.parametrize("build, strategy", [
+    *[(models.mlp, strategy) for strategy in models.STRATEGIES],
+    (models.transformer_block, "mixed"),
+    *[pytest.param(models.transformer_block, strategy, marks=pytest.mark.slow)
+      for strategy in models.STRATEGIES if strategy != "mixed"]])
 def test_loss_and_gradients_equal_the_reference(mesh, build, strategy):
   graph, specs = build(strategy)
   sliced = graph_lib.partition(graph, mesh, specs)
-  params = graph_lib.init_params(graph, jax.random.key(0))
+  params = random_params(graph, 0)
   inputs = random_inputs(graph, 1)
-  want_loss, want_grads = jax.value_and_grad(graph_lib.reference_fn(graph))(params, inputs)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(graph_lib.reference_fn(graph)))(params,
+                                                                                  inputs)
   placed = jax.device_put(params, sliced.param_shardings())
   loss, grads = jax.jit(jax.value_and_grad(sliced.fn))(
       placed, jax.device_put(inputs, sliced.input_shardings()))
@@ -68,6 +95,7 @@ def test_inserted_redistributions(mesh):
   assert set(data_parallel.collectives()) == {"all-reduce"}  # only the loss
 
 
+@pytest.mark.slow  # default: tests/experiments/test_parallel.py trains through train.train
 def test_training_matches_single_device_step_by_step(mesh):
   graph, specs = models.mlp("mixed")
   sliced = graph_lib.partition(graph, mesh, specs)
