@@ -109,10 +109,11 @@ def run(config, run):
         heartbeat_timeout=config.heartbeat_timeout, warm_spare=warm_spare,
         compilation_cache=cache)
 
-  problem = worker_lib.make_problem(config.num_agents * config.workers_per_agent,
-                                    tuple(config.hidden), config.batch_size,
-                                    config.learning_rate, seed=config.seed)
-  reference = store.pack(worker_lib.reference_run(problem, config.steps))
+  with transport.compiling_into(cache):  # the jobs' processes load what the reference compiled
+    problem = worker_lib.make_problem(config.num_agents * config.workers_per_agent,
+                                      tuple(config.hidden), config.batch_size,
+                                      config.learning_rate, seed=config.seed)
+    reference = store.pack(worker_lib.reference_run(problem, config.steps))
   results, events = {}, {}
   for name in ("fault_free", "faulted"):
     faults = draw_faults(config, spec_for(name)) if name == "faulted" else []

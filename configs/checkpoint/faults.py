@@ -3,7 +3,8 @@
 newest checkpoint was corrupted.
 
   python -m experiments.run configs/checkpoint/faults.py
-  python -m experiments.run configs/checkpoint/faults.py --paper checkpoint.faults  # papers/checkpoint.md
+  # the same, kept as papers/results/checkpoint.faults.json, its table in papers/checkpoint.md:
+  python -m experiments.run configs/checkpoint/faults.py --paper checkpoint.faults
 """
 
 import ml_collections

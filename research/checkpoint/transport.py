@@ -33,6 +33,7 @@ delay heartbeats below the timeout, corrupt the newest persisted checkpoint of a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -129,6 +130,31 @@ def _use_compilation_cache(spec: JobSpec) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", spec.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@contextlib.contextmanager
+def compiling_into(cache: str):
+  """Within the block, this process's compilations also go into the jax compilation cache
+  `cache` (a `JobSpec.compilation_cache`; "": none), for a job's processes to load instead of
+  compiling; afterwards the process caches as it did before (it may run other work too).
+  """
+  if not cache:
+    yield
+    return
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  before = {name: getattr(jax.config, name) for name in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def _problem(spec: JobSpec):

@@ -21,9 +21,11 @@ FAST_STEPS = 7
 
 
 @functools.lru_cache(maxsize=None)
-def reference(num_workers: int, steps: int) -> bytes:
-  """The packed final state of the fault-free single-process run."""
-  return store.pack(worker_lib.reference_run(worker_lib.make_problem(num_workers), steps))
+def reference(num_workers: int, steps: int, cache: str = "") -> bytes:
+  """The packed final state of the fault-free single-process run; its compilations go into
+  `cache` too, for the jobs' processes to load."""
+  with transport.compiling_into(cache):
+    return store.pack(worker_lib.reference_run(worker_lib.make_problem(num_workers), steps))
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,12 @@ def test_hung_worker_is_fenced_and_restored_from_local_memory_bit_for_bit(tmp_pa
                                                                          compilation_cache):
   # (A killed worker taken over by the warm spare: tests/experiments/test_checkpoint.py.)
   spec = _fast_spec(tmp_path, compilation_cache)
+  expected = reference(2, FAST_STEPS, compilation_cache)
   faults = [transport.Fault("delay_heartbeats", 1, 1, seconds=0.5),  # slow, under the timeout
             transport.Fault("hang_worker", 0, 4, seconds=3.0)]
   lines = []
   result = transport.run_job(spec, faults, log=lines.append)
-  assert result.final_state == reference(2, FAST_STEPS)
+  assert result.final_state == expected
   assert result.replicas_equal and result.restarts == 0
   replaced = [line for line in lines if "failed (" in line]
   assert len(replaced) == 1 and "worker 0 failed (no heartbeat" in replaced[0], lines
@@ -76,9 +79,10 @@ def test_node_failure_skips_the_corrupted_checkpoint_bit_for_bit(tmp_path, compi
   # committed one (6, or 4 when the save of 6 is still in flight) is corrupted and the node
   # killed: the job restarts from the committed step before it.
   faults = [transport.Fault("corrupt_checkpoint", 0, 7), transport.Fault("kill_agent", 0, 7)]
+  expected = reference(1, FAST_STEPS, compilation_cache)
   lines = []
   result = transport.run_job(spec, faults, log=lines.append)
-  assert result.final_state == reference(1, FAST_STEPS)
+  assert result.final_state == expected
   assert result.restarts == 1
   corrupted = [re.search(r"worker_0/steps/(\d+)/", line) for line in lines
                if line.startswith("fault: corrupted")]
