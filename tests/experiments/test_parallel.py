@@ -28,8 +28,8 @@ def test_one_model_and_strategy_through_the_launcher(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_training_equal_and_plans_never_move_more_than_xla(tmp_path):
-  summary = launcher.main(["configs/parallel/smoke.py", "--workdir", str(tmp_path),
+def test_paper_setting_shrunk_training_equal_and_plans_never_move_more_than_xla(tmp_path):
+  summary = launcher.main(["configs/parallel/train.py", "--workdir", str(tmp_path),
                            "--set", "steps=3", "--set", "bench_pairs=6"])
   assert summary["all_equal"] is True
   assert len(summary["training"]) == 6
