@@ -19,33 +19,37 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import fedavg as fedavg_experiment
 from research.common import config as config_lib
 from research.common import data as data_lib
 from research.common import records
 from research.fedavg import model as model_lib
+from research.fedavg import rounds as fedavg_rounds
 from research.kquant import buckets as buckets_lib
 from research.kquant import coordinator
 from research.kquant import quantize
 from research.kquant import rounds
 
+PAPER_PAGE = "papers/kquant.md"
+
+# Every method of the comparison on the page.
+PAPER_METHODS = ("float32", "kquant:256", "kquant:16", "kquant:16+ef", "kquant:4", "kquant:4+ef",
+                 "kquant:2", "kquant:2+ef", "qsgd:4", "terngrad", "terngrad+ef", "sign", "sign+ef")
 
 
 def config_schema() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      # Data and clients.
-      "dataset": "digits",             # digits | synthetic
-      "num_clients": 100,
-      "partition": "dirichlet",        # iid | dirichlet
-      "dirichlet_alpha": 0.1,
-      # Model and local training (as the FedAvg experiment).
-      "hidden": (128,),
-      "rounds": 60,
-      "local_steps": 10,
-      "batch_size": 32,
-      "client_learning_rate": 0.05,
-      "server_learning_rate": 1.0,
-      # Compression.
-      "methods": ("float32", "kquant:16", "kquant:4+ef"),
+  """The goal setting of the page (digits, 100 clients, Dirichlet 0.1, 60 rounds, every method).
+
+  Data, clients, model and local training are the FedAvg experiment's keys (one place for their
+  defaults and meaning, experiments/fedavg.py); only the defaults of this page's main setting
+  differ. Then the compression keys.
+  """
+  schema = fedavg_experiment.config_schema()
+  del schema["centralized_steps"]  # no centralized baseline here: float32 FedAvg is the baseline
+  schema.update({"num_clients": 100, "partition": "dirichlet", "dirichlet_alpha": 0.1,
+                 "rounds": 60})
+  schema.update({
+      "methods": PAPER_METHODS,
       "headline_method": "kquant:16",
       "bucket_size": 256,
       "range_policy": "client_minmax",  # fixed | last_round | client_minmax
@@ -57,6 +61,7 @@ def config_schema() -> ml_collections.ConfigDict:
       "impl": "auto",                   # auto (pallas on GPU, reference on CPU) | pallas | reference
       "target_accuracy": 0.9,
   })
+  return schema
 
 
 def parse_method(method: str) -> tuple[str, int | None, bool]:
@@ -119,7 +124,7 @@ def run(config, run):
   common = dict(layout=layout, range_policy=config.range_policy,
                 per_tensor=config.per_tensor_range, range_margin=config.range_margin,
                 min_width=1e-6, loss_fn=model_lib.cross_entropy_loss(apply),
-                client_optimizer=optax.sgd(config.client_learning_rate, momentum=0.9),
+                client_optimizer=fedavg_rounds.client_optimizer(config.client_learning_rate),
                 server_optimizer=server_optimizer, local_steps=config.local_steps,
                 batch_size=config.batch_size)
   range_bits = coordinator.range_message_bits(layout, config.per_tensor_range)
@@ -176,31 +181,89 @@ def run(config, run):
   _plot(run, results, config)
   methods = {m: {k: v for k, v in r.items() if k not in ("accuracy_curve", "cumulative_bits")}
              for m, r in results.items()}
-  run.save_text("table.md", results_table(methods, config.target_accuracy))
   headline = results[config.headline_method]
+  partition = ("IID" if config.partition == "iid"
+               else f"Dirichlet {config.dirichlet_alpha:g}")
+  note = f"{config.dataset}, {config.num_clients} clients ({partition}), {config.rounds} rounds"
+  if "compression_vs_float32" in headline:
+    note += f"; {headline['compression_vs_float32']:.1f}x fewer uplink bits than float32"
   return {
       "headline": {"metric": f"{config.headline_method} test accuracy",
                    "value": headline["final_accuracy"],
                    "baseline": "float32 FedAvg" if baseline else config.methods[0],
-                   "baseline_value": (baseline or results[config.methods[0]])["final_accuracy"]},
+                   "baseline_value": (baseline or results[config.methods[0]])["final_accuracy"],
+                   "note": note},
       "methods": methods,
       "num_params": layout.num_params,
+      "num_buckets": layout.num_rows,
       "client_sizes": np.asarray(count).tolist(),
       "impl": _impl(config),
   }
 
 
-def results_table(methods: dict, target_accuracy: float) -> str:
-  """The per-method table of the paper page, from a summary's "methods" entry."""
-  def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+def setting_name(config: dict) -> str:
+  """A result's setting as the page's keys spell it: kquant.<dataset>_<clients>_<a0.1 | iid>."""
+  part = "iid" if config["partition"] == "iid" else f"a{config['dirichlet_alpha']}"
+  return f"{config['dataset']}_{config['num_clients']}_{part}"
 
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+  return "-" if value is None else format(value, spec) + suffix
+
+
+def results_table(methods: dict, method_order, target_accuracy: float) -> str:
+  """One setting's per-method table, from a summary's "methods" entry."""
   return records.write_markdown_table(
       ["method", "final accuracy", "gap to float32 (points)", "uplink bits / round",
        "compression vs float32", f"rounds to {target_accuracy:g}"],
-      [[m, f"{r['final_accuracy']:.4f}", fmt(r.get("accuracy_gap_points"), "+.2f"),
-        f"{r['uplink_bits_per_round']:,.0f}", fmt(r.get("compression_vs_float32"), ".1f") + "x",
-        fmt(r["rounds_to_target"], "d")] for m, r in methods.items()])
+      [[m, f"{r['final_accuracy']:.4f}", _fmt(r.get("accuracy_gap_points"), "+.2f"),
+        f"{r['uplink_bits_per_round']:,.0f}", _fmt(r.get("compression_vs_float32"), ".1f", "x"),
+        _fmt(r["rounds_to_target"], "d")] for m, r in ((m, methods[m]) for m in method_order)])
+
+
+def uplink_table(config: dict, summary: dict) -> str:
+  """What one client sends per round under each method, and where the bits go."""
+  methods = summary["methods"]
+  plain = [m for m in config["methods"] if not m.endswith("+ef")]  # +ef sends the same bits
+  rows = [[m, f"{methods[m]['uplink_bits_per_round'] / config['num_clients']:,.0f}",
+           _fmt(methods[m].get("compression_vs_float32"), ".1f", "x")] for m in plain]
+  buckets, size = summary["num_buckets"], config["bucket_size"]
+  report = ("; the client_minmax range costs each client 64 bits (a float32 min and max) per "
+            "bucket" if config["range_policy"] == "client_minmax" else "")
+  return (f"{summary['num_params']:,} parameters in {buckets} buckets of {size} "
+          f"({buckets * size:,} slots: a bucket never spans two tensors){report}.\n\n"
+          + records.write_markdown_table(
+              ["method", "uplink bits per client per round", "compression vs float32"], rows))
+
+
+def gaps_table(results) -> str:
+  """Accuracy gap to float32 (points) of every method, one column per kept setting."""
+  configs = [r["config"] for r in results]
+  methods = [r["summary"]["methods"] for r in results]
+  order = list(dict.fromkeys(m for config in configs for m in config["methods"]))
+  header = ["method", *(setting_name(c).replace("_", " ") for c in configs), "largest abs gap"]
+  rows = [["float32 final accuracy", *(_fmt(m.get("float32", {}).get("final_accuracy"), ".4f")
+                                       for m in methods), ""]]
+  for method in order:
+    if method == "float32":
+      continue
+    gaps = [m[method].get("accuracy_gap_points") if method in m else None for m in methods]
+    known = [abs(g) for g in gaps if g is not None]
+    rows.append([method, *(_fmt(g, "+.2f") for g in gaps),
+                 _fmt(max(known) if known else None, ".2f")])
+  return records.write_markdown_table(header, rows)
+
+
+def paper_tables(*results: dict) -> dict[str, str]:
+  """The page's tables from kept results: per setting `results` and `uplink` (one result), and
+  `gaps` across every result a block's key names (e.g. kquant.digits_*)."""
+  tables = {"gaps": gaps_table(results)}
+  if len(results) == 1:
+    config, summary = results[0]["config"], results[0]["summary"]
+    tables["results"] = results_table(summary["methods"], config["methods"],
+                                      config["target_accuracy"])
+    tables["uplink"] = uplink_table(config, summary)
+  return tables
 
 
 def _plot(run, results, config) -> None:
@@ -230,30 +293,3 @@ def _plot(run, results, config) -> None:
   run.save_figure("accuracy_vs_bits.png", fig)
   plt.close(fig)
 
-
-PAPER = "papers/kquant.md"
-
-
-def paper_block(config: dict) -> str:
-  """The marker in papers/kquant.md for a run's setting, e.g. table:digits_100_a0.1."""
-  part = "iid" if config["partition"] == "iid" else f"a{config['dirichlet_alpha']}"
-  return f"table:{config['dataset']}_{config['num_clients']}_{part}"
-
-
-def fill_paper(run_dirs, paper: str = PAPER) -> None:
-  """Copies each run's results table into the paper page at its setting's marker."""
-  from pathlib import Path  # pylint: disable=import-outside-toplevel
-  for run_dir in map(Path, run_dirs):
-    config = records.read_json(run_dir / "config.json")
-    methods = records.read_json(run_dir / "summary.json")["methods"]
-    table = results_table({m: methods[m] for m in config["methods"]}, config["target_accuracy"])
-    block = paper_block(config)
-    written = records.replace_marked_block(paper, block, table)
-    print(f"{run_dir} -> {block}: {'written' if written else 'no such marker'}")
-
-
-if __name__ == "__main__":
-  import sys  # pylint: disable=import-outside-toplevel
-  if len(sys.argv) < 3 or sys.argv[1] != "--paper":
-    sys.exit("usage: python -m experiments.kquant --paper RUN_DIR [RUN_DIR ...]")
-  fill_paper(sys.argv[2:])
