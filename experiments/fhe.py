@@ -310,7 +310,8 @@ def paper_tables(result: dict) -> dict[str, str]:
            f"{simulate['gap_points']:.1f}",
            "-" if execute is None else
            f"{execute['seconds_per_iteration']:.2f} ({execute['features']} features, "
-           f"{summary['machine']['cpus']} CPUs)"]]
+           f"{summary['machine']['cpus']} CPUs at load "
+           f"{np.mean(summary['machine']['load_average_1min']):.0f})"]]
   if len(seeds) > 1:
     accuracies = [s["test"]["accuracy"] for s in seeds]
     gaps = [s["gap_points"] for s in seeds]
