@@ -1,5 +1,6 @@
 """The checkpoint experiment through the launcher: both jobs end bit for bit on the reference."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,15 @@ def test_node_failure_through_the_launcher_skips_the_corrupted_checkpoint(tmp_pa
   assert {f["kind"] for f in faulted["faults"]} == {"kill_worker", "kill_agent",
                                                     "corrupt_checkpoint"}
   events = (run_dir / "events.log").read_text()
-  assert "skip persisted step" in events and "corrupted" in events
-  assert "restoring every worker from persisted step" in events
+  corrupted = re.search(r"fault: corrupted persistent/worker_\d+/steps/(\d+)/", events)
+  assert corrupted, events
+  assert re.search(rf"skip persisted step {corrupted[1]} of worker_\d+: .*\(corrupted\)", events)
+  # The restart goes to an older committed step, or to the start when the corrupted step was
+  # the only one committed (the newer save still in flight on a loaded machine).
+  restart = re.search(r"restoring every worker from persisted step (\d+)|no committed checkpoint",
+                      events)
+  assert restart and int(restart[1] or 0) < int(corrupted[1]), events
+  # The worker killed at the node failure's step may be restored before the job restarts.
   assert all(r.startswith(("warm spare, ", "new process, ")) for r in faulted["local_restores"])
 
 
