@@ -5,22 +5,30 @@ cosine decay) on random patches of the bundled training photographs:
 (a) two_stage: global parameters from the downscaled image drive a full-resolution non-local
     CNN; (b) plain: the same CNN without non-local operations, widened to about the same
     parameter count; (c) full_nonlocal: a full-resolution non-local block (O(N^2)), trained and
-    evaluated at `full_nonlocal_sigmas` only (cost); and evaluates on the held-out photographs (center crops,
-    denoised as tiles of `tile` pixels) against (d) the noisy input and scikit-image's
-    non-local means (`denoise_nl_means`, h = 0.8 sigma, fast mode, the estimated-sigma recipe of
-    its docs). PSNR and SSIM per image and mean; example images saved.
+    evaluated at `full_nonlocal_sigmas` only (cost); and evaluates on the held-out photographs
+    (center crops, denoised as tiles of `tile` pixels) against (d) the noisy input and
+    scikit-image's non-local means (`denoise_nl_means`, h = 0.8 sigma, fast mode, the
+    estimated-sigma recipe of its docs). PSNR and SSIM per image and mean; example images saved.
+
+`save_params` writes each trained model's params to the run folder as
+`<model>_sigma<sigma>.npz`; `init_params` names a folder of such files to start from (with
+`steps=0`: evaluate saved models only, as the demo's row does with papers/artifacts/nonlocal_cnn/).
 
   python -m experiments.run configs/nonlocal_cnn/smoke.py
-  python -m experiments.run configs/nonlocal_cnn/denoise.py
+  python -m experiments.run configs/nonlocal_cnn/denoise.py [--set ...] --paper nonlocal_cnn.<key>
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from research.common import config as config_lib
 from research.common import records
+
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("two_stage", "plain", "full_nonlocal", "nl_means", "noisy")
 
@@ -29,9 +37,9 @@ def config_schema() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "sigmas": (15.0, 25.0, 50.0),
       "models": ("two_stage", "plain", "full_nonlocal"),
-      "steps": 1500,
-      "batch_size": 8,
-      "patch_size": 40,
+      "steps": 2000,               # Adam steps per model and noise level (0: evaluate only)
+      "batch_size": 16,
+      "patch_size": 48,
       "learning_rate": 1e-3,
       "features": 32,
       "depth": 6,
@@ -41,14 +49,22 @@ def config_schema() -> ml_collections.ConfigDict:
       "tile": 128,                 # evaluation tile (every model sees the same tiles)
       "eval_impl": "pallas",       # two-stage attention at evaluation (interpret on CPU)
       "full_nonlocal_sigmas": (25.0,),  # (c) is O(N^2): trained at these noise levels only
+      "save_params": False,        # write each trained model's params to the run folder
+      "init_params": "",           # folder of saved params (relative: to the repository) to
+                                   # start from instead of a random initialization
   })
 
 
 def validate_config(config) -> None:
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
-  config_lib.check_positive(config, "steps", "batch_size", "patch_size", "learning_rate",
+  config_lib.check_positive(config, "batch_size", "patch_size", "learning_rate",
                             "features", "depth", "factor", "global_depth", "test_size", "tile")
   config_lib.check_choice(config, "eval_impl", model.IMPLS)
+  if config.steps < 0:
+    raise config_lib.ConfigError(f"config key 'steps': got {config.steps}, expected >= 0")
+  if config.init_params and not params_folder(config).is_dir():
+    raise config_lib.ConfigError(f"config key 'init_params': got {config.init_params!r}, "
+                                 "expected a folder of saved params (see save_params)")
   unknown = [m for m in config.models if m not in model.MODELS]
   if unknown or not config.models:
     raise config_lib.ConfigError(f"config key 'models': got {tuple(config.models)}, expected a "
@@ -72,6 +88,39 @@ def model_kwargs(kind: str, config, two_stage_params: int) -> dict:
   if kind == "plain":  # equal parameter count: widen the trunk
     kwargs["features"] = model.plain_features_matching(two_stage_params, 1, config.depth)
   return kwargs
+
+
+def params_folder(config) -> Path:
+  """`init_params` as a path (a relative one is relative to the repository)."""
+  return ROOT / config.init_params
+
+
+def params_file(kind: str, sigma: float) -> str:
+  """The file name a model's params are saved under (save_params) and loaded from (init_params)."""
+  return f"{kind}_sigma{sigma:g}.npz"
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+  """Params as {path: array}, the layout of a saved .npz."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def load_params(path, like):
+  """Params saved by `save_params`, in the structure of `like` (same paths and shapes)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  with np.load(path) as saved:
+    expected = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in leaves}
+    got = {k: saved[k].shape for k in saved.files}
+    differ = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
+    if differ:
+      raise ValueError(f"{path}: saved params do not fit the model ({len(differ)} paths differ "
+                       f"in presence or shape, e.g. {differ[0]}: saved {got.get(differ[0])}, "
+                       f"model {expected.get(differ[0])})")
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(saved[k]) for k in expected])
 
 
 def tiles(image: np.ndarray, tile: int) -> np.ndarray:
@@ -112,11 +161,11 @@ def run(config, run):
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   from research.nonlocal_cnn import train  # pylint: disable=import-outside-toplevel
 
-  train_images = data.train_images()
+  train_images = data.train_images() if config.steps else None
   test_images = data.test_images(config.test_size)
   two_stage_params = model.param_count(model.build(
-      "two_stage", config.seed, channels=1, features=config.features, depth=config.depth,
-      factor=config.factor, global_depth=config.global_depth)[1])
+      "two_stage", config.seed, abstract=True, channels=1, features=config.features,
+      depth=config.depth, factor=config.factor, global_depth=config.global_depth)[1])
   results = {}
   examples = {}
   for sigma in config.sigmas:
@@ -129,8 +178,12 @@ def run(config, run):
       if kind == "full_nonlocal" and sigma not in config.full_nonlocal_sigmas:
         continue
       kwargs = model_kwargs(kind, config, two_stage_params)
-      apply, params, _ = model.build(kind, config.seed, impl="reference", **kwargs)
+      # Saved params need no random initialization: only the shapes they must fit.
+      apply, params, _ = model.build(kind, config.seed, impl="reference",
+                                     abstract=bool(config.init_params), **kwargs)
       params_count[kind] = model.param_count(params)
+      if config.init_params:
+        params = load_params(params_folder(config) / params_file(kind, sigma), params)
       tx = train.optimizer(config.learning_rate, config.steps)
       step = train.train_step(apply, tx)
       opt_state = tx.init(params)
@@ -142,10 +195,12 @@ def run(config, run):
         params, opt_state, loss = step(params, opt_state, noisy, clean)
         if i % 50 == 0 or i == config.steps - 1:
           run.log(i, sigma=sigma, model=kind, loss=float(loss))
+      if config.save_params and run.workdir is not None:
+        records.atomic_save_npz(run.workdir / params_file(kind, sigma), **flat_params(params))
       # (c) runs its N^2 self-attention with the jnp reference (fits at the tile size; the
-      # interpreted kernel would take minutes per tile on CPU).
+      # interpreted kernel would walk an N^2 grid of blocks in Python on CPU).
       impl = config.eval_impl if kind == "two_stage" else "reference"
-      eval_apply = model.build(kind, config.seed, impl=impl, **kwargs)[0]
+      eval_apply = model.build(kind, config.seed, impl=impl, abstract=True, **kwargs)[0]
       denoise = jax.jit(eval_apply)
       outputs[kind] = {}
       for name, noisy in noisy_test.items():
@@ -159,33 +214,79 @@ def run(config, run):
         "mean_ssim": {m: float(np.mean([s for _, s in v.values()])) for m, v in measured.items()},
         "params": params_count}
     examples[sigma] = (test_images, outputs, measured)
-  table = results_table(results)
-  run.save_text("table.md", table)
-  print(table)
+  print(results_table(results))
   _plot_examples(run, examples)
   key = "25" if "25" in results else next(iter(results))
   mean = results[key]["mean_psnr"]
   model = next(m for m in ("two_stage", *config.models) if m in mean)  # a run may skip (a)
   best_other = max(v for m, v in mean.items() if m != model)
+  origin = (f"{config.steps} training steps" if not config.init_params else
+            f"params from {config.init_params}, {config.steps} more training steps here")
   return {
       "headline": {
           "metric": f"mean PSNR (dB), {model.replace('_', '-')}, sigma {key}", "value":
           mean[model],
-          "baseline": "plain CNN, equal parameters", "baseline_value":
-          mean.get("plain", float("nan")),
-          "note": (f"NL-means {mean['nl_means']:.2f}, noisy {mean['noisy']:.2f}, best other "
-                   f"{best_other:.2f} dB; held-out {', '.join(data.TEST_IMAGES)}")},
+          # The plain CNN when the run has it, else non-local means (always evaluated).
+          "baseline": ("plain CNN, equal parameters" if "plain" in mean and model != "plain"
+                       else "non-local means"),
+          "baseline_value": mean["plain"] if "plain" in mean and model != "plain" else
+          mean["nl_means"],
+          "note": (f"{origin}; NL-means {mean['nl_means']:.2f}, noisy {mean['noisy']:.2f}, "
+                   f"best other {best_other:.2f} dB; held-out {config.test_size}^2 crops of "
+                   f"{', '.join(data.TEST_IMAGES)}")},
       "results": results,
   }
 
 
+PAPER_PAGE = "papers/nonlocal_cnn.md"
+
+
+def paper_tables(result: dict) -> dict[str, str]:
+  """The page's tables from a kept result: `denoising` (every method at every noise level) and
+  `claims` (the two-stage model's margins, which the prose quotes)."""
+  config, summary = result["config"], result["summary"]
+  training = (f"{config['steps']} Adam steps x {config['batch_size']} patches of "
+              f"{config['patch_size']}^2 per model")
+  if config.get("init_params"):
+    training = (f"params loaded from `{config['init_params']}`, "
+                + (f"then {training}" if config["steps"] else "no training in this run"))
+  setting = (f"Seed {config['seed']}, {training}; held-out {config['test_size']}^2 center "
+             f"crops as {config['tile']}^2 tiles; {summary['seconds'] / 60:.1f} minutes of wall "
+             "time in all.")
+  return {"denoising": setting + "\n\n" + results_table(summary["results"]),
+          "claims": claims_table(summary["results"])}
+
+
+def claims_table(results: dict) -> str:
+  """The readings the page's prose quotes: the two-stage model (a) against each other method."""
+  rows = []
+  for sigma, r in _by_sigma(results):
+    if "two_stage" not in r["mean_psnr"]:
+      continue
+    ours = r["scores"]["two_stage"]
+    for other in (m for m in METHODS if m in r["mean_psnr"] and m != "two_stage"):
+      ahead = [n for n in sorted(ours) if ours[n]["psnr"] > r["scores"][other][n]["psnr"]]
+      rows.append((sigma, other,
+                   f"{r['mean_psnr']['two_stage'] - r['mean_psnr'][other]:+.2f}",
+                   f"{r['mean_ssim']['two_stage'] - r['mean_ssim'][other]:+.3f}",
+                   f"{len(ahead)} of {len(ours)}" + (f" ({', '.join(ahead)})" if ahead else "")))
+  return records.write_markdown_table(
+      ("sigma", "two-stage (a) vs", "mean PSNR difference (dB)", "mean SSIM difference",
+       "images where (a) has the higher PSNR"), rows)
+
+
+def _by_sigma(results: dict) -> list:
+  """(sigma, result) in increasing noise (a kept result's keys are sorted as strings)."""
+  return sorted(results.items(), key=lambda item: float(item[0]))
+
+
 def results_table(results: dict) -> str:
   rows = []
-  for sigma, r in results.items():
+  for sigma, r in _by_sigma(results):
     for method in METHODS:
       if method not in r["mean_psnr"]:
         continue
-      per_image = ", ".join(f"{n} {v['psnr']:.2f}" for n, v in r["scores"][method].items())
+      per_image = ", ".join(f"{n} {v['psnr']:.2f}" for n, v in sorted(r["scores"][method].items()))
       rows.append((sigma, method, r["params"].get(method, "-"), f"{r['mean_psnr'][method]:.2f}",
                    f"{r['mean_ssim'][method]:.3f}", per_image))
   return records.write_markdown_table(
@@ -212,28 +313,3 @@ def _plot_examples(run, examples) -> None:
     fig.tight_layout()
     run.save_figure(f"examples_sigma{sigma:g}.png", fig)
     plt.close(fig)
-
-
-PAPER = "papers/nonlocal_cnn.md"
-
-
-def fill_paper(run_dirs, paper: str = PAPER) -> None:
-  """Copies the tables of one or more runs into the paper page's `table:denoising` block."""
-  from pathlib import Path  # pylint: disable=import-outside-toplevel
-  parts = []
-  for run_dir in map(Path, run_dirs):
-    summary = records.read_json(run_dir / "summary.json")
-    config = records.read_json(run_dir / "config.json")
-    parts.append(f"Run `{run_dir.name}` (sigmas {tuple(config['sigmas'])}, "
-                 f"{config['steps']} steps x {config['batch_size']} patches of "
-                 f"{config['patch_size']}^2):\n\n" + results_table(summary["results"]))
-  written = records.replace_marked_block(paper, "table:denoising", "\n".join(parts))
-  print(f"{', '.join(map(str, run_dirs))} -> {paper}: "
-        f"{'written' if written else 'no table:denoising marker'}")
-
-
-if __name__ == "__main__":
-  import sys  # pylint: disable=import-outside-toplevel
-  if len(sys.argv) < 3 or sys.argv[1] != "--paper":
-    sys.exit("usage: python -m experiments.nonlocal_cnn --paper RUN_DIR [RUN_DIR ...]")
-  fill_paper(sys.argv[2:])

@@ -14,9 +14,9 @@
     positions, O(N^2)).
 
 Images are NHWC float32. `impl` picks the attention: "reference" (jnp, materializes the scores;
-used for training on CPU, where the Pallas interpreter costs about 2 ms per grid step) or
-"pallas" (kernels/nonlocal_attention.py, O(N) memory; interpret mode on CPU). Both compute the
-same function (tests/kernels).
+used for training on CPU, where the Pallas interpreter walks the kernel's grid step by step) or
+"pallas" (kernels/nonlocal_attention.py, O(N) memory; interpret mode on CPU), the `impl=` of
+`nonlocal_attention`. Both compute the same function (tests/kernels).
 """
 
 from __future__ import annotations
@@ -179,19 +179,26 @@ class FullNonLocal(nnx.Module):
 
 
 def param_count(params: Params) -> int:
-  return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+  """Number of parameters (of arrays or of `build(..., abstract=True)` shapes)."""
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
-def build(kind: str, seed: int, **kwargs) -> tuple[Callable, Params, nnx.Module]:
-  """(apply(params, x), params, module) for `kind` in MODELS."""
+def build(kind: str, seed: int, *, abstract: bool = False, **kwargs
+          ) -> tuple[Callable, Params, nnx.Module]:
+  """(apply(params, x), params, module) for `kind` in MODELS.
+
+  abstract: params (and module) as shapes only (`jax.ShapeDtypeStruct`), nothing initialized or
+    compiled: for counting parameters or for loading saved ones.
+  """
   classes = {"two_stage": TwoStage, "plain": Plain, "full_nonlocal": FullNonLocal}
   if kind not in classes:
     raise ValueError(f"model {kind!r}: expected one of {MODELS}")
   # Stage-one settings mean nothing to the one-stage models; (b) has no attention at all.
   drop = {"two_stage": (), "plain": ("factor", "global_depth", "impl"),
           "full_nonlocal": ("factor", "global_depth")}[kind]
-  module = classes[kind](rngs=nnx.Rngs(seed), **{k: v for k, v in kwargs.items()
-                                                  if k not in drop})
+  make = lambda: classes[kind](rngs=nnx.Rngs(seed), **{k: v for k, v in kwargs.items()
+                                                         if k not in drop})
+  module = nnx.eval_shape(make) if abstract else make()
   graphdef, params = nnx.split(module, nnx.Param)
 
   def apply(params: Params, x: jax.Array) -> jax.Array:

@@ -1,26 +1,94 @@
-"""The nonlocal_cnn experiment through the launcher: tables, pictures, refusals."""
+"""The nonlocal_cnn experiment through the launcher: tables, pictures, saved params, refusals."""
 
+import numpy as np
 import pytest
 
+from experiments import nonlocal_cnn
 from experiments import run as launcher
 from research.common import config as config_lib
+from research.common import records
+
+TINY = ["--set", "test_size=64", "--set", "tile=64", "--set", "batch_size=2", "--set",
+        "patch_size=16"]
 
 
-def test_smoke_trains_evaluates_and_saves_examples(tmp_path):
+def test_trains_evaluates_and_saves_params_and_examples(tmp_path):
+  """The default path at a tiny size, (a) only: train, save params, evaluate, tables, picture."""
   summary = launcher.main(["configs/nonlocal_cnn/smoke.py", "--workdir", str(tmp_path),
-                           "--set", "steps=3", "--set", "test_size=64", "--set", "tile=64",
-                           "--set", "batch_size=2", "--set", "patch_size=16"])
+                           "--set", "steps=2", "--set", "save_params=True", "--set",
+                           "init_params=", "--set", "models=('two_stage',)", *TINY])
   run_dir = next((tmp_path / "nonlocal_cnn").iterdir())
+  result = summary["results"]["25"]
+  assert set(result["mean_psnr"]) == {"two_stage", "nl_means", "noisy"}
+  assert result["mean_psnr"]["nl_means"] > result["mean_psnr"]["noisy"] + 3
+  assert 19 < result["mean_psnr"]["noisy"] < 22  # sigma 25 on [0, 1] images: about 20.2 dB
+  assert (run_dir / "examples_sigma25.png").read_bytes()[:4] == b"\x89PNG"
+  assert summary["headline"]["metric"] == "mean PSNR (dB), two-stage, sigma 25"
+  assert summary["headline"]["note"].startswith("2 training steps")
+  # The launcher's tables.md is paper_tables of this run's config and summary (as kept).
+  tables = nonlocal_cnn.paper_tables({"config": records.read_json(run_dir / "config.json"),
+                                      "summary": records.read_json(run_dir / "summary.json")})
+  assert set(tables) == {"denoising", "claims"}
+  text = (run_dir / "tables.md").read_text()
+  assert all(table in text for table in tables.values())
+  assert f"| 25 | two_stage | {result['params']['two_stage']} |" in tables["denoising"]
+  assert "| 25 | nl_means |" in tables["claims"] and "| 25 | noisy |" in tables["claims"]
+  with np.load(run_dir / "two_stage_sigma25.npz") as saved:
+    assert sum(saved[k].size for k in saved.files) == result["params"]["two_stage"] == 81281
+  assert not (run_dir / "plain_sigma25.npz").exists()
+
+
+@pytest.mark.slow
+def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
+  """(a) and (b), trained and saved; a second run from the saved params (steps=0) scores the
+  same. Fast counterparts: the test above and test_saved_params_round_trip."""
+  summary = launcher.main(["configs/nonlocal_cnn/smoke.py", "--workdir", str(tmp_path / "a"),
+                           "--set", "steps=3", "--set", "save_params=True", "--set",
+                           "init_params=", *TINY])
+  run_dir = next((tmp_path / "a" / "nonlocal_cnn").iterdir())
   result = summary["results"]["25"]
   assert set(result["mean_psnr"]) == {"two_stage", "plain", "nl_means", "noisy"}
   # The plain baseline is widened to the two-stage parameter count (within 3 %).
   assert abs(result["params"]["plain"] - result["params"]["two_stage"]) < \
       0.03 * result["params"]["two_stage"]
-  assert result["mean_psnr"]["nl_means"] > result["mean_psnr"]["noisy"] + 3
-  assert 19 < result["mean_psnr"]["noisy"] < 22  # sigma 25 on [0, 1] images: about 20.2 dB
-  assert (run_dir / "examples_sigma25.png").read_bytes()[:4] == b"\x89PNG"
-  assert "| 25 | two_stage |" in (run_dir / "table.md").read_text()
   assert summary["headline"]["baseline"] == "plain CNN, equal parameters"
+  claims = (run_dir / "tables.md").read_text()
+  assert "| 25 | plain |" in claims
+  for kind in ("two_stage", "plain"):
+    with np.load(run_dir / f"{kind}_sigma25.npz") as saved:
+      assert sum(saved[k].size for k in saved.files) == result["params"][kind]
+  again = launcher.main(["configs/nonlocal_cnn/smoke.py", "--workdir", str(tmp_path / "b"),
+                         "--set", "steps=0", "--set", f"init_params={run_dir}", *TINY])
+  for kind in ("two_stage", "plain", "noisy", "nl_means"):
+    assert again["results"]["25"]["mean_psnr"][kind] == pytest.approx(
+        result["mean_psnr"][kind], rel=1e-6, abs=1e-6), kind
+  assert again["headline"]["note"].startswith(f"params from {run_dir}, 0 more training steps")
+
+
+def test_saved_params_round_trip(tmp_path):
+  """flat_params -> .npz -> load_params gives the model's params back, in its structure."""
+  from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  _, shapes, _ = model.build("two_stage", 0, abstract=True, features=8, depth=2)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+  records.atomic_save_npz(tmp_path / "p.npz", **nonlocal_cnn.flat_params(params))
+  loaded = nonlocal_cnn.load_params(tmp_path / "p.npz", shapes)
+  assert jax.tree.structure(loaded) == jax.tree.structure(shapes)
+  got, want = jax.tree.leaves(loaded), jax.tree.leaves(params)
+  assert len(got) == len(want) > 10
+  assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def test_saved_params_must_fit_the_model(tmp_path):
+  like = nonlocal_cnn.flat_params({"w": np.zeros((3, 4), np.float32)})
+  records.atomic_save_npz(tmp_path / "p.npz", **like)
+  import jax  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"saved params do not fit the model \(1 paths differ"):
+    nonlocal_cnn.load_params(tmp_path / "p.npz", {"w": jax.ShapeDtypeStruct((3, 5), np.float32)})
+  loaded = nonlocal_cnn.load_params(tmp_path / "p.npz",
+                                    {"w": jax.ShapeDtypeStruct((3, 4), np.float32)})
+  assert loaded["w"].shape == (3, 4)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -28,7 +96,9 @@ def test_smoke_trains_evaluates_and_saves_examples(tmp_path):
     ("test_size=100", r"'test_size': got 100, expected a multiple of tile=128"),
     ("models=('unet',)", r"'models': got \('unet',\)"),
     ("sigmas=(0.0,)", r"'sigmas': got \(0.0,\), expected positive"),
-    ("eval_impl=cuda", r"'eval_impl': got 'cuda', expected one of 'reference', 'pallas'"),
+    ("eval_impl=cuda", r"'eval_impl': got 'cuda', expected one of 'pallas', 'reference'"),
+    ("steps=-1", r"'steps': got -1, expected >= 0"),
+    ("init_params=no/such/folder", r"'init_params': got 'no/such/folder', expected a folder"),
 ])
 def test_bad_config_is_refused(tmp_path, override, match):
   with pytest.raises(config_lib.ConfigError, match=match):
