@@ -88,7 +88,11 @@ def run(config, run):
   _plot(run, accuracies, central_accuracy, config)
   return {
       "headline": {"metric": "FedAvg test accuracy", "value": accuracies[-1],
-                   "baseline": "centralized", "baseline_value": central_accuracy},
+                   "baseline": "centralized", "baseline_value": central_accuracy,
+                   "note": (f"{config.dataset}, {config.num_clients} {config.partition} clients, "
+                            f"{config.rounds} rounds x {config.local_steps} local steps; "
+                            f"centralized: {config.centralized_steps} steps on the pooled "
+                            "data")},
       "final_test_accuracy": accuracies[-1],
       "best_test_accuracy": max(accuracies),
       "centralized_test_accuracy": central_accuracy,
