@@ -219,9 +219,11 @@ def run(config, run):
   key = "25" if "25" in results else next(iter(results))
   mean = results[key]["mean_psnr"]
   model = next(m for m in ("two_stage", *config.models) if m in mean)  # a run may skip (a)
-  best_other = max(v for m, v in mean.items() if m != model)
-  origin = (f"{config.steps} training steps" if not config.init_params else
-            f"params from {config.init_params}, {config.steps} more training steps here")
+  origin = f"{config.steps} training steps"
+  if config.init_params:
+    origin = (f"params trained earlier, loaded from {config.init_params}; "
+              + (f"then {origin}" if config.steps else "no training in this run"))
+  best = max((m for m in mean if m != model), key=mean.get)
   return {
       "headline": {
           "metric": f"mean PSNR (dB), {model.replace('_', '-')}, sigma {key}", "value":
@@ -231,8 +233,9 @@ def run(config, run):
                        else "non-local means"),
           "baseline_value": mean["plain"] if "plain" in mean and model != "plain" else
           mean["nl_means"],
-          "note": (f"{origin}; NL-means {mean['nl_means']:.2f}, noisy {mean['noisy']:.2f}, "
-                   f"best other {best_other:.2f} dB; held-out {config.test_size}^2 crops of "
+          "note": (f"{origin}; NL-means {mean['nl_means']:.2f}, noisy {mean['noisy']:.2f}"
+                   + ("" if best == "nl_means" else f", best other ({best}) {mean[best]:.2f}")
+                   + f" dB; held-out {config.test_size}^2 crops of "
                    f"{', '.join(data.TEST_IMAGES)}")},
       "results": results,
   }

@@ -62,7 +62,8 @@ def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
   for kind in ("two_stage", "plain", "noisy", "nl_means"):
     assert again["results"]["25"]["mean_psnr"][kind] == pytest.approx(
         result["mean_psnr"][kind], rel=1e-6, abs=1e-6), kind
-  assert again["headline"]["note"].startswith(f"params from {run_dir}, 0 more training steps")
+  assert again["headline"]["note"].startswith(
+      f"params trained earlier, loaded from {run_dir}; no training in this run; NL-means")
 
 
 def test_saved_params_round_trip(tmp_path):
