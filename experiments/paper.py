@@ -80,7 +80,7 @@ def keep(key: str, *, module: str, page: str, command: str, summary: dict[str, A
   """
   result = {"format": FORMAT, "key": check_key(key), "module": module, "page": page,
             "command": command, "config": config, "summary": summary,
-            "environment": (versions_lib.resolved_versions() if environment is None
+            "environment": (versions_lib.environment() if environment is None
                             else environment)}
   return records.atomic_write_json(result_path(key), result)
 
@@ -177,8 +177,10 @@ def fill(keys: Sequence[str] = (), pages: Iterable[Path] | None = None) -> list[
     text = page.read_text(encoding="utf-8")
 
     def replace(match):
-      if keys and not any(fnmatch.fnmatchcase(k, match["key"]) or k == match["key"]
-                          for k in keys):
+      # A key names a block when either is a glob matching the other ('kquant.*' or a block
+      # key 'kquant.synthetic_*').
+      if keys and not any(fnmatch.fnmatchcase(k, match["key"]) or
+                          fnmatch.fnmatchcase(match["key"], k) for k in keys):
         return match.group(0)
       written.append(f"{_shown(page)}: {match['key']}#{match['table']}")
       return (f"<!-- paper:{match['key']}#{match['table']} -->\n"

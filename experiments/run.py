@@ -184,7 +184,7 @@ def run_in_this_process(args) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     # The resolved config, plus the package versions it ran with (not a config key).
     records.atomic_write_json(workdir / "config.json",
-                              dict(config.to_dict(), environment=versions.resolved_versions()))
+                              dict(config.to_dict(), environment=versions.environment()))
     print(f"run folder: {workdir}", flush=True)
   run = Run(workdir, is_main)
   start = time.perf_counter()

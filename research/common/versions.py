@@ -9,11 +9,13 @@ built from, as recorded by scripts/ensure_venv.sh in the environment's stamp.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
             "ml-collections", "scikit-learn", "scikit-image", "concrete-ml", "concrete-python",
@@ -50,3 +52,28 @@ def lock_sha256(prefix: str | Path | None = None) -> str | None:
   if fields and re.fullmatch(r"[0-9a-f]{64}", fields[0]):
     return fields[0]
   return None
+
+
+def machine_description() -> dict[str, Any]:
+  """The host a CPU result was made on: XLA compiles CPU code for the host's vector ISA, so
+  float results can differ between machines (seen for K-quant's +ef and sign methods)."""
+  description: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count()}
+  try:
+    cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+  except OSError:
+    return description
+  for line in cpuinfo.splitlines():
+    name, _, value = line.partition(":")
+    if name.strip() == "model name" and "cpu_model" not in description:
+      description["cpu_model"] = value.strip()
+    if name.strip() == "flags" and "vector_isa" not in description:
+      flags = set(value.split())
+      description["vector_isa"] = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f",
+                                               "avx512_bf16", "amx_tile") if f in flags]
+  return description
+
+
+def environment() -> dict[str, Any]:
+  """What a run records beside its config: package versions, the lock it was built from, the
+  host."""
+  return dict(resolved_versions(), lock_sha256=lock_sha256(), host=machine_description())
