@@ -44,7 +44,7 @@ def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
   same. Fast counterparts: the test above and test_saved_params_round_trip."""
   summary = launcher.main(["configs/nonlocal_cnn/smoke.py", "--workdir", str(tmp_path / "a"),
                            "--set", "steps=3", "--set", "save_params=True", "--set",
-                           "init_params=", *TINY])
+                           "init_params=", "--set", "models=('two_stage','plain')", *TINY])
   run_dir = next((tmp_path / "a" / "nonlocal_cnn").iterdir())
   result = summary["results"]["25"]
   assert set(result["mean_psnr"]) == {"two_stage", "plain", "nl_means", "noisy"}
@@ -58,7 +58,8 @@ def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
     with np.load(run_dir / f"{kind}_sigma25.npz") as saved:
       assert sum(saved[k].size for k in saved.files) == result["params"][kind]
   again = launcher.main(["configs/nonlocal_cnn/smoke.py", "--workdir", str(tmp_path / "b"),
-                         "--set", "steps=0", "--set", f"init_params={run_dir}", *TINY])
+                         "--set", "steps=0", "--set", f"init_params={run_dir}", "--set",
+                         "models=('two_stage','plain')", *TINY])
   for kind in ("two_stage", "plain", "noisy", "nl_means"):
     assert again["results"]["25"]["mean_psnr"][kind] == pytest.approx(
         result["mean_psnr"][kind], rel=1e-6, abs=1e-6), kind
