@@ -18,6 +18,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import shlex
 import socket
 import subprocess
 import sys
@@ -249,11 +250,18 @@ def run_local_processes(args) -> dict[str, Any]:
   return dict(records.read_json(run_dir / "summary.json"), run_dir=str(run_dir))
 
 
+def _shell_word(text: str) -> str:
+  """`text` as one shell word: bare when safe, else in double quotes when that suffices."""
+  quoted = shlex.quote(text)
+  if quoted == text or any(c in text for c in '"$`\\!'):
+    return quoted
+  return f'"{text}"'
+
+
 def command_line(args) -> str:
   """The command that reproduces a run (what a kept result records)."""
   words = ["python -m experiments.run", str(args.config)]
-  words += [f"--set {override}" if " " not in override and "'" not in override
-            else f'--set "{override}"' for override in args.set]
+  words += [f"--set {_shell_word(override)}" for override in args.set]
   if args.processes > 1:
     words += [f"--processes {args.processes}"]
   if args.cpu_devices is not None:
