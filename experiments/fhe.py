@@ -59,8 +59,8 @@ def config_schema() -> ml_collections.ConfigDict:
 PAPER_PAGE = "papers/fhe.md"
 
 # concrete-ml's own notebook (zama-ai/concrete-ml, docs/advanced_examples/
-# LogisticRegressionTraining.ipynb), on breast cancer as this page first cited it for concrete-ml
-# 1.9: citations, not results of ours (a later version of the notebook trains on Iris).
+# LogisticRegressionTraining.ipynb) on breast cancer, as papers/fhe.md has cited it since
+# concrete-ml 1.9: citations, not results of ours (a later version of the notebook uses Iris).
 PUBLISHED = {
     "source": "concrete-ml notebook LogisticRegressionTraining.ipynb",
     "features": 30,                    # all of them, as our simulated run
