@@ -12,7 +12,8 @@ JAX_STACK = {"jax", "jaxlib", "flax", "optax", "orbax", "chex", "ml_collections"
 FHE_STACK = {"concrete", "torch", "brevitas"}
 # Modules the FHE environment may import from the main tree: numpy/scikit-learn only.
 SHARED_WITH_FHE = [REPO / "research" / "common" / "data.py",
-                   REPO / "research" / "common" / "records.py"]
+                   REPO / "research" / "common" / "records.py",
+                   REPO / "research" / "common" / "versions.py"]
 
 
 def imported_roots(path: Path) -> set[str]:
