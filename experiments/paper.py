@@ -208,6 +208,12 @@ def keep_and_fill(key: str, **result: Any) -> None:
           f"  <!-- paper:{key}#{table} -->\n  <!-- /paper:{key}#{table} -->")
 
 
+def write_run_tables(run_dir: Path, tables: dict[str, str]) -> Path:
+  """A run folder's tables.md: every table its module's paper_tables makes of the run."""
+  return records.atomic_write_text(run_dir / "tables.md", "".join(
+      f"## {name}\n\n{text}\n" for name, text in tables.items()))
+
+
 def add_paper_argument(parser: argparse.ArgumentParser, default_key: str) -> None:
   """The `--paper [KEY]` flag every benchmark takes (KEY defaults to `default_key`)."""
   parser.add_argument("--paper", nargs="?", const=default_key, default=None, metavar="KEY",
@@ -228,9 +234,7 @@ def finish_benchmark(name: str, page: str, summary: dict[str, Any], paper_key: s
   summary = records.to_jsonable(summary)
   run_dir = launcher.new_run_dir(Path(workdir), name)
   records.atomic_write_json(run_dir / "summary.json", summary)
-  tables = _tables_fn(module)({"summary": summary, "config": None})
-  records.atomic_write_text(run_dir / "tables.md", "".join(
-      f"## {table}\n\n{text}\n" for table, text in tables.items()))
+  write_run_tables(run_dir, _tables_fn(module)({"summary": summary, "config": None}))
   print(f"run folder: {run_dir}")
   if paper_key is not None:
     command = " ".join([f"python -m {module}", *argv])

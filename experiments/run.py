@@ -199,10 +199,9 @@ def run_in_this_process(args) -> dict[str, Any]:
   if is_main:
     records.atomic_write_json(workdir / "summary.json", summary)
     if callable(getattr(module, "paper_tables", None)):
-      tables = module.paper_tables({"config": config.to_dict(), "summary":
-                                    records.to_jsonable(summary)})
-      run.save_text("tables.md", "".join(f"## {name}\n\n{text}\n" for name, text in
-                                         tables.items()))
+      from experiments import paper  # pylint: disable=import-outside-toplevel
+      paper.write_run_tables(workdir, module.paper_tables(
+          {"config": config.to_dict(), "summary": records.to_jsonable(summary)}))
     headline = summary["headline"]
     print(f"{config.experiment}: {headline['metric']} = {headline['value']:.4g} "
           f"({headline['baseline']}: {headline['baseline_value']:.4g}) in "
