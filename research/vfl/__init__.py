@@ -1,0 +1,1 @@
+"""Vertical federated learning with an encrypted interaction layer."""
