@@ -1,0 +1,442 @@
+"""The two parties as state machines: `handle(state, message) -> (state, outbox)`.
+
+Encrypted interaction layer (a re-derivation of FATE 1.x Hetero-NN's interactive layer; no code
+copied). The passive party P owns the Paillier key pair and e_acc (d_a x h); the active party A
+owns W' (d_a x h); the true passive-side interaction weight is W_p = W' + e_acc and neither party
+ever holds it. Per batch, with P's bottom output a (B x d_a) and [.] for encryption under P's key:
+
+  forward   P: [a]                          -> A
+            A: [a W' + eps]   (eps: A's one-time mask)        -> P
+            P: a W' + eps + a e_acc          -> A
+            A: z_p = (that) - eps = a (W' + e_acc) = a W_p
+  backward  A: from the top loss, d = dL/dz_p; [a^T d + delta]  -> P
+            P: a^T d + delta + rho / lr, and [e_acc] (before adding rho)  -> A;  e_acc += rho
+            A: [d (W' + e_acc)^T] = d [W_p]^T  -> P;   W' -= lr (a^T d + rho / lr)
+            P: decrypts d W_p^T = dL/da, back-propagates through its bottom model.
+
+After the step W' + e_acc = W_p - lr a^T d: plain SGD on W_p, whatever rho was (exactly, up to
+one fixed-point rounding per share). A sees only ciphertexts under P's key, masked sums and
+gradients blurred by rho; P sees only values masked by eps / delta and its own gradient dL/da.
+All integers are at the fixed-point scales of `he.FixedPoint`; masks are removed exactly, so
+results do not depend on their values. Every ciphertext A returns to P is re-randomized first.
+
+Bad input (a message for another step, a ciphertext under another key, a batch of the wrong size
+or with other IDs, a fixed-point overflow) raises `ProtocolError` (or `he.FixedPointOverflow`)
+before any state is replaced: states are immutable, a handler returns a new one.
+
+The plaintext split protocol (`Plain*`) is the same network with a and d W_p^T crossing in the
+clear and W_p held by the active party: the comparison without encryption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import hashlib
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from research.vfl import he
+from research.vfl import messages as msg
+from research.vfl import model as model_lib
+
+
+class ProtocolError(ValueError):
+  """A message that does not fit the receiving party's state."""
+
+
+# --- the shared schedule -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  phase: str            # "train" or "eval"
+  round: int            # epoch, from 1
+  step: int             # batch index within the phase of that round
+  rows: tuple[int, ...]  # indices into the aligned samples
+
+  @property
+  def where(self) -> tuple[str, int, int]:
+    return (self.phase, self.round, self.step)
+
+
+def split_rows(num_aligned: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Train and test rows of the aligned samples; both parties compute the same from the seed."""
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction={test_fraction}: expected 0 < value < 1")
+  order = np.random.default_rng([seed, 7]).permutation(num_aligned)
+  num_test = max(1, int(round(test_fraction * num_aligned)))
+  return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+def schedule(train_rows: np.ndarray, test_rows: np.ndarray, *, epochs: int, batch_size: int,
+             seed: int, eval_every: int = 1, max_train_batches: int = 0) -> tuple[Batch, ...]:
+  """Every batch of a run, in order: each round's shuffled train batches, then (every
+  `eval_every` rounds and after the last) the test batches. `max_train_batches` > 0 cuts each
+  round's train batches (benchmarks)."""
+  batches: list[Batch] = []
+  for round_ in range(1, epochs + 1):
+    order = np.random.default_rng([seed, round_]).permutation(train_rows)
+    starts = list(range(0, len(order), batch_size))
+    if max_train_batches > 0:
+      starts = starts[:max_train_batches]
+    batches += [Batch("train", round_, i, tuple(int(r) for r in order[s:s + batch_size]))
+                for i, s in enumerate(starts)]
+    if round_ % eval_every == 0 or round_ == epochs:
+      batches += [Batch("eval", round_, i, tuple(int(r) for r in test_rows[s:s + batch_size]))
+                  for i, s in enumerate(range(0, len(test_rows), batch_size))]
+  return tuple(batches)
+
+
+def batch_digest(ids: Sequence[Any], rows: Sequence[int]) -> str:
+  """What both parties can compare to know they hold the same samples in the same order."""
+  text = "\x1f".join(repr(ids[r]) for r in rows)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- static settings of a session ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """What both parties agree on before training (not secret, not state)."""
+  spec: model_lib.NetworkSpec
+  network: model_lib.Network
+  optimizers: model_lib.Optimizers
+  schedule: tuple[Batch, ...]
+  codec: he.FixedPoint = he.FixedPoint()
+  mask_bits: int = 128      # one-time masks eps, delta: uniform in [0, 2**mask_bits)
+  noise_scale: float = 0.1  # std of each rho entry (weight units); 0 turns the noise off
+
+  def jitted(self) -> "Jitted":
+    net = self.network
+    return Jitted(
+        bottom_passive=jax.jit(net.bottom_passive),
+        passive_grads=jax.jit(lambda p, x, g: model_lib.passive_grads(net, p, x, g)),
+        active_step=jax.jit(lambda p, z, x, y: model_lib.active_step(net, p, z, x, y)),
+        active_logits=jax.jit(lambda p, z, x: model_lib.active_logits(net, p, z, x)),
+        plain_active_step=jax.jit(
+            lambda p, w, a, x, y: model_lib.plain_active_step(net, p, w, a, x, y)),
+        dense_update=jax.jit(lambda p, s, g: model_lib.apply_updates(self.optimizers.dense, p, s,
+                                                                    g)),
+        interaction_update=jax.jit(lambda p, s, g: model_lib.apply_updates(
+            self.optimizers.interaction, p, s, g)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Jitted:
+  bottom_passive: Callable
+  passive_grads: Callable
+  active_step: Callable
+  active_logits: Callable
+  plain_active_step: Callable
+  dense_update: Callable
+  interaction_update: Callable
+
+
+# --- party states --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PassiveState:
+  ids: tuple                # aligned sample IDs
+  x: np.ndarray             # (num_aligned, passive_features) float32
+  params: Any               # bottom model
+  opt_state: Any
+  private_key: he.PrivateKey | None
+  public_key: he.PublicKey | None
+  e_acc: np.ndarray | None  # (d_a, h) ints, scale 1: the accumulated noise, this party's share
+  noise_seed: int           # private: rho for (round, step) comes from it
+  cursor: int = 0           # index of the batch in progress in the schedule
+  expect: str = "begin"     # the next event
+  a_ints: np.ndarray | None = None  # this batch's encoded bottom output (scale 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveState:
+  ids: tuple
+  x: np.ndarray             # (num_aligned, active_features) float32
+  labels: np.ndarray        # (num_aligned,) int
+  params: dict              # bottom, w_own, bias, top
+  opt_state: Any
+  public_key: he.PublicKey | None  # the passive party's
+  w_share: np.ndarray | None  # (d_a, h) ints, scale 1: W', this party's share of W_p
+  cursor: int = 0
+  expect: str = "public_key"
+  # this batch's secrets: [a], the masks eps / delta, d at scale 1
+  a_cipher: np.ndarray | None = None
+  mask: np.ndarray | None = None
+  d_ints: np.ndarray | None = None
+  # what the active party keeps as results: (round, step, loss) and (round, rows, logits)
+  losses: tuple = ()
+  eval_logits: tuple = ()
+
+
+def initial_states(protocol: Protocol, init: model_lib.InitialState, *, passive_ids, passive_x,
+                   active_ids, active_x, labels, key_bits: int | None,
+                   noise_seed: int) -> tuple[PassiveState, ActiveState]:
+  """Both parties' starting states.
+
+  Encrypted (key_bits set): P generates its key pair and draws e_acc_0 ~ N(0, noise_scale^2)
+  from its private seed; A's share W'_0 is the network's initial W_p draw. The true initial
+  weight is W'_0 + e_acc_0, known to neither (`effective_w_passive` forms it for observers).
+  Plaintext (key_bits None): A holds init.w_passive as W_p in the clear.
+  """
+  dense = protocol.optimizers.dense
+  passive_params = init.passive_bottom
+  if key_bits is None:
+    passive = PassiveState(tuple(passive_ids), np.asarray(passive_x, np.float32), passive_params,
+                           dense.init(passive_params), None, None, None, noise_seed)
+    active_params = dict(init.active, w_passive=jax.numpy.asarray(init.w_passive))
+    active = ActiveState(tuple(active_ids), np.asarray(active_x, np.float32), np.asarray(labels),
+                         active_params, {"dense": dense.init(init.active),
+                                         "interaction": protocol.optimizers.interaction.init(
+                                             active_params["w_passive"])},
+                         None, None, expect="begin")
+    return passive, active
+  public_key, private_key = he.generate_keypair(key_bits)
+  codec = protocol.codec
+  e_acc = codec.encode(_noise(noise_seed, 0, 0, init.w_passive.shape, protocol.noise_scale),
+                       "initial noise e_acc")
+  w_share = codec.encode(np.asarray(init.w_passive, np.float64), "initial share W'")
+  passive = PassiveState(tuple(passive_ids), np.asarray(passive_x, np.float32), passive_params,
+                         dense.init(passive_params), private_key, public_key, e_acc, noise_seed)
+  active = ActiveState(tuple(active_ids), np.asarray(active_x, np.float32), np.asarray(labels),
+                       dict(init.active), dense.init(init.active), None, w_share)
+  return passive, active
+
+
+def _noise(seed: int, round_: int, step: int, shape, scale: float) -> np.ndarray:
+  if scale == 0:
+    return np.zeros(shape)
+  return np.random.default_rng([seed, round_, step]).normal(0.0, scale, size=shape)
+
+
+def effective_w_passive(protocol: Protocol, passive: PassiveState, active: ActiveState):
+  """W' + e_acc: the true W_p, which only an observer holding both states can form (tests, and
+  the experiment, to start the plaintext comparisons from the same weights)."""
+  return protocol.codec.decode(active.w_share + passive.e_acc).astype(np.float32)
+
+
+# --- the passive party -----------------------------------------------------------------------------
+
+
+def _check(condition: bool, text: str) -> None:
+  if not condition:
+    raise ProtocolError(text)
+
+
+def _check_where(state, message: msg.Message, protocol: Protocol, who: str) -> Batch:
+  _check(state.cursor < len(protocol.schedule),
+         f"{who}: got {message.KIND} at {message.where} after the schedule ended")
+  batch = protocol.schedule[state.cursor]
+  _check(message.where == batch.where,
+         f"{who}: {message.KIND} is for (phase, round, step) = {message.where}, expected "
+         f"{batch.where}")
+  return batch
+
+
+def _check_expect(state, message: msg.Message, who: str, expected: str) -> None:
+  _check(state.expect == expected, f"{who}: got {message.KIND}, expected {state.expect}")
+
+
+def _check_shape(array: np.ndarray, shape: tuple, field: str) -> None:
+  _check(array.shape == shape, f"{field}: shape {array.shape}, expected {shape}")
+
+
+def _check_key(key_id: str, public_key: he.PublicKey, field: str) -> None:
+  _check(key_id == he.key_id(public_key),
+         f"{field}: ciphertexts under key {key_id}, expected the passive party's key "
+         f"{he.key_id(public_key)}")
+
+
+def passive_setup(state: PassiveState) -> list[msg.Message]:
+  return [msg.PublicKey("setup", 0, 0, np.array([state.public_key.n], dtype=object))]
+
+
+def passive_begin(protocol: Protocol, jit: Jitted, engine: he.Engine,
+                  state: PassiveState) -> tuple[PassiveState, list[msg.Message]]:
+  """Starts the next batch of the schedule: encrypts (or, in plaintext mode, sends) a."""
+  _check(state.expect == "begin", f"passive: cannot begin a batch while expecting {state.expect}")
+  batch = protocol.schedule[state.cursor]
+  a = np.asarray(jit.bottom_passive(state.params, state.x[list(batch.rows)]), np.float64)
+  digest = batch_digest(state.ids, batch.rows)
+  if state.public_key is None:
+    return (dataclasses.replace(state, expect="clear_input_gradient" if batch.phase == "train"
+                                else "begin", cursor=state.cursor + (batch.phase == "eval")),
+            [msg.ClearActivations(*batch.where, digest, a.astype(np.float32))])
+  a_ints = protocol.codec.encode(a, "passive bottom output a")
+  cipher = he.ciphertext_ints(engine.encrypt(state.public_key, a_ints))
+  return (dataclasses.replace(state, expect="masked_products", a_ints=a_ints),
+          [msg.EncryptedActivations(*batch.where, digest, he.key_id(state.public_key), cipher)])
+
+
+def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: PassiveState,
+                   message: msg.Message) -> tuple[PassiveState, list[msg.Message]]:
+  who = "passive"
+  if isinstance(message, msg.ClearInputGradient):
+    _check_expect(state, message, who, "clear_input_gradient")
+    batch = _check_where(state, message, protocol, who)
+    _check_shape(message.values, (len(batch.rows), protocol.spec.passive_out), "clear input gradient")
+    return _passive_backward(protocol, jit, state, batch, message.values.astype(np.float32)), []
+  _check(state.public_key is not None, f"{who}: got {message.KIND} in plaintext mode")
+  if isinstance(message, msg.MaskedProducts):
+    _check_expect(state, message, who, "masked_products")
+    batch = _check_where(state, message, protocol, who)
+    _check_key(message.key_id, state.public_key, "masked products")
+    _check_shape(message.ciphertexts, (len(batch.rows), state.e_acc.shape[1]), "masked products")
+    cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked products")
+    revealed = engine.decrypt(state.private_key, cipher) + state.a_ints.dot(state.e_acc)
+    train = batch.phase == "train"
+    new = dataclasses.replace(state, expect="masked_weight_gradient" if train else "begin",
+                              cursor=state.cursor + (not train),
+                              a_ints=state.a_ints if train else None)
+    return new, [msg.RevealedProducts(*batch.where, revealed)]
+  if isinstance(message, msg.MaskedWeightGradient):
+    _check_expect(state, message, who, "masked_weight_gradient")
+    batch = _check_where(state, message, protocol, who)
+    _check_key(message.key_id, state.public_key, "masked weight gradient")
+    _check_shape(message.ciphertexts, state.e_acc.shape, "masked weight gradient")
+    cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked weight gradient")
+    codec = protocol.codec
+    rho = codec.encode(_noise(state.noise_seed, batch.round, batch.step + 1, state.e_acc.shape,
+                              protocol.noise_scale), "noise rho")
+    # rho / lr at scale 2: the active party's update lr * (.) / 2**frac_bits then moves W' by rho.
+    rho_over_lr = he.scale_round(rho, fractions.Fraction(1 << codec.frac_bits) /
+                                 fractions.Fraction(protocol.optimizers.interaction_lr))
+    noisy = engine.decrypt(state.private_key, cipher) + rho_over_lr
+    e_cipher = he.ciphertext_ints(engine.encrypt(state.public_key, state.e_acc))
+    new = dataclasses.replace(state, expect="encrypted_input_gradient", e_acc=state.e_acc + rho)
+    return new, [msg.NoisyWeightGradient(*batch.where, he.key_id(state.public_key), noisy,
+                                         e_cipher)]
+  if isinstance(message, msg.EncryptedInputGradient):
+    _check_expect(state, message, who, "encrypted_input_gradient")
+    batch = _check_where(state, message, protocol, who)
+    _check_key(message.key_id, state.public_key, "encrypted input gradient")
+    _check_shape(message.ciphertexts, state.a_ints.shape, "encrypted input gradient")
+    cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts,
+                                     "encrypted input gradient")
+    grad_a = protocol.codec.decode(engine.decrypt(state.private_key, cipher), scale=2)
+    return _passive_backward(protocol, jit, state, batch, grad_a.astype(np.float32)), []
+  raise ProtocolError(f"{who}: got {message.KIND}, expected {state.expect}")
+
+
+def _passive_backward(protocol: Protocol, jit: Jitted, state: PassiveState, batch: Batch,
+                      grad_a: np.ndarray) -> PassiveState:
+  grads = jit.passive_grads(state.params, state.x[list(batch.rows)], grad_a)
+  params, opt_state = jit.dense_update(state.params, state.opt_state, grads)
+  return dataclasses.replace(state, params=params, opt_state=opt_state, expect="begin",
+                             cursor=state.cursor + 1, a_ints=None)
+
+
+# --- the active party ------------------------------------------------------------------------------
+
+
+def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: ActiveState,
+                  message: msg.Message) -> tuple[ActiveState, list[msg.Message]]:
+  who = "active"
+  if isinstance(message, msg.PublicKey):
+    _check_expect(state, message, who, "public_key")
+    _check_shape(message.n, (1,), "public key n")
+    n = message.n[0]
+    _check(isinstance(n, int) and n.bit_length() >= 512, "public key n: expected >= 512 bits")
+    public_key = he.PublicKey(n)
+    # The largest sums: a W' + a e_acc (2 d_a products), a^T d (B products) plus rho / lr
+    # (up to 1 / lr products' worth), d W_p^T (h products).
+    batch_rows = max(len(b.rows) for b in protocol.schedule)
+    terms = (2 * protocol.spec.passive_out + batch_rows + protocol.spec.interaction_out +
+             int(np.ceil(1 / protocol.optimizers.interaction_lr)))
+    he.check_capacity(public_key, protocol.codec, terms, protocol.mask_bits)
+    return dataclasses.replace(state, public_key=public_key, expect="begin"), []
+  if isinstance(message, msg.ClearActivations):
+    _check_expect(state, message, who, "begin")
+    batch = _check_batch(protocol, state, message, message.values, who)
+    return _plain_active(jit, state, batch, message.values.astype(np.float32))
+  _check(state.public_key is not None, f"{who}: got {message.KIND} before the public key")
+  if isinstance(message, msg.EncryptedActivations):
+    _check_expect(state, message, who, "begin")
+    batch = _check_batch(protocol, state, message, message.ciphertexts, who)
+    _check_key(message.key_id, state.public_key, "encrypted activations")
+    a_cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts,
+                                       "encrypted activations")
+    mask = he.random_masks((len(batch.rows), state.w_share.shape[1]), protocol.mask_bits)
+    masked = engine.obfuscate(he.add_plain(engine.matmul(a_cipher, state.w_share), mask))
+    return (dataclasses.replace(state, expect="revealed_products", a_cipher=a_cipher, mask=mask),
+            [msg.MaskedProducts(*batch.where, he.key_id(state.public_key),
+                                he.ciphertext_ints(masked))])
+  if isinstance(message, msg.RevealedProducts):
+    _check_expect(state, message, who, "revealed_products")
+    batch = _check_where(state, message, protocol, who)
+    _check_shape(message.values, state.mask.shape, "revealed products")
+    z_passive = protocol.codec.decode(message.values - state.mask, scale=2).astype(np.float32)
+    rows = list(batch.rows)
+    if batch.phase == "eval":
+      logits = np.asarray(jit.active_logits(state.params, z_passive, state.x[rows]))
+      return dataclasses.replace(state, expect="begin", cursor=state.cursor + 1, a_cipher=None,
+                                 mask=None, eval_logits=state.eval_logits +
+                                 ((batch.round, batch.rows, logits),)), []
+    loss, _, grads, d = jit.active_step(state.params, z_passive, state.x[rows],
+                                        state.labels[rows])
+    d_ints = protocol.codec.encode(np.asarray(d, np.float64), "interaction gradient d")
+    # [a]^T d = (d^T [a])^T: (d_a, h) sums over the batch.
+    grad_cipher = engine.matmul_left(d_ints.T, state.a_cipher).T
+    mask = he.random_masks(grad_cipher.shape, protocol.mask_bits)
+    masked = engine.obfuscate(he.add_plain(grad_cipher, mask))
+    params, opt_state = jit.dense_update(state.params, state.opt_state, grads)
+    new = dataclasses.replace(state, params=params, opt_state=opt_state,
+                              expect="noisy_weight_gradient", mask=mask, d_ints=d_ints,
+                              losses=state.losses + ((batch.round, batch.step, float(loss)),))
+    return new, [msg.MaskedWeightGradient(*batch.where, he.key_id(state.public_key),
+                                          he.ciphertext_ints(masked))]
+  if isinstance(message, msg.NoisyWeightGradient):
+    _check_expect(state, message, who, "noisy_weight_gradient")
+    batch = _check_where(state, message, protocol, who)
+    _check_key(message.key_id, state.public_key, "noisy weight gradient")
+    _check_shape(message.values, state.w_share.shape, "noisy weight gradient")
+    _check_shape(message.accumulated_noise, state.w_share.shape, "encrypted e_acc")
+    e_cipher = he.from_ciphertext_ints(state.public_key, message.accumulated_noise,
+                                       "encrypted e_acc")
+    # d [W' + e_acc]^T: (B, h) x (h, d_a), sums over h; W' added to [e_acc] in the clear.
+    w_cipher = he.add_plain(e_cipher, state.w_share)
+    grad_a = engine.obfuscate(engine.matmul_left(state.d_ints, w_cipher.T))
+    step = he.scale_round(message.values - state.mask,
+                          fractions.Fraction(protocol.optimizers.interaction_lr),
+                          shift=protocol.codec.frac_bits)
+    new = dataclasses.replace(state, w_share=state.w_share - step, expect="begin",
+                              cursor=state.cursor + 1, a_cipher=None, mask=None, d_ints=None)
+    return new, [msg.EncryptedInputGradient(*batch.where, he.key_id(state.public_key),
+                                            he.ciphertext_ints(grad_a))]
+  raise ProtocolError(f"{who}: got {message.KIND}, expected {state.expect}")
+
+
+def _check_batch(protocol: Protocol, state: ActiveState, message, array: np.ndarray,
+                 who: str) -> Batch:
+  batch = _check_where(state, message, protocol, who)
+  _check(message.batch_digest == batch_digest(state.ids, batch.rows),
+         f"{who}: batch {batch.where} holds other sample IDs than this party's aligned IDs "
+         "(misaligned IDs)")
+  _check_shape(array, (len(batch.rows), protocol.spec.passive_out), f"{message.KIND} batch")
+  return batch
+
+
+def _plain_active(jit: Jitted, state: ActiveState, batch: Batch, a: np.ndarray):
+  rows = list(batch.rows)
+  params = state.params
+  if batch.phase == "eval":
+    z_passive = a @ np.asarray(params["w_passive"])
+    logits = np.asarray(jit.active_logits(params, z_passive, state.x[rows]))
+    return dataclasses.replace(state, cursor=state.cursor + 1, eval_logits=state.eval_logits +
+                               ((batch.round, batch.rows, logits),)), []
+  dense = {k: v for k, v in params.items() if k != "w_passive"}
+  loss, _, grads, grad_w, grad_a = jit.plain_active_step(dense, params["w_passive"], a,
+                                                         state.x[rows], state.labels[rows])
+  dense, dense_state = jit.dense_update(dense, state.opt_state["dense"], grads)
+  w_passive, w_state = jit.interaction_update(params["w_passive"],
+                                              state.opt_state["interaction"], grad_w)
+  new = dataclasses.replace(state, params=dict(dense, w_passive=w_passive),
+                            opt_state={"dense": dense_state, "interaction": w_state},
+                            cursor=state.cursor + 1,
+                            losses=state.losses + ((batch.round, batch.step, float(loss)),))
+  return new, [msg.ClearInputGradient(*batch.where, np.asarray(grad_a, np.float32))]
