@@ -174,38 +174,49 @@ class ActiveState:
   eval_logits: tuple = ()
 
 
+def initial_passive(protocol: Protocol, init: model_lib.InitialState, *, ids, x,
+                    key_bits: int | None, noise_seed: int) -> PassiveState:
+  """The passive party's starting state. Encrypted (key_bits set): it generates its Paillier
+  key pair and draws its share e_acc_0 ~ N(0, noise_scale^2) from its private seed."""
+  dense = protocol.optimizers.dense
+  state = PassiveState(tuple(ids), np.asarray(x, np.float32), init.passive_bottom,
+                       dense.init(init.passive_bottom), None, None, None, noise_seed)
+  if key_bits is None:
+    return state
+  public_key, private_key = he.generate_keypair(key_bits)
+  e_acc = protocol.codec.encode(_noise(noise_seed, 0, 0, init.w_passive.shape,
+                                       protocol.noise_scale), "initial noise e_acc")
+  return dataclasses.replace(state, private_key=private_key, public_key=public_key, e_acc=e_acc)
+
+
+def initial_active(protocol: Protocol, init: model_lib.InitialState, *, ids, x, labels,
+                   encrypted: bool) -> ActiveState:
+  """The active party's starting state. Encrypted: its share W'_0 is the network's initial W_p
+  draw and it waits for the passive party's public key; the true initial weight W'_0 + e_acc_0
+  is known to neither party (`effective_w_passive` forms it for observers). Plaintext: it holds
+  init.w_passive as W_p in the clear."""
+  dense = protocol.optimizers.dense
+  x, labels = np.asarray(x, np.float32), np.asarray(labels)
+  if not encrypted:
+    params = dict(init.active, w_passive=jax.numpy.asarray(init.w_passive))
+    return ActiveState(tuple(ids), x, labels, params,
+                       {"dense": dense.init(init.active),
+                        "interaction": protocol.optimizers.interaction.init(params["w_passive"])},
+                       None, None, expect="begin")
+  w_share = protocol.codec.encode(np.asarray(init.w_passive, np.float64), "initial share W'")
+  return ActiveState(tuple(ids), x, labels, dict(init.active), dense.init(init.active), None,
+                     w_share)
+
+
 def initial_states(protocol: Protocol, init: model_lib.InitialState, *, passive_ids, passive_x,
                    active_ids, active_x, labels, key_bits: int | None,
                    noise_seed: int) -> tuple[PassiveState, ActiveState]:
-  """Both parties' starting states.
-
-  Encrypted (key_bits set): P generates its key pair and draws e_acc_0 ~ N(0, noise_scale^2)
-  from its private seed; A's share W'_0 is the network's initial W_p draw. The true initial
-  weight is W'_0 + e_acc_0, known to neither (`effective_w_passive` forms it for observers).
-  Plaintext (key_bits None): A holds init.w_passive as W_p in the clear.
-  """
-  dense = protocol.optimizers.dense
-  passive_params = init.passive_bottom
-  if key_bits is None:
-    passive = PassiveState(tuple(passive_ids), np.asarray(passive_x, np.float32), passive_params,
-                           dense.init(passive_params), None, None, None, noise_seed)
-    active_params = dict(init.active, w_passive=jax.numpy.asarray(init.w_passive))
-    active = ActiveState(tuple(active_ids), np.asarray(active_x, np.float32), np.asarray(labels),
-                         active_params, {"dense": dense.init(init.active),
-                                         "interaction": protocol.optimizers.interaction.init(
-                                             active_params["w_passive"])},
-                         None, None, expect="begin")
-    return passive, active
-  public_key, private_key = he.generate_keypair(key_bits)
-  codec = protocol.codec
-  e_acc = codec.encode(_noise(noise_seed, 0, 0, init.w_passive.shape, protocol.noise_scale),
-                       "initial noise e_acc")
-  w_share = codec.encode(np.asarray(init.w_passive, np.float64), "initial share W'")
-  passive = PassiveState(tuple(passive_ids), np.asarray(passive_x, np.float32), passive_params,
-                         dense.init(passive_params), private_key, public_key, e_acc, noise_seed)
-  active = ActiveState(tuple(active_ids), np.asarray(active_x, np.float32), np.asarray(labels),
-                       dict(init.active), dense.init(init.active), None, w_share)
-  return passive, active
+  """Both parties' starting states (`initial_passive`, `initial_active`); key_bits None: the
+  plaintext split protocol."""
+  return (initial_passive(protocol, init, ids=passive_ids, x=passive_x, key_bits=key_bits,
+                          noise_seed=noise_seed),
+          initial_active(protocol, init, ids=active_ids, x=active_x, labels=labels,
+                         encrypted=key_bits is not None))
 
 
 def _noise(seed: int, round_: int, step: int, shape, scale: float) -> np.ndarray:
