@@ -302,8 +302,8 @@ def train_centralized(config, run, protocol, init, aligned) -> dict[str, Any]:
 
 def run_seed(config, run, tables, seed: int, engine: he.Engine) -> dict[str, Any]:
   start = time.perf_counter()
-  passive_ids, active_ids = psi.intersect_locally(tables["passive"][0], tables["active"][0],
-                                                  seed=seed)
+  passive_ids, active_ids = (sorted(ids) for ids in psi.intersect_locally(
+      tables["passive"][0], tables["active"][0], seed=seed))
   psi_seconds = time.perf_counter() - start
   (passive_x,) = align(tables["passive"][0], tables["passive"][1], passive_ids)
   active_x, labels = align(tables["active"][0], tables["active"][1], active_ids,
@@ -473,7 +473,9 @@ def _party_main(config, run_ctx, role, seed, tables, channel) -> dict[str, Any]:
   channel.send(msg.encode(msg.PsiReblinded("setup", 0, 1, _points(psi.reblind(state,
                                                                                peer_round1)))))
   own_reblinded = _unpoints(_expect(channel, msg.PsiReblinded, config).points)
-  aligned_ids = psi.finish(state, own_reblinded, peer_round1)
+  # Both parties hold the same intersection: sorted by ID, the rows match and do not depend on
+  # the PSI's random keys (the run is reproducible from the seed).
+  aligned_ids = sorted(psi.finish(state, own_reblinded, peer_round1))
   spec = network_spec(config, tables)
   network, init = model_lib.build(spec, seed)
   protocol = make_protocol(config, spec, network, len(aligned_ids), seed)
