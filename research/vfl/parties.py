@@ -72,10 +72,11 @@ def split_rows(num_aligned: int, test_fraction: float, seed: int) -> tuple[np.nd
 
 
 def schedule(train_rows: np.ndarray, test_rows: np.ndarray, *, epochs: int, batch_size: int,
-             seed: int, eval_every: int = 1, max_train_batches: int = 0) -> tuple[Batch, ...]:
+             seed: int, eval_every: int = 1, max_train_batches: int = 0,
+             max_eval_batches: int = 0) -> tuple[Batch, ...]:
   """Every batch of a run, in order: each round's shuffled train batches, then (every
-  `eval_every` rounds and after the last) the test batches. `max_train_batches` > 0 cuts each
-  round's train batches (benchmarks)."""
+  `eval_every` rounds and after the last) the test batches. `max_train_batches` /
+  `max_eval_batches` > 0 cut each round's train / test batches (benchmarks)."""
   batches: list[Batch] = []
   for round_ in range(1, epochs + 1):
     order = np.random.default_rng([seed, round_]).permutation(train_rows)
@@ -85,8 +86,11 @@ def schedule(train_rows: np.ndarray, test_rows: np.ndarray, *, epochs: int, batc
     batches += [Batch("train", round_, i, tuple(int(r) for r in order[s:s + batch_size]))
                 for i, s in enumerate(starts)]
     if round_ % eval_every == 0 or round_ == epochs:
+      starts = list(range(0, len(test_rows), batch_size))
+      if max_eval_batches > 0:
+        starts = starts[:max_eval_batches]
       batches += [Batch("eval", round_, i, tuple(int(r) for r in test_rows[s:s + batch_size]))
-                  for i, s in enumerate(range(0, len(test_rows), batch_size))]
+                  for i, s in enumerate(starts)]
   return tuple(batches)
 
 
