@@ -36,6 +36,7 @@ import secrets
 from concurrent.futures import Executor
 from typing import Callable, Sequence
 
+import gmpy2
 import numpy as np
 from phe import paillier
 
@@ -197,10 +198,13 @@ def ciphertext_ints(ciphertexts: np.ndarray) -> np.ndarray:
 
 def from_ciphertext_ints(public_key: PublicKey, ints: np.ndarray, field: str) -> np.ndarray:
   """EncryptedNumbers under `public_key` from raw integers; refuses values outside Z*_{n^2}."""
-  nsquare = public_key.nsquare
+  nsquare, n = public_key.nsquare, public_key.n
   flat = list(np.asarray(ints, dtype=object).reshape(-1))
-  if any(not isinstance(v, int) or not 0 < v < nsquare for v in flat):
-    raise ValueError(f"{field}: a ciphertext is not an integer in (0, n^2) of the expected key")
+  # Z*_{n^2}: 0 < v < n^2 and gcd(v, n) == 1. A multiple of p or q is not a ciphertext, and
+  # decrypting one can reveal the factors of n (c = n decrypts to (p + q)^-1 mod n).
+  if any(not isinstance(v, int) or not 0 < v < nsquare or gmpy2.gcd(v, n) != 1 for v in flat):
+    raise ValueError(f"{field}: a ciphertext is not an element of Z*_(n^2) of the expected key "
+                     "(an integer in (0, n^2) coprime to n)")
   return np.array([EncryptedNumber(public_key, v, 0) for v in flat],
                   dtype=object).reshape(np.shape(ints))
 

@@ -195,25 +195,34 @@ def decode(payload: bytes) -> Message:
     raise WireError(f"{cls.KIND}: fields {sorted(given)} do not match {sorted(names)}")
   values = {}
   for name in names:
-    spec = given[name]
-    if spec["type"] == "scalar":
-      values[name] = spec["value"]
-      continue
-    shape = tuple(int(s) for s in spec["shape"])
-    blob = bytes(body[spec["offset"]:spec["offset"] + spec["length"]])
-    count = int(np.prod(shape))
-    if spec["type"] == "int":
-      width = int(spec["width"])
-      if width < 1 or len(blob) != width * count:
-        raise WireError(f"{cls.KIND}.{name}: {len(blob)} bytes for {count} ints of {width}")
-      values[name] = np.array([int.from_bytes(blob[i:i + width], "big", signed=True)
-                               for i in range(0, len(blob), width)],
-                              dtype=object).reshape(shape)
-    elif spec["type"] == "array" and spec["dtype"] in _FLOAT_DTYPES:
-      array = np.frombuffer(blob, dtype=np.dtype(spec["dtype"]))
-      if array.size != count:
-        raise WireError(f"{cls.KIND}.{name}: {array.size} values for shape {shape}")
-      values[name] = array.reshape(shape).copy()
-    else:
-      raise WireError(f"{cls.KIND}.{name}: unsupported array spec {spec}")
+    try:
+      values[name] = _decode_field(cls, name, given[name], body)
+    except (KeyError, TypeError, ValueError) as error:
+      if isinstance(error, WireError):
+        raise
+      raise WireError(f"{cls.KIND}.{name}: malformed field spec {given[name]!r} ({error!r})") \
+          from None
   return cls(**values)
+
+
+def _decode_field(cls, name: str, spec: dict, body: memoryview) -> Any:
+  if not isinstance(spec, dict):
+    raise WireError(f"{cls.KIND}.{name}: field spec {spec!r} is not an object")
+  if spec["type"] == "scalar":
+    return spec["value"]
+  shape = tuple(int(s) for s in spec["shape"])
+  blob = bytes(body[spec["offset"]:spec["offset"] + spec["length"]])
+  count = int(np.prod(shape))
+  if spec["type"] == "int":
+    width = int(spec["width"])
+    if width < 1 or len(blob) != width * count:
+      raise WireError(f"{cls.KIND}.{name}: {len(blob)} bytes for {count} ints of {width}")
+    return np.array([int.from_bytes(blob[i:i + width], "big", signed=True)
+                     for i in range(0, len(blob), width)], dtype=object).reshape(shape)
+  if spec["type"] == "array" and spec["dtype"] in _FLOAT_DTYPES:
+    dtype = np.dtype(spec["dtype"])
+    if len(blob) != dtype.itemsize * count:
+      raise WireError(f"{cls.KIND}.{name}: {len(blob)} bytes for {count} values of "
+                      f"{dtype.itemsize} bytes (shape {shape})")
+    return np.frombuffer(blob, dtype=dtype).reshape(shape).copy()
+  raise WireError(f"{cls.KIND}.{name}: unsupported array spec {spec}")

@@ -275,6 +275,8 @@ def passive_begin(protocol: Protocol, jit: Jitted, engine: he.Engine,
                   state: PassiveState) -> tuple[PassiveState, list[msg.Message]]:
   """Starts the next batch of the schedule: encrypts (or, in plaintext mode, sends) a."""
   _check(state.expect == "begin", f"passive: cannot begin a batch while expecting {state.expect}")
+  _check(state.cursor < len(protocol.schedule),
+         f"passive: the schedule's {len(protocol.schedule)} batches are done; nothing to begin")
   batch = protocol.schedule[state.cursor]
   a = np.asarray(jit.bottom_passive(state.params, state.x[list(batch.rows)]), np.float64)
   digest = batch_digest(state.ids, batch.rows)
@@ -366,6 +368,7 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     he.check_capacity(public_key, protocol.codec, terms, protocol.mask_bits)
     return dataclasses.replace(state, public_key=public_key, expect="begin"), []
   if isinstance(message, msg.ClearActivations):
+    _check(state.w_share is None, f"{who}: got {message.KIND} in encrypted mode")
     _check_expect(state, message, who, "begin")
     batch = _check_batch(protocol, state, message, message.values, who)
     return _plain_active(jit, state, batch, message.values.astype(np.float32))

@@ -147,10 +147,6 @@ def test_ciphertext_ints_round_trip_and_refusals(keypair, other_keypair):
   assert he.key_id(public_key) == he.key_id(he.PublicKey(public_key.n))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "he.from_ciphertext_ints promises to refuse values outside Z*_{n^2} but checks only "
-    "0 < v < n^2, not gcd(v, n) == 1: multiples of n (or of p, q) pass, and decrypting a multiple "
-    "of n gives (p + q)^-1 mod n, which factors n (see test_parties)"))
 def test_from_ciphertext_ints_refuses_values_sharing_a_factor_with_n(keypair):
   public_key, private_key = keypair
   for bad in (public_key.n, 3 * public_key.n, private_key.p):

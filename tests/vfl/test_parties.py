@@ -408,9 +408,6 @@ def test_refuses_misaligned_ids(begun, jit, refused):
           [b.active, b.passive], parties.ProtocolError, "misaligned")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "an active party in encrypted mode that gets ClearActivations runs parties._plain_active, "
-    "which reads params['w_passive'] and raises KeyError instead of ProtocolError"))
 def test_refuses_a_message_of_the_other_mode(begun, jit, refused):
   b = begun
   clear = msg.ClearActivations(*b.activations.where, b.activations.batch_digest,
@@ -419,10 +416,6 @@ def test_refuses_a_message_of_the_other_mode(begun, jit, refused):
           [b.active, b.passive], parties.ProtocolError, "clear_activations")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "parties.passive_handle accepts ciphertexts that are multiples of n (he.from_ciphertext_ints "
-    "checks only 0 < c < n^2); decrypting c = n gives (p + q)^-1 mod n, and with noise_scale 0 "
-    "the revealed products hand that to the active party, which then factors n"))
 def test_the_passive_party_refuses_a_forged_ciphertext_that_would_reveal_its_key(
     world, jit, quiet_start, refused):
   protocol = world.protocol(noise_scale=0.0)
@@ -453,9 +446,6 @@ def test_a_key_too_small_for_the_ranges_is_refused_at_setup(world, jit, noisy_st
           [active, passive], he.FixedPointOverflow, "key of 1024 bits .* mask_bits=1100")
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "parties.passive_begin indexes protocol.schedule[state.cursor] without checking that the "
-    "schedule has a next batch: IndexError instead of ProtocolError"))
 def test_cannot_begin_a_batch_after_the_schedule_ended(world, jit, noisy_start, refused):
   protocol = world.protocol(noise_scale=0.1)
   done = dataclasses.replace(noisy_start[0], cursor=len(protocol.schedule))
