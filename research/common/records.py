@@ -57,12 +57,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
   return digest.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-  """Writes `data` to `path` via a temporary file in the same folder and an atomic rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+  """Writes `data` to `path` via a temporary file in the same folder and an atomic rename;
+  `mode` (e.g. 0o600 for a key) is set before any byte is written."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
+    if mode is not None:
+      os.fchmod(fd, mode)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

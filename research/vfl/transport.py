@@ -28,7 +28,6 @@ import datetime
 import ipaddress
 import os
 import queue
-import tempfile
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -38,6 +37,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from research.common import records
 
 SERVICE = "meshwork.vfl.Party"
 METHOD = f"/{SERVICE}/Deliver"
@@ -292,16 +293,4 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    os.fchmod(fd, mode)
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  records.atomic_write_bytes(path, data, mode=mode)
