@@ -547,7 +547,8 @@ def paper_tables(*results) -> dict[str, str]:
       rows.append((config["dataset"], method, ", ".join(str(s) for s in seeds),
                    ", ".join(f"{a:.4f}" for a in m["auc_by_seed"]),
                    f"{m['auc_mean']:.4f} ± {m['auc_std']:.4f}", f"{m['accuracy_mean']:.4f}",
-                   f"{m['seconds_per_epoch']:.2f}", f"{m['bytes_per_sample']:,.0f}"))
+                   f"{m['seconds_per_epoch']:.2f}", f"{m['bytes_per_epoch'] / 1e6:.3f}",
+                   f"{m['bytes_per_sample']:,.0f}"))
   header = ("data", "method", "seeds", "test AUC per seed", "AUC mean ± std", "accuracy",
-            "s / epoch", "bytes / sample")
+            "s / epoch", "MB / epoch", "bytes / sample")
   return {"results": records.write_markdown_table(header, rows)}
