@@ -542,13 +542,16 @@ def paper_tables(*results) -> dict[str, str]:
   rows = []
   for result in results:
     summary, config = result["summary"], result["config"]
-    for method, m in summary["methods"].items():
+    for method in [m for m in METHODS if m in summary["methods"]]:
+      m = summary["methods"][method]
       seeds = [s["seed"] for s in summary["seeds"]]
+      split = method != "centralized"  # centralized training sends nothing
       rows.append((config["dataset"], method, ", ".join(str(s) for s in seeds),
                    ", ".join(f"{a:.4f}" for a in m["auc_by_seed"]),
                    f"{m['auc_mean']:.4f} ± {m['auc_std']:.4f}", f"{m['accuracy_mean']:.4f}",
-                   f"{m['seconds_per_epoch']:.2f}", f"{m['bytes_per_epoch'] / 1e6:.3f}",
-                   f"{m['bytes_per_sample']:,.0f}"))
+                   f"{m['seconds_per_epoch']:.3g}",
+                   f"{m['bytes_per_epoch'] / 1e6:.3f}" if split else "-",
+                   f"{m['bytes_per_sample']:,.0f}" if split else "-"))
   header = ("data", "method", "seeds", "test AUC per seed", "AUC mean ± std", "accuracy",
             "s / epoch", "MB / epoch", "bytes / sample")
   return {"results": records.write_markdown_table(header, rows)}
