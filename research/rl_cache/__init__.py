@@ -1,0 +1,1 @@
+"""Actor/learner RL with a hierarchical parameter cache and a Reverb-style replay table."""
