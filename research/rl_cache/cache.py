@@ -28,7 +28,9 @@ pulls keeps every node monotone, and one final push brings every node to the new
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -225,6 +227,10 @@ class Topology:
     self._check_node(leaf)
     return tuple(a for a, x in enumerate(self.attachments) if x == leaf)
 
+  @functools.cached_property
+  def _leaf_load(self) -> collections.Counter:
+    return collections.Counter(self.attachments)
+
   def with_leaf(self, actor: int, leaf: int) -> "Topology":
     """The same tree with `actor` reading from `leaf` (after a `reattach`)."""
     self._check_actor(actor)
@@ -236,7 +242,8 @@ class Topology:
 
   def receivers(self, node_id: int) -> int:
     """How many copies the node sends per version: child caches, or attached actors at a leaf."""
-    return len(self.actors_of(node_id)) if self.is_leaf(node_id) else len(self.children(node_id))
+    self._check_node(node_id)
+    return self._leaf_load[node_id] if self.is_leaf(node_id) else len(self.children(node_id))
 
   def node_egress_bytes(self, node_id: int, blob_bytes: int) -> int:
     return self.receivers(node_id) * blob_bytes
@@ -256,9 +263,10 @@ class Topology:
 # -- one cache node ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class CacheNode:
-  """A cache holding at most one blob: the newest version it has seen."""
+  """A cache holding at most one blob: the newest version it has seen (compared by identity:
+  `publish` returns the same object when it changes nothing)."""
 
   node_id: int
   spec: ParamSpec
@@ -368,16 +376,14 @@ def reattach(topology: Topology, actor: int, dead: set[int] | frozenset[int]) ->
 
   if live(current):
     return current
-  load = {leaf: 0 for leaf in topology.leaves}
-  for a, leaf in enumerate(topology.attachments):
-    if a != actor:
-      load[leaf] += 1
+  load = dict(topology._leaf_load)
+  load[current] -= 1
   parent = topology.parent(current)
   siblings = [x for x in topology.leaves if x != current and topology.parent(x) == parent]
   for candidates in (siblings, list(topology.leaves)):
     candidates = [x for x in candidates if live(x)]
     if candidates:
-      return min(candidates, key=lambda x: (load[x], x))
+      return min(candidates, key=lambda x: (load.get(x, 0), x))
   raise ValueError(f"reattach actor {actor}: no live leaf (dead nodes {sorted(dead)} cut every "
                    f"leaf {topology.leaves[0]} ... {topology.leaves[-1]} off the root); restart "
                    "a cache first")

@@ -301,6 +301,8 @@ def update_priorities(table: Table, keys: Sequence[int] | np.ndarray,
 
 def can_insert(table: Table, n: int = 1) -> bool:
   """Whether inserting `n` more items keeps the rate limiter's bound (Reverb `CanInsert`)."""
+  if not _is_int(n) or n < 1:
+    raise ValueError(f"can_insert n: got {n!r}, expected an int >= 1")
   config = table.config
   # Until the table reaches min_size_to_sample, inserts are free.
   if table.inserted + n - table.evicted <= config.min_size_to_sample:
@@ -313,6 +315,8 @@ def can_insert(table: Table, n: int = 1) -> bool:
 def can_sample(table: Table, n: int = 1) -> bool:
   """Whether `sample(table, n)` succeeds and keeps the rate limiter's bound (Reverb
   `CanSample`, plus this table's n <= size)."""
+  if not _is_int(n) or n < 1:
+    raise ValueError(f"can_sample n: got {n!r}, expected an int >= 1")
   config = table.config
   if table.size < config.min_size_to_sample or n > table.size:
     return False
