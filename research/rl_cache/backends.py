@@ -1,0 +1,90 @@
+"""The services an actor/learner run talks to, in-process: the parameter cache and the replay table.
+
+A run sees two services with one small interface each, whatever the backend:
+
+  ParameterService  publish(params, version) from the learner to the cache tree's root (one blob
+                    per version); read(actor) -> (version, params) from the actor's leaf, after
+                    pulling a newer version from its ancestors; fail_node(node) (fault
+                    injection: actors below it re-attach on their next read); egress_bytes().
+  ReplayService     insert(item) -> bool (False: the rate limiter says wait; nothing inserted);
+                    sample(n, seed) -> batch or None (rate limited or too few items);
+                    accounting().
+
+`InProcessParameterService` / `InProcessReplayService` hold the pure state of
+`research.rl_cache.cache` / `replay` and replace it on every call: tests and the single-process
+backend. `research.rl_cache.ray_backend` has the same two services as Ray actors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from research.rl_cache import cache
+from research.rl_cache import replay
+
+
+class InProcessParameterService:
+  """The cache tree in this process; push on publish, pull on read (both as cache.py defines)."""
+
+  def __init__(self, topology: cache.Topology, spec: cache.ParamSpec):
+    self.topology = topology
+    self.spec = spec
+    self.tree = cache.init_tree(topology, spec)
+    self.dead: set[int] = set()
+    self._egress: dict[int, int] = {cache.LEARNER: 0}
+
+  def publish(self, params: Any, version: int) -> None:
+    blob = cache.to_blob(params, version, self.spec)
+    cache.check(blob, self.spec)
+    self._egress[cache.LEARNER] += blob.nbytes
+    tree, hops = cache.push(self.tree, self.topology, blob)
+    for hop in hops:
+      if hop.src != cache.LEARNER:
+        self._egress[hop.src] = self._egress.get(hop.src, 0) + blob.nbytes
+    self.tree = tree
+
+  def read(self, actor: int) -> tuple[int, Any | None]:
+    leaf = self.topology.leaf_of(actor)
+    if self.dead & ({leaf} | set(self.topology.ancestors(leaf))):
+      leaf = cache.reattach(self.topology, actor, self.dead)
+      self.topology = self.topology.with_leaf(actor, leaf)
+    for node in list(reversed(self.topology.ancestors(leaf))) + [leaf]:
+      self.tree = cache.pull(self.tree, self.topology, node)
+    version, blob = cache.actor_read(self.tree, self.topology, actor)
+    return version, (None if blob is None else cache.from_blob(blob, self.spec))
+
+  def fail_node(self, node_id: int) -> None:
+    self.dead.add(node_id)
+
+  def egress_bytes(self) -> dict[int, int]:
+    return dict(self._egress)
+
+  def close(self) -> None:
+    pass
+
+
+class InProcessReplayService:
+  """A replay table in this process; the rate limiter answers through the return values."""
+
+  def __init__(self, config: replay.TableConfig, spec: replay.ItemSpec):
+    self.table = replay.new_table(config, spec)
+
+  def insert(self, item: dict[str, np.ndarray], priority: float = 1.0) -> bool:
+    if not replay.can_insert(self.table):
+      return False
+    self.table = replay.insert(self.table, item, priority)
+    return True
+
+  def sample(self, n: int, seed: int) -> dict[str, np.ndarray] | None:
+    if not replay.can_sample(self.table, n):
+      return None
+    self.table, batch, _, _ = replay.sample(self.table, n, np.random.default_rng(seed))
+    return batch
+
+  def accounting(self) -> replay.Accounting:
+    return replay.accounting(self.table)
+
+  def close(self) -> None:
+    pass
