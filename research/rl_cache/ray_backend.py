@@ -26,8 +26,12 @@ bytes between machines); the state machines are the pure ones of `cache.py` and 
   Failures: `fail_node` kills a node's actor (`ray.kill`); an actor whose leaf or one of its
   ancestors is dead (killed, or found dead through a `RayActorError` on a read) is moved by
   `cache.reattach` to a live leaf on its next read, and the read is retried there.
+  `LeafReader` is the read side on its own (node handles, spec, its own view of attachments and
+  dead nodes; picklable), for RL actors in other processes: `service.leaf_reader()`.
 - `RayReplayService(config, spec)`: one Ray actor around a `replay.Table`; `insert` answers
   False and `sample` None while the rate limiter (or the table's size) says wait.
+- `RayActorWorker(agent_config, actor, seed, reader, replay_service)`: an RL actor as a Ray
+  actor: read params from its leaf, `agent.rollout` (jitted), insert, retry while refused.
 
 Cache node actors are sync Ray actors (one call at a time): a node blocks only on its parent
 (pull) and never on a child (pushes are fire-and-forget), so calls cannot wait in a cycle.
@@ -37,9 +41,10 @@ instance on first use.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import ray
@@ -77,6 +82,7 @@ class CacheNodeActor:
     self._parent = None  # the parent's actor handle; None at the root
     self._children: list = []
     self._ingress: dict[int, int] = {}  # source node id (or cache.LEARNER) -> bytes fetched
+    self._actor_egress = 0  # bytes of the refs handed to RL actors (a leaf's readers)
 
   def connect(self, parent, children: list) -> int:
     self._parent, self._children = parent, list(children)
@@ -102,26 +108,114 @@ class CacheNodeActor:
       child.publish.remote(node.node_id, node.version, [self._ref])
     return True
 
-  def pull(self, have_version: int) -> tuple[int, list | None]:
+  def pull(self, have_version: int, to_actor: bool = False) -> tuple[int, list | None]:
     """Refreshes this node from its ancestors (root first), then answers (version, [ref]) when
-    the version held is newer than `have_version`, else (version, None)."""
+    the version held is newer than `have_version`, else (version, None). `to_actor`: the caller
+    is an RL actor, which will fetch the ref (counted as this node's egress)."""
     if self._parent is not None:
       version, wrapped = ray.get(self._parent.pull.remote(self._node.version))
       if wrapped is not None:
         self.publish(self._parent_id, version, wrapped)
     if self._node.version > have_version:
+      if to_actor:
+        self._actor_egress += self._node.blob.nbytes
       return self._node.version, [self._ref]
     return self._node.version, None
 
   def version(self) -> int:
     return self._node.version
 
-  def ingress(self) -> dict[int, int]:
-    return dict(self._ingress)
+  def counters(self) -> tuple[dict[int, int], int]:
+    """(bytes fetched from each source, bytes handed to RL actors)."""
+    return dict(self._ingress), self._actor_egress
 
   def location(self) -> str:
     """The id of the Ray node (machine) this cache node runs on."""
     return ray.get_runtime_context().get_node_id()
+
+
+# -- reading params at the leaves -------------------------------------------------------------
+
+
+class LeafReader:
+  """What RL actors need to read their params: the cache nodes' handles, the spec, and this
+  reader's view of the topology and of the dead nodes (changed by `cache.reattach`).
+
+  Thread-safe; picklable (hand one to a Ray actor: the copy then keeps its own view).
+  """
+
+  def __init__(self, nodes: list, spec: cache.ParamSpec, topology: cache.Topology, *,
+               dead: frozenset[int] = frozenset(), timeout_s: float = 60.0):
+    self.nodes = list(nodes)
+    self.spec = spec
+    self.topology = topology
+    self.dead = set(dead)
+    self.timeout_s = timeout_s
+    self._held: dict[int, tuple[int, Any]] = {}  # actor -> (version, params) it last read
+    self._lock = threading.Lock()  # guards topology, dead and _held
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    del state["_lock"]
+    state["_held"] = {}
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def read(self, actor: int) -> tuple[int, Any | None]:
+    """(version, params) for `actor` from its leaf, after the leaf pulled from its ancestors;
+    (cache.NO_VERSION, None) before any publish. Never older than what the actor read before.
+    A dead leaf or ancestor moves the actor to another leaf (cache.reattach; ValueError when
+    none is live), and the read is retried there."""
+    error = None
+    for _ in range(self.topology.num_nodes + 1):
+      with self._lock:
+        leaf = self._live_leaf(actor)
+        have_version, params = self._held.get(actor, (cache.NO_VERSION, None))
+      try:
+        version, wrapped = ray.get(self.nodes[leaf].pull.remote(have_version, True),
+                                   timeout=self.timeout_s)
+        if wrapped is None:
+          return have_version, params
+        blob = ray.get(wrapped[0], timeout=self.timeout_s)
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_actor_death(e):
+          raise
+        error = e
+        self.find_dead((leaf, *self.topology.ancestors(leaf)))
+        continue
+      params = cache.from_blob(blob, self.spec)
+      with self._lock:
+        if version > self._held.get(actor, (cache.NO_VERSION, None))[0]:
+          self._held[actor] = (version, params)
+        return self._held[actor]
+    raise RuntimeError(f"read actor {actor}: every attempt hit a dead cache node "
+                       f"(dead: {sorted(self.dead)})") from error
+
+  def _live_leaf(self, actor: int) -> int:
+    """The actor's leaf, re-attached first when it or an ancestor is dead (lock held)."""
+    leaf = self.topology.leaf_of(actor)
+    if self.dead & {leaf, *self.topology.ancestors(leaf)}:
+      leaf = cache.reattach(self.topology, actor, self.dead)
+      self.topology = self.topology.with_leaf(actor, leaf)
+    return leaf
+
+  def mark_dead(self, node_id: int) -> None:
+    with self._lock:
+      self.dead.add(node_id)
+
+  def find_dead(self, node_ids: tuple[int, ...]) -> None:
+    """Asks each node for its version; those whose actor is gone join `dead`."""
+    refs = [(n, self.nodes[n].version.remote()) for n in node_ids]
+    for n, ref in refs:
+      try:
+        ray.get(ref, timeout=self.timeout_s)
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_actor_death(e):
+          raise
+        self.mark_dead(n)
 
 
 # -- the parameter service --------------------------------------------------------------------
@@ -132,7 +226,8 @@ class RayParameterService:
 
   `node_options(node_id)` gives each node actor's Ray options (e.g. a `scheduling_strategy` to
   place the tree across machines); `timeout_s` bounds each wait on a node. Thread-safe: one
-  learner thread may publish while other threads read.
+  learner thread may publish while other threads read. `leaf_reader()` gives RL actors in other
+  processes their own reader.
   """
 
   def __init__(self, topology: cache.Topology, spec: cache.ParamSpec, *,
@@ -140,22 +235,34 @@ class RayParameterService:
     if not isinstance(topology, cache.Topology) or not isinstance(spec, cache.ParamSpec):
       raise ValueError(f"RayParameterService: got {type(topology).__name__}, "
                        f"{type(spec).__name__}; expected a cache.Topology and a cache.ParamSpec")
-    self.topology = topology
     self.spec = spec
     self.timeout_s = timeout_s
-    self.dead: set[int] = set()
-    self.nodes = [
-        CacheNodeActor.options(**dict((node_options or (lambda n: {}))(n))).remote(
-            n, topology.parent(n), spec)
-        for n in range(topology.num_nodes)]
+    options = node_options or (lambda node_id: {})
+    self.nodes = [CacheNodeActor.options(**dict(options(n))).remote(n, topology.parent(n), spec)
+                  for n in range(topology.num_nodes)]
     ray.get([node.connect.remote(
         None if n == 0 else self.nodes[topology.parent(n)],
         [self.nodes[c] for c in topology.children(n)]) for n, node in enumerate(self.nodes)],
             timeout=timeout_s)
-    self._lock = threading.Lock()  # guards topology, dead, _held, _actor_egress, _ingress
-    self._held: dict[int, tuple[int, Any]] = {}  # actor -> (version, params) it last read
-    self._actor_egress: dict[int, int] = {}  # leaf -> bytes the actors fetched from it
-    self._ingress: dict[int, dict[int, int]] = {}  # node -> its last known ingress counters
+    self._reader = LeafReader(self.nodes, spec, topology, timeout_s=timeout_s)
+    self._counters: dict[int, tuple[dict[int, int], int]] = {}  # node -> last counters seen
+    self._counters_lock = threading.Lock()
+
+  @property
+  def topology(self) -> cache.Topology:
+    """The tree with the current attachments (after any reattach by this service's reads)."""
+    return self._reader.topology
+
+  @property
+  def dead(self) -> set[int]:
+    return set(self._reader.dead)
+
+  def leaf_reader(self) -> LeafReader:
+    """A reader with this service's current view, for an RL actor in another process (its
+    reattachments then stay its own)."""
+    with self._reader._lock:  # pylint: disable=protected-access
+      return LeafReader(self.nodes, self.spec, self._reader.topology,
+                        dead=frozenset(self._reader.dead), timeout_s=self.timeout_s)
 
   # -- learner side --
 
@@ -174,68 +281,22 @@ class RayParameterService:
   # -- actor side --
 
   def read(self, actor: int) -> tuple[int, Any | None]:
-    """(version, params) for `actor` from its leaf, after the leaf pulled from its ancestors;
-    (cache.NO_VERSION, None) before any publish. Never older than what the actor read before.
-    A dead leaf or ancestor moves the actor to another leaf (cache.reattach), and the read is
-    retried there."""
-    error = None
-    for _ in range(self.topology.num_nodes + 1):
-      with self._lock:
-        leaf = self._live_leaf(actor)
-        have_version, params = self._held.get(actor, (cache.NO_VERSION, None))
-      try:
-        version, wrapped = ray.get(self.nodes[leaf].pull.remote(have_version),
-                                   timeout=self.timeout_s)
-        if wrapped is None:
-          return have_version, params
-        blob = ray.get(wrapped[0], timeout=self.timeout_s)
-      except Exception as e:  # pylint: disable=broad-except
-        if not is_actor_death(e):
-          raise
-        error = e
-        self._find_dead((leaf, *self.topology.ancestors(leaf)))
-        continue
-      params = cache.from_blob(blob, self.spec)
-      with self._lock:
-        self._actor_egress[leaf] = self._actor_egress.get(leaf, 0) + blob.nbytes
-        if version > self._held.get(actor, (cache.NO_VERSION, None))[0]:
-          self._held[actor] = (version, params)
-        return self._held[actor]
-    raise RuntimeError(f"read actor {actor}: every attempt hit a dead cache node "
-                       f"(dead: {sorted(self.dead)})") from error
-
-  def _live_leaf(self, actor: int) -> int:
-    """The actor's leaf, re-attached first when it or an ancestor is dead (lock held)."""
-    leaf = self.topology.leaf_of(actor)
-    if self.dead & {leaf, *self.topology.ancestors(leaf)}:
-      leaf = cache.reattach(self.topology, actor, self.dead)
-      self.topology = self.topology.with_leaf(actor, leaf)
-    return leaf
-
-  def _find_dead(self, node_ids: tuple[int, ...]) -> None:
-    """Asks each node for its version; those whose actor is gone join `dead`."""
-    for n in node_ids:
-      try:
-        ray.get(self.nodes[n].version.remote(), timeout=self.timeout_s)
-      except Exception as e:  # pylint: disable=broad-except
-        if not is_actor_death(e):
-          raise
-        with self._lock:
-          self.dead.add(n)
+    """`LeafReader.read`: (version, params) from the actor's leaf, re-attached when dead."""
+    return self._reader.read(actor)
 
   # -- faults, settling, accounting --
 
   def fail_node(self, node_id: int) -> None:
-    """Kills cache node `node_id` (fault injection); its counters are kept for egress_bytes."""
+    """Kills cache node `node_id` (fault injection); its counters are kept for egress_bytes.
+    Actors below it re-attach on their next read."""
     if not isinstance(node_id, (int, np.integer)) or not 0 <= node_id < self.topology.num_nodes:
       raise ValueError(f"fail_node: got {node_id!r}, expected a node id 0 ... "
                        f"{self.topology.num_nodes - 1}")
     if node_id in self.dead:
       return
-    self._counters(node_id)
+    self._node_counters(node_id)
     ray.kill(self.nodes[node_id], no_restart=True)
-    with self._lock:
-      self.dead.add(node_id)
+    self._reader.mark_dead(node_id)
 
   def versions(self) -> dict[int, int]:
     """The version each live node holds (a node found dead here joins `dead`)."""
@@ -248,8 +309,7 @@ class RayParameterService:
       except Exception as e:  # pylint: disable=broad-except
         if not is_actor_death(e):
           raise
-        with self._lock:
-          self.dead.add(n)
+        self._reader.mark_dead(n)
     return out
 
   def settle(self, timeout_s: float | None = None) -> int:
@@ -261,9 +321,9 @@ class RayParameterService:
       versions = self.versions()
       if 0 not in versions:
         raise RuntimeError("settle: the root cache (node 0) is dead")
-      connected = {n: v for n, v in versions.items()
-                   if not self.dead.intersection(self.topology.ancestors(n))}
-      lagging = {n: v for n, v in connected.items() if v != versions[0]}
+      dead = self.dead
+      lagging = {n: v for n, v in versions.items()
+                 if v != versions[0] and not dead.intersection(self.topology.ancestors(n))}
       if not lagging:
         return versions[0]
       if time.monotonic() > deadline:
@@ -271,30 +331,30 @@ class RayParameterService:
                            f"lag the root's version {versions[0]}")
       time.sleep(0.01)
 
-  def _counters(self, node_id: int) -> dict[int, int]:
-    """The node's ingress counters, refreshed unless it is dead."""
+  def _node_counters(self, node_id: int) -> tuple[dict[int, int], int]:
+    """The node's counters, refreshed unless it is dead (then the last ones seen)."""
     if node_id not in self.dead:
       try:
-        counters = ray.get(self.nodes[node_id].ingress.remote(), timeout=self.timeout_s)
-        with self._lock:
-          self._ingress[node_id] = counters
+        counters = ray.get(self.nodes[node_id].counters.remote(), timeout=self.timeout_s)
+        with self._counters_lock:
+          self._counters[node_id] = counters
       except Exception as e:  # pylint: disable=broad-except
         if not is_actor_death(e):
           raise
-        with self._lock:
-          self.dead.add(node_id)
-    return self._ingress.get(node_id, {})
+        self._reader.mark_dead(node_id)
+    with self._counters_lock:
+      return self._counters.get(node_id, ({}, 0))
 
   def egress_bytes(self) -> dict[int, int]:
     """Bytes each node (cache.LEARNER for the learner) has sent: what its children fetched from
-    it, plus at a leaf what the actors fetched. A dead node's counters are the last ones seen."""
+    it, plus at a leaf what RL actors fetched from it. A node that died unexpectedly keeps the
+    counters last seen (a `fail_node` reads them first)."""
     egress = {cache.LEARNER: 0, **{n: 0 for n in range(self.topology.num_nodes)}}
     for n in range(self.topology.num_nodes):
-      for src, nbytes in self._counters(n).items():
+      ingress, to_actors = self._node_counters(n)
+      egress[n] += to_actors
+      for src, nbytes in ingress.items():
         egress[src] += nbytes
-    with self._lock:
-      for leaf, nbytes in self._actor_egress.items():
-        egress[leaf] += nbytes
     return egress
 
   def close(self) -> None:
@@ -386,3 +446,75 @@ class RayReplayService:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# -- RL actors as Ray actors ------------------------------------------------------------------
+
+
+class WorkerReport(NamedTuple):
+  """What one `ActorWorker.run` call did."""
+
+  env_steps: int  # env steps taken in this call (all of the worker's envs)
+  episode_returns: np.ndarray  # shape=(k,), dtype=float32: episodes finished in this call
+  versions: tuple[int, ...]  # the params version each rollout used
+  insert_retries: int  # inserts the rate limiter refused before they went in
+
+
+class ActorWorker:
+  """One RL actor in its own process: reads params from its leaf, rolls out `agent.rollout`
+  (jitted here), inserts each trajectory into the replay table, retrying while the rate
+  limiter says wait. `RayActorWorker` is this class as a Ray actor."""
+
+  def __init__(self, agent_config: Any, actor: int, seed: int, reader: LeafReader,
+               replay_service: RayReplayService, *, wait_s: float = 60.0):
+    # Imported here, not at the top: cache node processes import this module and need neither.
+    import jax  # pylint: disable=import-outside-toplevel
+    from research.rl_cache import agent as agent_lib  # pylint: disable=import-outside-toplevel
+    self._jax = jax
+    self._actor = actor
+    self._reader = reader
+    self._replay = replay_service
+    self._wait_s = wait_s
+    self._rollout = jax.jit(functools.partial(agent_lib.rollout, agent_config))
+    self._state = agent_lib.init_actor(agent_config, jax.random.key(seed))
+    self._version, self._params = cache.NO_VERSION, None
+
+  def _fresh_params(self) -> None:
+    deadline = time.monotonic() + self._wait_s
+    while True:
+      version, params = self._reader.read(self._actor)
+      if params is not None:
+        break
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"actor {self._actor}: no params version published after "
+                           f"{self._wait_s} s")
+      time.sleep(0.01)
+    if version != self._version:
+      self._version, self._params = version, self._jax.device_put(params)
+
+  def run(self, num_rollouts: int, epsilon: float) -> WorkerReport:
+    """`num_rollouts` rollouts, each with the newest params its leaf has when it starts."""
+    returns_all, versions, retries = [], [], 0
+    steps_before = int(self._state.env_steps)
+    for _ in range(num_rollouts):
+      self._fresh_params()
+      versions.append(self._version)
+      self._state, trajectory, (returns, finished) = self._rollout(self._params, self._state,
+                                                                   epsilon)
+      returns_all.append(np.asarray(returns)[np.asarray(finished)])
+      item = {k: np.asarray(v) for k, v in trajectory._asdict().items()}
+      deadline = time.monotonic() + self._wait_s
+      while not self._replay.insert(item):
+        retries += 1
+        if time.monotonic() > deadline:
+          raise TimeoutError(f"actor {self._actor}: the replay table refused an insert for "
+                             f"{self._wait_s} s: {self._replay.accounting()} (is a learner "
+                             "sampling?)")
+        time.sleep(0.005)
+    return WorkerReport(env_steps=int(self._state.env_steps) - steps_before,
+                        episode_returns=np.concatenate(returns_all).astype(np.float32)
+                        if returns_all else np.zeros(0, np.float32),
+                        versions=tuple(versions), insert_retries=retries)
+
+
+RayActorWorker = ray.remote(num_cpus=1)(ActorWorker)

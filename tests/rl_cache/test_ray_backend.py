@@ -54,8 +54,8 @@ def local_ray(_ray_module):
 def make_service(local_ray):
   services = []
 
-  def make(topology, **kwargs):
-    services.append(ray_backend.RayParameterService(topology, SPEC, **kwargs))
+  def make(topology, spec=SPEC, **kwargs):
+    services.append(ray_backend.RayParameterService(topology, spec, **kwargs))
     return services[-1]
 
   yield make
@@ -264,10 +264,54 @@ def test_replay_through_ray_waits_while_the_rate_limiter_says_so(make_replay):
   assert (counts.inserted, counts.sampled, counts.size) == (5, 3, 5) and counts.balanced
 
 
+# -- an RL actor as a Ray actor ---------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~40 s here: the worker process imports jax and gymnax and jits a rollout
+def test_an_actor_worker_reads_its_leaf_rolls_out_and_waits_for_the_rate_limiter(make_service):
+  from research.rl_cache import agent  # pylint: disable=import-outside-toplevel
+  config = agent.AgentConfig(hidden_sizes=(8,), envs_per_actor=2, rollout_length=4)
+  params = agent.init_learner(config, jax.random.key(0)).params
+  trajectory = jax.eval_shape(lambda p, s: agent.rollout(config, p, s, 1.0)[1], params,
+                              jax.eval_shape(lambda: agent.init_actor(config, jax.random.key(1))))
+  spec = replay.ItemSpec.from_example(
+      {k: np.zeros(v.shape, v.dtype) for k, v in trajectory._asdict().items()})
+  topology = cache.Topology(depth=2, fanout=2, num_actors=2)
+  service = make_service(topology, cache.ParamSpec.from_params(params))
+  table = ray_backend.RayReplayService(
+      replay.TableConfig(max_size=10, samples_per_insert=1.0, min_size_to_sample=2,
+                         error_buffer=2.0), spec)
+  try:
+    service.publish(params, 0)
+    worker = ray_backend.RayActorWorker.remote(config, 1, 7, service.leaf_reader(), table,
+                                               wait_s=30.0)
+    report = ray.get(worker.run.remote(3, 1.0))
+    assert report.env_steps == 3 * 4 * 2 and report.versions == (0, 0, 0)
+    assert report.insert_retries == 0 and table.accounting().inserted == 3
+    service.publish(jax.tree.map(lambda x: x + 1, params), 1)
+    running = worker.run.remote(3, 1.0)  # the 5th insert waits: (5 * 1 - 0) > 2 * 1 + 2
+    deadline = time.monotonic() + 20
+    while table.accounting().inserted < 4 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.2)
+    assert table.accounting().inserted == 4
+    assert table.sample(3, seed=0) is not None  # the learner's samples let the actor go on
+    report = ray.get(running)
+    assert report.versions == (1, 1, 1) and report.insert_retries > 0
+    assert table.accounting().inserted == 6 and table.accounting().balanced
+    # The worker fetched each version once from its leaf (leaf 2: actor 1's).
+    assert service.egress_bytes()[2] == 2 * service.spec.nbytes
+    ray.kill(worker)
+  finally:
+    table.close()
+
+
 # -- a two-machine Ray cluster ----------------------------------------------------------------
 
 
 @pytest.mark.slow  # ~20 s here: a second Ray instance with two raylets
+# jax warns on any fork; the cluster's subprocesses fork and exec at once (no jax state shared).
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_leaf_on_a_removed_machine_its_actors_reattach_on_the_other(_ray_module):
   from ray.cluster_utils import Cluster  # pylint: disable=import-outside-toplevel
   if ray.is_initialized():
