@@ -17,11 +17,11 @@ bytes between machines); the state machines are the pure ones of `cache.py` and 
 
   A node that is offered an equal or older version fetches nothing and changes nothing
   (`cache.publish`'s rule), so push and pull in any interleaving keep every node monotone and
-  move each version at most once per edge. Egress is counted where the bytes land: each node
-  counts the bytes it fetched from each source, so node `n`'s egress is what its children
-  fetched from it plus, at a leaf, what the actors read from it (`Topology.receivers`); the
-  learner's is what the root fetched from it (one blob per version, whatever the number of
-  actors).
+  move each version at most once per edge. Egress is counted where the bytes are taken: each
+  node counts the bytes it fetched from each source, and a leaf the blobs it handed to RL
+  actors, so node `n`'s egress is what its children fetched from it plus, at a leaf, what its
+  actors read (`Topology.receivers` per version); the learner's is what the root fetched from
+  it (one blob per version, whatever the number of actors).
 
   Failures: `fail_node` kills a node's actor (`ray.kill`); an actor whose leaf or one of its
   ancestors is dead (killed, or found dead through a `RayActorError` on a read) is moved by
@@ -62,8 +62,7 @@ def is_actor_death(error: BaseException) -> bool:
   while error is not None:
     if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
       return True
-    error = getattr(error, "cause", None) if isinstance(error,
-                                                        ray.exceptions.RayTaskError) else None
+    error = error.cause if isinstance(error, ray.exceptions.RayTaskError) else None
   return False
 
 

@@ -114,6 +114,23 @@ def test_versions_never_go_backwards_under_concurrent_publishes_and_reads(make_s
   assert service.egress_bytes()[cache.LEARNER] <= num_versions * SPEC.nbytes
 
 
+def test_actors_below_a_dead_intermediate_cache_move_under_a_live_one(make_service):
+  topology = cache.Topology(depth=3, fanout=2, num_actors=8)  # leaves 3 ... 6: 2 actors each
+  service = make_service(topology)
+  service.publish(_params(0), 0)
+  assert [service.read(a)[0] for a in range(8)] == [0] * 8
+  # Killed behind the service's back: leaves 3 and 4 live on, but their pulls fail inside.
+  ray.kill(service.nodes[1], no_restart=True)
+  service.publish(_params(1), 1)
+  for actor in range(8):
+    version, params = service.read(actor)
+    assert version == 1
+    _assert_params_of(1, params)
+  assert service.dead == {1}
+  assert sorted(service.topology.leaf_of(a) for a in range(8)) == [5] * 4 + [6] * 4
+  assert service.settle() == 1  # nodes cut off below node 1 do not count
+
+
 @pytest.mark.parametrize("num_actors", [1, 4, 16])
 def test_learner_egress_is_one_blob_per_version_whatever_the_actor_count(make_service,
                                                                          num_actors):
@@ -131,18 +148,6 @@ def test_learner_egress_is_one_blob_per_version_whatever_the_actor_count(make_se
   assert num_versions * topology.flat_egress_bytes(blob) == num_versions * num_actors * blob
   for n in range(topology.num_nodes):  # each node: one blob per child cache / attached actor
     assert egress[n] == num_versions * topology.node_egress_bytes(n, blob), (n, egress)
-
-
-def test_an_older_version_is_not_fetched_and_never_replaces_a_newer_one(make_service):
-  topology = cache.Topology(depth=2, fanout=2, num_actors=2)
-  service = make_service(topology)
-  service.publish(_params(5), 5)
-  before = service.egress_bytes()[cache.LEARNER]
-  service.publish(_params(4), 4)
-  assert service.egress_bytes()[cache.LEARNER] == before == SPEC.nbytes
-  version, params = service.read(1)
-  assert version == 5
-  _assert_params_of(5, params)
 
 
 def test_actors_of_a_dead_leaf_reattach_and_keep_reading_the_latest_version(make_service):
@@ -179,12 +184,16 @@ BAD_PARAMS = [  # (params not of SPEC, the error naming what is wrong)
 ]
 
 
-def test_a_blob_of_the_wrong_structure_or_dtype_is_refused_and_nothing_changes(make_service):
+def test_an_older_version_or_a_blob_not_of_the_spec_is_refused_and_nothing_changes(
+    make_service):
   topology = cache.Topology(depth=2, fanout=2, num_actors=2)
   service = make_service(topology)
   service.publish(_params(3), 3)
   service.settle()
   egress = service.egress_bytes()
+  assert egress[cache.LEARNER] == SPEC.nbytes
+  service.publish(_params(2), 2)  # older: the root does not even fetch it
+  assert service.egress_bytes() == egress
   for bad, match in BAD_PARAMS:
     with pytest.raises(ValueError, match=match):  # refused before it leaves the learner
       service.publish(bad, 9)
