@@ -330,14 +330,12 @@ def test_leaf_on_a_removed_machine_its_actors_reattach_on_the_other(_ray_module)
   from ray.cluster_utils import Cluster  # pylint: disable=import-outside-toplevel
   if ray.is_initialized():
     ray.shutdown()
-  start = time.monotonic()
   cluster = Cluster(initialize_head=True,
                     head_node_args={"num_cpus": 1, "resources": {"machine_a": 1}})
   try:
     machine_b = cluster.add_node(num_cpus=1, resources={"machine_b": 1})
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
-    started = time.monotonic() - start
     topology = cache.Topology(depth=2, fanout=2, num_actors=4)  # leaf 1: actors 0, 2; leaf 2: 1, 3
     machine = {0: "machine_a", 1: "machine_a", 2: "machine_b"}
     service = ray_backend.RayParameterService(
@@ -355,7 +353,6 @@ def test_leaf_on_a_removed_machine_its_actors_reattach_on_the_other(_ray_module)
     assert service.dead == {2}
     assert [service.topology.leaf_of(a) for a in range(4)] == [1] * 4
     service.close()
-    print(f"cluster of 2 nodes started in {started:.1f} s")
   finally:
     ray.shutdown()
     cluster.shutdown()
