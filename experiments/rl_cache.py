@@ -86,7 +86,10 @@ def item_spec(trajectory: agent_lib.Trajectory) -> replay.ItemSpec:
 
 def make_services(config, topology, param_spec, table_config, spec):
   if config.backend == "ray":
+    import ray  # pylint: disable=import-outside-toplevel
     from research.rl_cache import ray_backend  # pylint: disable=import-outside-toplevel
+    if not ray.is_initialized():  # a local Ray instance; on a cluster `ray start` made one
+      ray.init(include_dashboard=False, log_to_driver=False)
     return (ray_backend.RayParameterService(topology, param_spec),
             ray_backend.RayReplayService(table_config, spec))
   return (backends.InProcessParameterService(topology, param_spec),
