@@ -18,6 +18,13 @@ The algorithm only; processes, Ray, the parameter cache and the replay table wra
 - `train_in_process`: the reference single-process loop (several actors with stale params, a FIFO
   replay buffer in jax arrays, one learner) that the distributed backends must match.
 
+Tuned defaults (AgentConfig() and train_in_process's defaults, 8 actors x 8 envs x 8 steps =
+512 env steps per iteration, 3-step double DQN, one update of 128 per 2 env steps, hard target
+copy every 250 updates, actor copies at most 16 updates stale) solve CartPole-v1 (greedy mean
+>= 475 over 100 episodes, checked every 4,096 env steps) within 16k, 45k, 57k, 61k, 61k and 37k
+env steps on seeds 0-5, about 40-65 s on 2 busy CPU cores, half of it compilation; the documented
+budget, pinned by the slow test, is `SOLVE_BUDGET_ENV_STEPS` = 100,000 env steps.
+
 Everything is `state -> state` over pytrees with explicit keys; nothing here is jitted: jit at the
 call site with `config` static (it is a frozen, hashable dataclass).
 """
@@ -38,6 +45,10 @@ import optax
 from research.fedavg import model as model_lib
 
 Params = Any  # an nnx.State pytree of float arrays (the Q-network)
+
+# Env steps (all actors together, evaluation episodes not counted) within which the default config
+# solves CartPole-v1 with 8 actors in `train_in_process`: the documented budget (module docstring).
+SOLVE_BUDGET_ENV_STEPS = 100_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +72,7 @@ class AgentConfig:
   epsilon_decay_steps: int = 10_000  # env steps (all actors together) of the linear decay
   envs_per_actor: int = 8  # E
   rollout_length: int = 8  # T, env steps per env per actor step
-  n_step: int = 1
+  n_step: int = 3
 
   def __post_init__(self):
     def fail(field, expected):
@@ -456,7 +467,7 @@ class TrainResult:
 
 def train_in_process(config: AgentConfig, num_actors: int, total_env_steps: int, key: jax.Array,
                      replay_capacity: int = 50_000, learning_starts: int = 2_000,
-                     env_steps_per_update: int = 4, refresh_period: int = 16,
+                     env_steps_per_update: int = 2, refresh_period: int = 16,
                      eval_every: int = 4_096, eval_episodes: int = 100,
                      solve_return: float | None = 475.0,
                      log: Callable[[int, dict], None] | None = None) -> TrainResult:
