@@ -19,6 +19,7 @@ both backends.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -44,10 +45,10 @@ def config_schema() -> ml_collections.ConfigDict:
       "num_actors": 8,
       "cache": {"depth": 2, "fanout": 2},      # root + 2 leaves for 8 actors
       "publish_every": 16,                     # learner updates per published version
-      "agent": {"hidden_sizes": (64, 64), "learning_rate": 1e-3, "batch_size": 128,
-                "target_update_period": 250, "epsilon_decay_steps": 10_000,
-                "envs_per_actor": 8, "rollout_length": 8, "gamma": 0.99},
-      "env_steps_per_update": 4,               # replay ratio: one update per this many env steps
+      # DQN hyperparameters: agent.AgentConfig's fields, its defaults (the one source of them)
+      "agent": dataclasses.asdict(agent_lib.AgentConfig()),
+      "env_steps_per_update": 2,               # replay ratio: one update per this many env steps
+      "transitions_per_item": 8,               # an update samples batch_size / this rollouts
       "learning_starts": 2_000,                # env steps before the first update
       "replay_items": 800,                     # table size in rollouts (800 x 64 = 51,200 steps)
       "total_env_steps": 200_000,
@@ -66,7 +67,12 @@ def validate_config(config) -> None:
     cache.Topology(config.cache.depth, config.cache.fanout, config.num_actors)
   except ValueError as error:
     raise config_lib.ConfigError(f"config: {error}") from None
-  per_iteration = config.num_actors * agent_config(config).env_steps_per_rollout
+  agent = agent_config(config)
+  if config.transitions_per_item < 1 or agent.batch_size % config.transitions_per_item:
+    raise config_lib.ConfigError(
+        f"config key 'transitions_per_item': got {config.transitions_per_item}, expected a "
+        f"positive divisor of agent.batch_size = {agent.batch_size}")
+  per_iteration = config.num_actors * agent.env_steps_per_rollout
   if per_iteration % config.env_steps_per_update:
     raise config_lib.ConfigError(
         f"config key 'env_steps_per_update': got {config.env_steps_per_update}, expected a "
@@ -97,12 +103,14 @@ def make_services(config, topology, param_spec, table_config, spec):
 
 
 def _learn_step(config: agent_lib.AgentConfig, learner, items: dict, key):
-  """One update on one random transition of each sampled rollout."""
+  """One update on batch_size transitions: the same number of random ones from each sampled
+  rollout (with replacement)."""
   transitions = agent_lib.transitions_from_trajectory(
       config, agent_lib.Trajectory(**items))  # (n * T * E, ...)
   n = items["action"].shape[0]
-  per_item = transitions.action.shape[0] // n
-  pick = jnp.arange(n) * per_item + jax.random.randint(key, (n,), 0, per_item)
+  per_item, each = transitions.action.shape[0] // n, config.batch_size // n
+  pick = (jnp.repeat(jnp.arange(n) * per_item, each) +
+          jax.random.randint(key, (n * each,), 0, per_item))
   return agent_lib.learner_update(config, learner, jax.tree.map(lambda x: x[pick], transitions))
 
 
@@ -124,12 +132,13 @@ def run(config, run_ctx) -> dict[str, Any]:
   # (num_actors * T * E / env_steps_per_update) updates: the ratio the limiter holds.
   updates_per_iteration = (config.num_actors * agent.env_steps_per_rollout
                            // config.env_steps_per_update)
-  samples_per_insert = agent.batch_size * updates_per_iteration / config.num_actors
-  min_items = max(agent.batch_size, -(-config.learning_starts // agent.env_steps_per_rollout))
+  items_per_update = agent.batch_size // config.transitions_per_item
+  samples_per_insert = items_per_update * updates_per_iteration / config.num_actors
+  min_items = max(items_per_update, -(-config.learning_starts // agent.env_steps_per_rollout))
   table_config = replay.TableConfig(
       max_size=config.replay_items, selector="uniform", samples_per_insert=samples_per_insert,
       min_size_to_sample=min_items,
-      error_buffer=max(samples_per_insert * (config.num_actors + 1) + agent.batch_size,
+      error_buffer=max(samples_per_insert * (config.num_actors + 1) + items_per_update,
                        samples_per_insert * min_items))
   params_service, replay_service = make_services(config, topology, param_spec, table_config, spec)
 
@@ -201,7 +210,8 @@ def run(config, run_ctx) -> dict[str, Any]:
 
 def _update(config, agent, learn, learner, replay_service, params_service, version, updates):
   """One learner update when the table lets it sample, and a new version every publish_every."""
-  batch = replay_service.sample(agent.batch_size, seed=config.seed * 1_000_003 + updates)
+  batch = replay_service.sample(agent.batch_size // config.transitions_per_item,
+                               seed=config.seed * 1_000_003 + updates)
   if batch is None:
     return learner, version, updates
   learner, _ = learn(learner, batch, jax.random.fold_in(jax.random.key(config.seed + 7), updates))
