@@ -18,12 +18,16 @@ The algorithm only; processes, Ray, the parameter cache and the replay table wra
 - `train_in_process`: the reference single-process loop (several actors with stale params, a FIFO
   replay buffer in jax arrays, one learner) that the distributed backends must match.
 
-Tuned defaults (AgentConfig() and train_in_process's defaults, 8 actors x 8 envs x 8 steps =
-512 env steps per iteration, 3-step double DQN, one update of 128 per 2 env steps, hard target
-copy every 250 updates, actor copies at most 16 updates stale) solve CartPole-v1 (greedy mean
->= 475 over 100 episodes, checked every 4,096 env steps) within 16k, 45k, 57k, 61k, 61k and 37k
-env steps on seeds 0-5, about 40-65 s on 2 busy CPU cores, half of it compilation; the documented
-budget, pinned by the slow test, is `SOLVE_BUDGET_ENV_STEPS` = 100,000 env steps.
+Tuned defaults (AgentConfig() and train_in_process's defaults: 8 actors x 8 envs x 8 steps =
+512 env steps per iteration, 3-step double DQN, one update of 128 per 2 env steps (256 per
+iteration), hard target copy every 250 updates, actor copies refreshed once 512 updates old, so
+actors act with params 0 or 256 updates old) solve CartPole-v1 (greedy mean >= 475 over 100
+episodes, checked every 4,096 env steps) within 53k, 37k, 66k, 45k, 12k, 45k, 90k, 20k, 53k and
+45k env steps on seeds 0-9 (median 45k), in 20-60 s each on 2 busy CPU cores, about half of it
+compilation. The documented budget, pinned by the slow test on seeds 0 and 1, is
+`SOLVE_BUDGET_ENV_STEPS` = 120,000 env steps. (With copies refreshed every iteration, i.e. never
+stale when acting: 16k-74k on seeds 0-9; refreshed once 1,024 updates old: 66k, 37k, 82k on
+seeds 0-2.)
 
 Everything is `state -> state` over pytrees with explicit keys; nothing here is jitted: jit at the
 call site with `config` static (it is a frozen, hashable dataclass).
@@ -48,7 +52,7 @@ Params = Any  # an nnx.State pytree of float arrays (the Q-network)
 
 # Env steps (all actors together, evaluation episodes not counted) within which the default config
 # solves CartPole-v1 with 8 actors in `train_in_process`: the documented budget (module docstring).
-SOLVE_BUDGET_ENV_STEPS = 100_000
+SOLVE_BUDGET_ENV_STEPS = 120_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,7 +471,7 @@ class TrainResult:
 
 def train_in_process(config: AgentConfig, num_actors: int, total_env_steps: int, key: jax.Array,
                      replay_capacity: int = 50_000, learning_starts: int = 2_000,
-                     env_steps_per_update: int = 2, refresh_period: int = 16,
+                     env_steps_per_update: int = 2, refresh_period: int = 512,
                      eval_every: int = 4_096, eval_episodes: int = 100,
                      solve_return: float | None = 475.0,
                      log: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -475,15 +479,18 @@ def train_in_process(config: AgentConfig, num_actors: int, total_env_steps: int,
 
   Each iteration every actor does one rollout (E * T env steps) with its own params copy; then,
   once the replay holds `learning_starts` transitions, the learner does one update per
-  `env_steps_per_update` new env steps; an actor's copy is refreshed when it is `refresh_period`
-  learner steps old (copies start staggered, so actors hold params of different ages). Every
+  `env_steps_per_update` new env steps; after the updates, an actor's copy is refreshed if it is
+  at least `refresh_period` learner steps old. Copies start staggered, so actors hold params of
+  different ages; as the check runs once per iteration (num_updates learner steps), a copy acts
+  while up to refresh_period + num_updates - 1 learner steps old. Every
   `eval_every` env steps the learner's params are evaluated greedily on `eval_episodes`
   episodes; training stops as soon as the mean reaches `solve_return` (None: never).
   """
-  for name, value in dict(num_actors=num_actors, total_env_steps=total_env_steps,
-                          replay_capacity=replay_capacity, env_steps_per_update=env_steps_per_update,
-                          refresh_period=refresh_period, eval_every=eval_every,
-                          eval_episodes=eval_episodes).items():
+  positive = dict(num_actors=num_actors, total_env_steps=total_env_steps,
+                  replay_capacity=replay_capacity, env_steps_per_update=env_steps_per_update,
+                  refresh_period=refresh_period, eval_every=eval_every,
+                  eval_episodes=eval_episodes)
+  for name, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"train_in_process {name}={value!r}: expected a positive int")
   steps_per_iteration = num_actors * config.env_steps_per_rollout
