@@ -9,14 +9,16 @@ import pytest
 
 from research.rl_cache import agent
 
-SMALL = agent.AgentConfig(hidden_sizes=(16,), envs_per_actor=3, rollout_length=5,
+SMALL = agent.AgentConfig(hidden_sizes=(16,), envs_per_actor=4, rollout_length=64,
                           batch_size=32, n_step=1)
+# One compiled rollout shared by the tests (compiling dominates their time on 2 cores).
+ROLLOUT = jax.jit(functools.partial(agent.rollout, SMALL))
 
 
 @pytest.mark.parametrize("field,value", [
     ("env_name", "NoSuchEnv-v0"), ("hidden_sizes", (64, 0)), ("hidden_sizes", [64]),
     ("gamma", 1.5), ("learning_rate", 0.0), ("batch_size", 0), ("target_tau", 0.0),
-    ("epsilon_end", -0.1), ("n_step", 9), ("max_grad_norm", -1.0),
+    ("epsilon_end", -0.1), ("n_step", 65), ("max_grad_norm", -1.0),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
   with pytest.raises(ValueError, match=f"AgentConfig.{field}="):
@@ -35,8 +37,7 @@ def test_rollout_trajectory_has_fixed_shapes_and_dtypes():
   config = SMALL
   params = agent.init_learner(config, jax.random.key(0)).params
   actor = agent.init_actor(config, jax.random.key(1))
-  rollout = jax.jit(functools.partial(agent.rollout, config))
-  actor, traj, (returns, finished) = rollout(params, actor, 0.5)
+  actor, traj, (returns, finished) = ROLLOUT(params, actor, 0.5)
   t, e = config.rollout_length, config.envs_per_actor
   chex.assert_shape([traj.obs, traj.next_obs], (t, e, 4))
   chex.assert_shape([traj.action, traj.reward, traj.terminated, traj.truncated, returns,
@@ -46,16 +47,15 @@ def test_rollout_trajectory_has_fixed_shapes_and_dtypes():
   chex.assert_type([traj.terminated, traj.truncated, finished], bool)
   assert int(actor.env_steps) == t * e
   # The same compiled rollout serves every later actor step (same shapes, no retrace).
-  _, traj2, _ = rollout(params, actor, 0.5)
+  _, traj2, _ = ROLLOUT(params, actor, 0.5)
   chex.assert_trees_all_equal_shapes_and_dtypes(traj, traj2)
 
 
 def test_rollout_next_obs_is_the_final_obs_not_the_reset_obs():
-  config = dataclasses.replace(SMALL, envs_per_actor=4, rollout_length=64)
-  params = agent.init_learner(config, jax.random.key(0)).params
-  actor = agent.init_actor(config, jax.random.key(2))
-  _, traj, (returns, finished) = jax.jit(functools.partial(agent.rollout, config))(
-      params, actor, 1.0)  # random actions: CartPole episodes of ~20 steps, many ends
+  params = agent.init_learner(SMALL, jax.random.key(0)).params
+  actor = agent.init_actor(SMALL, jax.random.key(2))
+  # Random actions: CartPole episodes of ~20 steps, so several ends in 64 steps.
+  _, traj, (returns, finished) = ROLLOUT(params, actor, 1.0)
   done = np.asarray(traj.terminated | traj.truncated)
   assert done.sum() >= 4
   np.testing.assert_array_equal(finished, done)
@@ -129,8 +129,7 @@ def test_td_target_matches_hand_computation(double_dqn):
 def test_learner_update_decreases_td_loss_on_a_fixed_batch():
   config = dataclasses.replace(SMALL, learning_rate=3e-3, target_update_period=10_000)
   state = agent.init_learner(config, jax.random.key(0))
-  actor = agent.init_actor(config, jax.random.key(1))
-  _, traj, _ = agent.rollout(config, state.params, actor, 1.0)
+  _, traj, _ = ROLLOUT(state.params, agent.init_actor(SMALL, jax.random.key(1)), 1.0)
   batch = agent.transitions_from_trajectory(config, traj)
   loss = lambda s: float(agent.td_loss(config, s.params, s.target_params, batch)[0])
   update = jax.jit(functools.partial(agent.learner_update, config))
