@@ -189,6 +189,7 @@ def run(config, run_ctx) -> dict[str, Any]:
     replay_service.close()
   blob_bytes = param_spec.nbytes
   final = curve[-1][1] if curve else 0.0
+  plot(run_ctx, config, curve)
   return {
       "backend": config.backend, "solved": solved_at is not None, "solved_at_env_steps": solved_at,
       "env_steps": env_steps, "updates": updates, "versions": version + 1,
@@ -220,3 +221,39 @@ def _update(config, agent, learn, learner, replay_service, params_service, versi
     version += 1
     params_service.publish(learner.params, version)
   return learner, version, updates
+
+
+def plot(run_ctx, config, curve) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  figure, axes = plt.subplots(figsize=(5.5, 3.4))
+  if curve:
+    steps, returns = zip(*curve)
+    axes.plot(steps, returns, marker="o")
+  axes.axhline(config.solve_return, color="gray", ls="--", lw=1, label="solved")
+  axes.set(xlabel="env steps (all actors)", ylabel="greedy return (mean of episodes)",
+           title=f"CartPole-v1, {config.num_actors} actors, {config.backend}")
+  axes.legend()
+  figure.tight_layout()
+  run_ctx.save_figure("return", figure)
+  plt.close(figure)
+
+
+def paper_tables(*results) -> dict[str, str]:
+  """The page's table from kept results: one row per run (backend)."""
+  from research.common import records  # pylint: disable=import-outside-toplevel
+  rows = []
+  for result in results:
+    s, c = result["summary"], result["config"]
+    rows.append((s["backend"], str(c["num_actors"]),
+                 f"{c['cache']['depth']} x {c['cache']['fanout']}",
+                 f"{s['solved_at_env_steps']:,}" if s["solved"] else "not solved",
+                 f"{s['final_eval_return']:.1f}", f"{s['untrained_return']:.1f}",
+                 f"{s['versions']:,}", f"{s['learner_egress_bytes'] / 1e6:.2f}",
+                 f"{s['flat_broadcast_bytes'] / 1e6:.2f}",
+                 f"{s['mean_staleness_versions']:.2f}", f"{s['env_steps_per_second']:,.0f}"))
+  header = ("backend", "actors", "cache depth x fanout", "solved at (env steps)",
+            "greedy return", "untrained", "versions", "learner egress MB",
+            "flat broadcast MB", "mean staleness (versions)", "env steps / s")
+  return {"results": records.write_markdown_table(header, rows)}
