@@ -191,7 +191,7 @@ def run(config, run_ctx) -> dict[str, Any]:
   final = curve[-1][1] if curve else 0.0
   plot(run_ctx, config, curve)
   return {
-      "backend": config.backend, "solved": solved_at is not None, "solved_at_env_steps": solved_at,
+      "services": config.backend, "solved": solved_at is not None, "solved_at_env_steps": solved_at,
       "env_steps": env_steps, "updates": updates, "versions": version + 1,
       "eval_curve": curve, "final_eval_return": final,
       "mean_staleness_versions": float(np.mean(staleness)) if staleness else 0.0,
@@ -246,7 +246,7 @@ def paper_tables(*results) -> dict[str, str]:
   rows = []
   for result in results:
     s, c = result["summary"], result["config"]
-    rows.append((s["backend"], str(c["num_actors"]),
+    rows.append((c["backend"], str(c["num_actors"]),
                  f"{c['cache']['depth']} x {c['cache']['fanout']}",
                  f"{s['solved_at_env_steps']:,}" if s["solved"] else "not solved",
                  f"{s['final_eval_return']:.1f}", f"{s['untrained_return']:.1f}",
