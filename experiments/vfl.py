@@ -411,8 +411,10 @@ def _summary(config, seeds, methods) -> dict[str, Any]:
   main = "encrypted" if "encrypted" in methods else config.methods[0]
   base = "centralized" if "centralized" in methods else main
   gap = methods[main]["auc_mean"] - methods[base]["auc_mean"]
-  note = (f"{config.dataset}, {len(seeds)} seed(s), {config.epochs} epoch(s), "
-          f"{config.he.key_bits}-bit Paillier; AUC gap {gap:+.4f}")
+  length = (f"{config.max_train_batches} batch(es) of {config.batch_size}"
+            if config.max_train_batches else f"{config.epochs} epoch(s)")
+  note = (f"{config.dataset}, {len(seeds)} seed(s), {length}, {config.he.key_bits}-bit "
+          f"Paillier; AUC gap {gap:+.4f}")
   return {
       "dataset": config.dataset, "seeds": seeds, "methods": methods,
       "auc_gap": gap, "within_goal": bool(abs(gap) <= config.max_auc_gap),

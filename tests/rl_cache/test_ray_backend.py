@@ -66,6 +66,7 @@ def make_service(local_ray):
 # -- parameter service ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the pure tree test (tests/rl_cache/test_cache.py) covers the fast path
 def test_versions_never_go_backwards_under_concurrent_publishes_and_reads(make_service):
   topology = cache.Topology(depth=3, fanout=2, num_actors=6)
   service = make_service(topology)
@@ -119,6 +120,7 @@ def test_versions_never_go_backwards_under_concurrent_publishes_and_reads(make_s
     assert egress[n] <= num_versions * topology.node_egress_bytes(n, SPEC.nbytes), (n, egress)
 
 
+@pytest.mark.slow  # the pure tree test (tests/rl_cache/test_cache.py) covers the fast path
 def test_actors_below_a_dead_intermediate_cache_move_under_a_live_one(make_service):
   topology = cache.Topology(depth=3, fanout=2, num_actors=8)  # leaves 3 ... 6: 2 actors each
   service = make_service(topology)
