@@ -221,7 +221,7 @@ def train_split(config, run, protocol, init, aligned, *, encrypted: bool, seed: 
   passive, active = parties.initial_states(
       protocol, init, passive_ids=passive_ids, passive_x=passive_x, active_ids=active_ids,
       active_x=active_x, labels=labels, key_bits=config.he.key_bits if encrypted else None,
-      noise_seed=seed + 1000)
+      noise_seed=passive_noise_seed(seed))
   setup_seconds = time.perf_counter() - start
   logged = [0]
 
@@ -325,7 +325,8 @@ def run_seed(config, run, tables, seed: int, engine: he.Engine) -> dict[str, Any
   # The baselines start from the encrypted run's true initial W_p (W'_0 + e_acc_0), so all
   # three methods start from one set of weights.
   if "encrypted" in config.methods:
-    init = init._replace(w_passive=_initial_true_w(config, protocol, init, seed))
+    init = init._replace(w_passive=parties.initial_w_passive(protocol, init,
+                                                             passive_noise_seed(seed)))
   if "plaintext" in config.methods:
     results["plaintext"] = train_split(config, run, protocol, init, aligned, encrypted=False,
                                        seed=seed, engine=he.Engine(), label="plaintext")
@@ -336,13 +337,9 @@ def run_seed(config, run, tables, seed: int, engine: he.Engine) -> dict[str, Any
           "methods": results}
 
 
-def _initial_true_w(config, protocol, init, seed) -> np.ndarray:
-  """W'_0 + e_acc_0 as `parties.initial_states` draws them (no key needed to form it)."""
-  noise = parties._noise(seed + 1000, 0, 0, init.w_passive.shape,  # pylint: disable=protected-access
-                         protocol.noise_scale)
-  codec = protocol.codec
-  return codec.decode(codec.encode(np.asarray(init.w_passive, np.float64), "W'") +
-                      codec.encode(noise, "e_acc")).astype(np.float32)
+def passive_noise_seed(seed: int) -> int:
+  """The passive party's private noise seed in a run of `seed` (its e_acc and rho draws)."""
+  return seed + 1000
 
 
 def summarize(config, seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -392,8 +389,8 @@ def run(config, run_ctx) -> dict[str, Any]:
   engine = _pool(config) if "encrypted" in config.methods else he.Engine()
   try:
     seeds = []
+    tables = party_tables(config)  # the data do not change with the seed
     for seed in range(config.seed, config.seed + config.num_seeds):
-      tables = party_tables(config)
       seeds.append(run_seed(config, run_ctx, tables, seed, engine))
       encrypted = seeds[-1]["methods"].get("encrypted")
       if encrypted:
@@ -495,7 +492,7 @@ def _party_main(config, run_ctx, role, seed, tables, channel) -> dict[str, Any]:
     if role == "passive":
       (x,) = align(ids, tables["passive"][1], aligned_ids)
       passive = parties.initial_passive(protocol, init, ids=aligned_ids, x=x, key_bits=key_bits,
-                                        noise_seed=seed + 1000)
+                                        noise_seed=passive_noise_seed(seed))
       session.run_passive(protocol, passive, channel, engine=engine,
                           timeout=config.grpc.timeout)
       return {"role": role, "headline": {"metric": "passive party", "value": 0.0,

@@ -188,9 +188,8 @@ def initial_passive(protocol: Protocol, init: model_lib.InitialState, *, ids, x,
   if key_bits is None:
     return state
   public_key, private_key = he.generate_keypair(key_bits)
-  e_acc = protocol.codec.encode(_noise(noise_seed, 0, 0, init.w_passive.shape,
-                                       protocol.noise_scale), "initial noise e_acc")
-  return dataclasses.replace(state, private_key=private_key, public_key=public_key, e_acc=e_acc)
+  return dataclasses.replace(state, private_key=private_key, public_key=public_key,
+                             e_acc=initial_e_acc(protocol, init, noise_seed))
 
 
 def initial_active(protocol: Protocol, init: model_lib.InitialState, *, ids, x, labels,
@@ -207,9 +206,8 @@ def initial_active(protocol: Protocol, init: model_lib.InitialState, *, ids, x, 
                        {"dense": dense.init(init.active),
                         "interaction": protocol.optimizers.interaction.init(params["w_passive"])},
                        None, None, expect="begin")
-  w_share = protocol.codec.encode(np.asarray(init.w_passive, np.float64), "initial share W'")
   return ActiveState(tuple(ids), x, labels, dict(init.active), dense.init(init.active), None,
-                     w_share)
+                     initial_share(protocol, init))
 
 
 def initial_states(protocol: Protocol, init: model_lib.InitialState, *, passive_ids, passive_x,
@@ -221,6 +219,25 @@ def initial_states(protocol: Protocol, init: model_lib.InitialState, *, passive_
                           noise_seed=noise_seed),
           initial_active(protocol, init, ids=active_ids, x=active_x, labels=labels,
                          encrypted=key_bits is not None))
+
+
+def initial_share(protocol: Protocol, init: model_lib.InitialState) -> np.ndarray:
+  """W'_0, the active party's share (scale 1): the network's initial W_p draw."""
+  return protocol.codec.encode(np.asarray(init.w_passive, np.float64), "initial share W'")
+
+
+def initial_e_acc(protocol: Protocol, init: model_lib.InitialState, noise_seed: int) -> np.ndarray:
+  """e_acc_0, the passive party's share (scale 1): N(0, noise_scale^2) from its private seed."""
+  return protocol.codec.encode(_noise(noise_seed, 0, 0, init.w_passive.shape,
+                                      protocol.noise_scale), "initial noise e_acc")
+
+
+def initial_w_passive(protocol: Protocol, init: model_lib.InitialState,
+                      noise_seed: int) -> np.ndarray:
+  """W'_0 + e_acc_0, the true initial W_p that neither party holds (for observers: the
+  experiment starts its plaintext comparisons from it)."""
+  return protocol.codec.decode(initial_share(protocol, init) +
+                               initial_e_acc(protocol, init, noise_seed)).astype(np.float32)
 
 
 def _noise(seed: int, round_: int, step: int, shape, scale: float) -> np.ndarray:

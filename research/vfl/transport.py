@@ -252,7 +252,8 @@ def make_certificates(directory: str | os.PathLike, names: tuple[str, ...] = ("a
                             critical=False)
              .sign(ca_key, hashes.SHA256()))
   ca_path = directory / "ca.pem"
-  _write_atomic(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+  records.atomic_write_bytes(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM),
+                             mode=0o644)
   out = {}
   for n in names:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -270,10 +271,11 @@ def make_certificates(directory: str | os.PathLike, names: tuple[str, ...] = ("a
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     files = TlsFiles(ca_cert=ca_path, cert=directory / f"{n}.pem", key=directory / f"{n}.key")
-    _write_atomic(files.key, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()), mode=0o600)
-    _write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM))
+    records.atomic_write_bytes(files.key, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), mode=0o600)
+    records.atomic_write_bytes(files.cert, cert.public_bytes(serialization.Encoding.PEM),
+                               mode=0o644)
     out[n] = files
   return out
 
@@ -290,7 +292,3 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
                        key_encipherment=False, data_encipherment=False,
                        key_agreement=not cert_sign, key_cert_sign=cert_sign,
                        crl_sign=cert_sign, encipher_only=False, decipher_only=False)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-  records.atomic_write_bytes(path, data, mode=mode)
