@@ -13,8 +13,8 @@ additive mask below 2**mask_bits stays under
     terms * (max_abs * 2**frac_bits)**2 + 2**mask_bits,
 
 which `check_capacity` compares with the key's `max_int` once, when a session starts; a decrypted
-value in phe's overflow zone is reported as `FixedPointOverflow` too. Defaults (frac_bits 32,
-max_abs 2**15, mask_bits 128) need about 128 bits of the 1021 a 1024-bit key offers.
+value in phe's overflow zone is reported as `FixedPointOverflow` too. For the defaults and the
+paper setting the bound is 130 bits (papers/results/vfl_capacity_bits.txt, with its command).
 
 Array operations work on numpy object arrays of Python ints / `phe.EncryptedNumber`, outside jit
 (Paillier is big-integer arithmetic). The expensive ones (encryption, decryption, re-randomizing,

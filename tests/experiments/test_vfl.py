@@ -36,7 +36,7 @@ def test_encrypted_plaintext_and_centralized_train_the_same_network(tmp_path):
   assert sum("encrypted_loss" in m for m in metrics) == 3
 
 
-@pytest.mark.slow  # about 45 s: two launcher processes, jax.distributed, gRPC with TLS
+@pytest.mark.slow  # two launcher processes, jax.distributed, gRPC with TLS
 def test_two_processes_over_grpc_compute_what_one_process_computes(tmp_path):
   args = ["--set", "methods=('encrypted',)", *SHORT]
   result = subprocess.run(

@@ -283,7 +283,7 @@ def test_replay_through_ray_waits_while_the_rate_limiter_says_so(make_replay):
 # -- an RL actor as a Ray actor ---------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~40 s here: the worker process imports jax and gymnax and jits a rollout
+@pytest.mark.slow  # the worker process imports jax and gymnax and jits a rollout
 def test_an_actor_worker_reads_its_leaf_rolls_out_and_waits_for_the_rate_limiter(make_service):
   from research.rl_cache import agent  # pylint: disable=import-outside-toplevel
   config = agent.AgentConfig(hidden_sizes=(8,), envs_per_actor=2, rollout_length=4)
@@ -325,7 +325,7 @@ def test_an_actor_worker_reads_its_leaf_rolls_out_and_waits_for_the_rate_limiter
 # -- a two-machine Ray cluster ----------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~20 s here: a second Ray instance with two raylets
+@pytest.mark.slow  # a second Ray instance with two raylets
 # jax warns on any fork; the cluster's subprocesses fork and exec at once (no jax state shared).
 @pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_leaf_on_a_removed_machine_its_actors_reattach_on_the_other(_ray_module):
