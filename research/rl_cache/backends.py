@@ -6,13 +6,16 @@ A run sees two services with one small interface each, whatever the backend:
                     per version); read(actor) -> (version, params) from the actor's leaf, after
                     pulling a newer version from its ancestors; fail_node(node) (fault
                     injection: actors below it re-attach on their next read); egress_bytes().
-  ReplayService     insert(item) -> bool (False: the rate limiter says wait; nothing inserted);
+  ReplayService     insert(item, priority, timeout_s) -> bool (False: the rate limiter still
+                    says wait after timeout_s; nothing inserted; a remote service holds the
+                    call meanwhile, as Reverb's server does, rather than have actors retry);
                     sample(n, seed) -> batch or None (rate limited or too few items);
                     accounting().
 
 `InProcessParameterService` / `InProcessReplayService` hold the pure state of
 `research.rl_cache.cache` / `replay` and replace it on every call: tests and the single-process
-backend. `research.rl_cache.ray_backend` has the same two services as Ray actors.
+backend. `research.rl_cache.process_backend` hosts these two in a manager process for actors in
+local processes; `research.rl_cache.ray_backend` has the same two services as Ray actors.
 """
 
 from __future__ import annotations
@@ -71,13 +74,24 @@ class InProcessReplayService:
   def __init__(self, config: replay.TableConfig, spec: replay.ItemSpec):
     self.table = replay.new_table(config, spec)
 
-  def insert(self, item: dict[str, np.ndarray], priority: float = 1.0) -> bool:
+  def insert(self, item: dict[str, np.ndarray], priority: float = 1.0,
+             timeout_s: float = 0.0) -> bool:
+    """True once inserted; False (nothing inserted) while the limiter says wait. In one process
+    nobody can sample meanwhile, so `timeout_s` (how long a remote service may hold the call
+    for the limiter) changes nothing here."""
+    del timeout_s
     if not replay.can_insert(self.table):
       return False
     self.table = replay.insert(self.table, item, priority)
     return True
 
   def sample(self, n: int, seed: int) -> dict[str, np.ndarray] | None:
+    """A batch, or None while the limiter says wait or the table holds fewer than `n` items.
+    `n` above max_size (never possible) raises."""
+    max_size = self.table.config.max_size
+    if isinstance(n, (int, np.integer)) and n > max_size:
+      raise ValueError(f"sample n={n}: the table never holds more than max_size={max_size} "
+                       "items; expected n <= max_size")
     if not replay.can_sample(self.table, n):
       return None
     self.table, batch, _, _ = replay.sample(self.table, n, np.random.default_rng(seed))

@@ -28,10 +28,12 @@ bytes between machines); the state machines are the pure ones of `cache.py` and 
   `cache.reattach` to a live leaf on its next read, and the read is retried there.
   `LeafReader` is the read side on its own (node handles, spec, its own view of attachments and
   dead nodes; picklable), for RL actors in other processes: `service.leaf_reader()`.
-- `RayReplayService(config, spec)`: one Ray actor around a `replay.Table`; `insert` answers
-  False and `sample` None while the rate limiter (or the table's size) says wait.
-- `RayActorWorker(agent_config, actor, seed, reader, replay_service)`: an RL actor as a Ray
-  actor: read params from its leaf, `agent.rollout` (jitted), insert, retry while refused.
+- `RayReplayService(config, spec)`: one async Ray actor around a `replay.Table`; `insert` waits
+  in the actor up to its timeout while the rate limiter says wait (then answers False) and
+  `sample` answers None at once while the limiter (or the table's size) says wait.
+- `RayActorWorker(agent_config, actor, seed, reader, replay_service)`: `workers.ActorWorker` (an
+  RL actor: read params from its leaf, `agent.rollout`, insert, retry while refused) as a Ray
+  actor; `RayActorPool`: one per actor behind the pool interface of `workers.py`.
 
 Cache node actors are sync Ray actors (one call at a time): a node blocks only on its parent
 (pull) and never on a child (pushes are fire-and-forget), so calls cannot wait in a cycle.
@@ -41,16 +43,16 @@ instance on first use.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import ray
 
 from research.rl_cache import cache
 from research.rl_cache import replay
+from research.rl_cache import workers
 
 NodeOptions = Callable[[int], Mapping[str, Any]]  # node id -> CacheNodeActor.options(**...)
 
@@ -373,28 +375,51 @@ class RayParameterService:
 
 @ray.remote(num_cpus=0)
 class ReplayTableActor:
-  """A `replay.Table`; insert and sample answer "wait" (False / None) as the limiter says."""
+  """A `replay.Table` in an async Ray actor (one event loop: calls interleave only at `await`).
+  An insert the limiter refuses waits here, up to its timeout, until a sample changes the
+  limiter's answer (Reverb's server holds inserts the same way); sample answers None at once
+  while the limiter or the table's size says wait."""
 
   def __init__(self, config: replay.TableConfig, spec: replay.ItemSpec):
     self._table = replay.new_table(config, spec)
+    self._changed = None  # asyncio.Condition, made in the actor's event loop on first use
 
-  def insert(self, item: Mapping[str, np.ndarray], priority: float) -> bool:
-    if not replay.can_insert(self._table):
-      return False
-    self._table = replay.insert(self._table, item, priority)  # ValueError for a bad item
-    return True
+  def _condition(self):
+    import asyncio  # pylint: disable=import-outside-toplevel
+    if self._changed is None:
+      self._changed = asyncio.Condition()
+    return self._changed
 
-  def sample(self, n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray,
-                                               np.ndarray] | None:
+  async def insert(self, item: Mapping[str, np.ndarray], priority: float,
+                   timeout_s: float = 0.0) -> bool:
+    import asyncio  # pylint: disable=import-outside-toplevel
+    changed = self._condition()
+    async with changed:
+      if not replay.can_insert(self._table):
+        if timeout_s <= 0:
+          return False
+        try:
+          await asyncio.wait_for(changed.wait_for(lambda: replay.can_insert(self._table)),
+                                 timeout=timeout_s)
+        except asyncio.TimeoutError:
+          return False
+      self._table = replay.insert(self._table, item, priority)  # ValueError for a bad item
+      return True
+
+  async def sample(self, n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray,
+                                                     np.ndarray] | None:
     if not replay.can_sample(self._table, n):  # ValueError for n < 1
       return None
     self._table, batch, keys, probs = replay.sample(self._table, n, np.random.default_rng(seed))
+    changed = self._condition()
+    async with changed:
+      changed.notify_all()
     return batch, keys, probs
 
-  def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
+  async def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
     self._table = replay.update_priorities(self._table, keys, priorities)
 
-  def accounting(self) -> replay.Accounting:
+  async def accounting(self) -> replay.Accounting:
     return replay.accounting(self._table)
 
 
@@ -411,10 +436,13 @@ class RayReplayService:
     self.timeout_s = timeout_s
     self.table = ReplayTableActor.options(**dict(actor_options or {})).remote(config, spec)
 
-  def insert(self, item: dict[str, np.ndarray], priority: float = 1.0) -> bool:
-    """Inserts `item` unless the rate limiter says wait (False, nothing inserted). An item not
-    of the spec raises ValueError naming the field."""
-    return ray.get(self.table.insert.remote(item, priority), timeout=self.timeout_s)
+  def insert(self, item: dict[str, np.ndarray], priority: float = 1.0,
+             timeout_s: float = 0.0) -> bool:
+    """Inserts `item`, waiting in the table actor up to `timeout_s` while the rate limiter says
+    wait (then False, nothing inserted). An item not of the spec raises ValueError naming the
+    field."""
+    return ray.get(self.table.insert.remote(item, priority, timeout_s),
+                   timeout=self.timeout_s + timeout_s)
 
   def sample_with_info(self, n: int, seed: int
                        ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
@@ -450,70 +478,46 @@ class RayReplayService:
 # -- RL actors as Ray actors ------------------------------------------------------------------
 
 
-class WorkerReport(NamedTuple):
-  """What one `ActorWorker.run` call did."""
-
-  env_steps: int  # env steps taken in this call (all of the worker's envs)
-  episode_returns: np.ndarray  # shape=(k,), dtype=float32: episodes finished in this call
-  versions: tuple[int, ...]  # the params version each rollout used
-  insert_retries: int  # inserts the rate limiter refused before they went in
+WorkerReport = workers.WorkerReport
+ActorWorker = workers.ActorWorker
+RayActorWorker = ray.remote(num_cpus=1)(workers.ActorWorker)
 
 
-class ActorWorker:
-  """One RL actor in its own process: reads params from its leaf, rolls out `agent.rollout`
-  (jitted here), inserts each trajectory into the replay table, retrying while the rate
-  limiter says wait. `RayActorWorker` is this class as a Ray actor."""
+class RayActorPool:
+  """One `RayActorWorker` per actor, the `workers.py` pool interface over Ray object refs.
+  `num_cpus` per worker (1: one core each on a cluster; a local run may oversubscribe by
+  starting Ray with more logical CPUs than cores); the workers run jax on the CPU with one
+  thread (`workers.ACTOR_XLA_FLAGS`) and report through `ray.wait`."""
 
-  def __init__(self, agent_config: Any, actor: int, seed: int, reader: LeafReader,
-               replay_service: RayReplayService, *, wait_s: float = 60.0):
-    # Imported here, not at the top: cache node processes import this module and need neither.
-    import jax  # pylint: disable=import-outside-toplevel
-    from research.rl_cache import agent as agent_lib  # pylint: disable=import-outside-toplevel
-    self._jax = jax
-    self._actor = actor
-    self._reader = reader
-    self._replay = replay_service
-    self._wait_s = wait_s
-    self._rollout = jax.jit(functools.partial(agent_lib.rollout, agent_config))
-    self._state = agent_lib.init_actor(agent_config, jax.random.key(seed))
-    self._version, self._params = cache.NO_VERSION, None
+  def __init__(self, agent_config: Any, seeds: list[int], reader: LeafReader,
+               replay_service: RayReplayService, *, wait_s: float = 60.0,
+               num_cpus: float = 1.0):
+    env = {"XLA_FLAGS": workers.ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    self._workers = [
+        RayActorWorker.options(num_cpus=num_cpus, runtime_env={"env_vars": env}).remote(
+            agent_config, actor, seed, reader, replay_service, wait_s=wait_s)
+        for actor, seed in enumerate(seeds)]
+    self._pending: dict[ray.ObjectRef, int] = {}
 
-  def _fresh_params(self) -> None:
-    deadline = time.monotonic() + self._wait_s
-    while True:
-      version, params = self._reader.read(self._actor)
-      if params is not None:
-        break
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"actor {self._actor}: no params version published after "
-                           f"{self._wait_s} s")
-      time.sleep(0.01)
-    if version != self._version:
-      self._version, self._params = version, self._jax.device_put(params)
+  def submit(self, actor: int, num_rollouts: int, epsilon: float) -> None:
+    if actor in self._pending.values():
+      raise ValueError(f"actor {actor} has a call in flight; wait for it before submitting")
+    self._pending[self._workers[actor].run.remote(num_rollouts, epsilon)] = actor
 
-  def run(self, num_rollouts: int, epsilon: float) -> WorkerReport:
-    """`num_rollouts` rollouts, each with the newest params its leaf has when it starts."""
-    returns_all, versions, retries = [], [], 0
-    steps_before = int(self._state.env_steps)
-    for _ in range(num_rollouts):
-      self._fresh_params()
-      versions.append(self._version)
-      self._state, trajectory, (returns, finished) = self._rollout(self._params, self._state,
-                                                                   epsilon)
-      returns_all.append(np.asarray(returns)[np.asarray(finished)])
-      item = {k: np.asarray(v) for k, v in trajectory._asdict().items()}
-      deadline = time.monotonic() + self._wait_s
-      while not self._replay.insert(item):
-        retries += 1
-        if time.monotonic() > deadline:
-          raise TimeoutError(f"actor {self._actor}: the replay table refused an insert for "
-                             f"{self._wait_s} s: {self._replay.accounting()} (is a learner "
-                             "sampling?)")
-        time.sleep(0.005)
-    return WorkerReport(env_steps=int(self._state.env_steps) - steps_before,
-                        episode_returns=np.concatenate(returns_all).astype(np.float32)
-                        if returns_all else np.zeros(0, np.float32),
-                        versions=tuple(versions), insert_retries=retries)
+  @property
+  def in_flight(self) -> int:
+    """Calls submitted and not yet returned by `wait`."""
+    return len(self._pending)
 
+  def wait(self, timeout_s: float) -> list[tuple[int, WorkerReport]]:
+    if not self._pending:
+      return []
+    ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
+    if ready:  # and whatever else finished meanwhile
+      ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+    return [(self._pending.pop(ref), ray.get(ref)) for ref in ready]
 
-RayActorWorker = ray.remote(num_cpus=1)(ActorWorker)
+  def close(self) -> None:
+    for worker in self._workers:
+      ray.kill(worker, no_restart=True)
+    self._workers, self._pending = [], {}

@@ -1,30 +1,52 @@
-"""The rl_cache experiment through the launcher: a short run's bookkeeping adds up (fast), and
-the cartpole setting solves CartPole-v1 (slow)."""
+"""The rl_cache experiment through the launcher: a short run's bookkeeping adds up in-process and
+with the RL actors in their own processes (fast), and 8 actors solve CartPole-v1 on every backend
+(slow)."""
 
 import pytest
 
 from experiments import run as launcher
 
+ROLLOUT_STEPS = 8 * 8  # envs_per_actor x rollout_length (AgentConfig's defaults)
 
-def test_a_short_run_publishes_versions_through_the_cache_and_accounts_for_every_item(tmp_path):
-  summary = launcher.main(["configs/rl_cache/smoke.py", "--workdir", str(tmp_path),
-                           "--set", "total_env_steps=4096",
-                           "--set", "eval_every=4096", "--set", "eval_episodes=10"])
-  rollout_steps = 8 * 8
-  assert summary["env_steps"] == 4096
-  assert summary["replay"]["inserted"] == 4096 // rollout_steps
+
+def _assert_bookkeeping_adds_up(summary, actors: int) -> None:
+  # every rollout taken went into the table (a run on processes drains the ones in flight)
+  assert summary["replay"]["inserted"] * ROLLOUT_STEPS == summary["env_steps"]
   assert summary["replay"]["inserted"] == summary["replay"]["size"] + summary["replay"]["evicted"]
   # one version per 16 updates plus the initial one; one blob of learner egress per version,
-  # where a flat broadcast would send one per actor (8)
+  # where a flat broadcast would send one per actor
   assert summary["versions"] == summary["updates"] // 16 + 1
   assert summary["learner_egress_bytes"] == summary["versions"] * summary["blob_bytes"]
-  assert summary["flat_broadcast_bytes"] == 8 * summary["learner_egress_bytes"]
+  assert summary["flat_broadcast_bytes"] == actors * summary["learner_egress_bytes"]
   assert summary["updates"] > 0 and summary["mean_staleness_versions"] >= 0
 
 
+def test_a_short_run_publishes_versions_through_the_cache_and_accounts_for_every_item(tmp_path):
+  summary = launcher.main(["configs/rl_cache/smoke.py", "--workdir", str(tmp_path),
+                           "--set", "learning_starts=1024", "--set", "total_env_steps=2048",
+                           "--set", "eval_every=2048", "--set", "eval_episodes=5"])
+  assert summary["env_steps"] == 2048 and summary["services"] == "in_process"
+  _assert_bookkeeping_adds_up(summary, actors=8)
+
+
+def test_actors_in_their_own_processes_feed_the_learner_through_the_manager_services(tmp_path):
+  summary = launcher.main(["configs/rl_cache/smoke.py", "--workdir", str(tmp_path),
+                           "--set", "backend=processes", "--set", "num_actors=2",
+                           "--set", "transitions_per_item=32", "--set", "learning_starts=256",
+                           "--set", "total_env_steps=512", "--set", "eval_every=512",
+                           "--set", "eval_episodes=5"])
+  assert summary["services"] == "processes"
+  assert 512 <= summary["env_steps"] <= 512 + 2 * ROLLOUT_STEPS  # + the drained rollouts
+  _assert_bookkeeping_adds_up(summary, actors=2)
+  assert summary["replay"]["sampled"] > 0
+
+
 @pytest.mark.slow
-def test_eight_actors_solve_cartpole_in_process(tmp_path):
-  summary = launcher.main(["configs/rl_cache/cartpole.py", "--workdir", str(tmp_path)])
+@pytest.mark.parametrize("backend", ["in_process", "processes", "ray"])
+def test_eight_actors_solve_cartpole(tmp_path, backend):
+  summary = launcher.main(["configs/rl_cache/cartpole.py", "--workdir", str(tmp_path),
+                           "--set", f"backend={backend}"])
   assert summary["solved"], summary["eval_curve"]
   assert summary["final_eval_return"] >= 475.0
   assert summary["solved_at_env_steps"] <= 200_000  # the config's total_env_steps
+  _assert_bookkeeping_adds_up(summary, actors=8)
