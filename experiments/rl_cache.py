@@ -20,6 +20,7 @@ the driver samples as fast as the replay table's rate limiter lets it (the limit
 samples-per-insert ratio as the in-process loop); env steps count when a rollout is reported.
 
   python -m experiments.run configs/rl_cache/cartpole.py
+  python -m experiments.run configs/rl_cache/cartpole.py --set backend=processes
   python -m experiments.run configs/rl_cache/cartpole.py --set backend=ray
 """
 

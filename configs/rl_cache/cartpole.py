@@ -2,6 +2,7 @@
 until the greedy return over 100 episodes reaches 475 (at most 200,000 env steps).
 
   python -m experiments.run configs/rl_cache/cartpole.py --paper rl_cache.cartpole
+  python -m experiments.run configs/rl_cache/cartpole.py --set backend=processes --paper rl_cache.cartpole_processes
   python -m experiments.run configs/rl_cache/cartpole.py --set backend=ray --paper rl_cache.cartpole_ray
 """
 

@@ -50,3 +50,25 @@ def test_eight_actors_solve_cartpole(tmp_path, backend):
   assert summary["final_eval_return"] >= 475.0
   assert summary["solved_at_env_steps"] <= 200_000  # the config's total_env_steps
   _assert_bookkeeping_adds_up(summary, actors=8)
+
+
+@pytest.mark.slow  # starts Ray, receivers, cache nodes and an RL actor process
+def test_bench_rl_cache_measures_every_broadcast_and_counts_learner_egress(tmp_path, monkeypatch):
+  from experiments import bench_rl_cache  # pylint: disable=import-outside-toplevel
+  from research.common import records  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  assert bench_rl_cache.main(["--actors", "1", "5", "--repeats", "1", "--large-mb", "0.01",
+                              "--throughput-actors", "1", "--throughput-rollouts", "2"]) == 0
+  run_dir = next((tmp_path / "runs" / "bench_rl_cache").iterdir())
+  summary = records.read_json(run_dir / "summary.json")
+  rows = {(r["blob"], r["method"], r["actors"]): r for r in summary["rows"]}
+  assert len(rows) == 2 * 3 * 2
+  for (blob, method, actors), row in rows.items():
+    blobs_per_version = row["learner_egress_bytes"] / row["blob_bytes"]
+    assert blobs_per_version == (actors if method == "flat" else 1), (blob, method, actors)
+    assert row["latency_s"] > 0
+  assert rows[("cartpole", "tree", 5)]["tree_depth"] == 2  # fanout 4, 4 actors per leaf
+  assert [p["actors"] for p in summary["projections"]] == [100, 1_000, 10_000] * 2
+  assert summary["throughput"][0]["env_steps"] == 2 * 64
+  assert "## broadcast" in (run_dir / "tables.md").read_text()
+  assert (run_dir / "bench_rl_cache.png").stat().st_size > 0
