@@ -35,8 +35,10 @@ bytes between machines); the state machines are the pure ones of `cache.py` and 
   RL actor: read params from its leaf, `agent.rollout`, insert, retry while refused) as a Ray
   actor; `RayActorPool`: one per actor behind the pool interface of `workers.py`.
 
-Cache node actors are sync Ray actors (one call at a time): a node blocks only on its parent
-(pull) and never on a child (pushes are fire-and-forget), so calls cannot wait in a cycle.
+Cache node actors are threaded Ray actors (calls run concurrently, the node's state under one
+lock): a node blocks only on its parent (pull) and never on a child (pushes are
+fire-and-forget), so calls cannot wait in a cycle; a reader may also wait at its leaf for the
+next pushed version (`wait_newer`, a long poll that asks no ancestor).
 `ray.init` belongs to the caller (the launcher or a test); without it Ray starts a local
 instance on first use.
 """
@@ -72,7 +74,9 @@ def is_actor_death(error: BaseException) -> bool:
 
 
 
-@ray.remote(num_cpus=0)
+# A threaded actor: calls run concurrently (a pull waiting on its parent, or a reader waiting for
+# a newer version, never holds up the pushes); the node's state is guarded by one lock.
+@ray.remote(num_cpus=0, max_concurrency=64)
 class CacheNodeActor:
   """One cache node: a `cache.CacheNode` plus the ref of its blob in Ray's object store."""
 
@@ -84,9 +88,11 @@ class CacheNodeActor:
     self._children: list = []
     self._ingress: dict[int, int] = {}  # source node id (or cache.LEARNER) -> bytes fetched
     self._actor_egress = 0  # bytes of the refs handed to RL actors (a leaf's readers)
+    self._changed = threading.Condition()  # guards all of the above; notified on a new version
 
   def connect(self, parent, children: list) -> int:
-    self._parent, self._children = parent, list(children)
+    with self._changed:
+      self._parent, self._children = parent, list(children)
     return self._node.node_id
 
   def publish(self, src: int, version: int, wrapped_ref: list) -> bool:
@@ -94,41 +100,62 @@ class CacheNodeActor:
     its own copy and pushes that to the children (without waiting for them). Returns whether it
     landed. A blob not matching the spec, or not of `version`, raises ValueError and changes
     nothing."""
-    if version <= self._node.version:
-      return False  # what cache.publish keeps anyway; without fetching the bytes
-    blob = ray.get(wrapped_ref[0])
-    if not isinstance(blob, cache.ParamBlob) or blob.version != version:
-      got = (f"version {blob.version}" if isinstance(blob, cache.ParamBlob)
-             else type(blob).__name__)
-      raise ValueError(f"cache node {self._node.node_id}: offered version {version} but the "
-                       f"blob holds {got}")
-    node = cache.publish(self._node, blob)  # ValueError, naming the leaf, unless of the spec
-    self._ingress[src] = self._ingress.get(src, 0) + blob.nbytes
-    self._node, self._ref = node, ray.put(blob)
-    for child in self._children:  # fire and forget: a node never waits on a child
-      child.publish.remote(node.node_id, node.version, [self._ref])
-    return True
+    with self._changed:
+      if version <= self._node.version:
+        return False  # what cache.publish keeps anyway; without fetching the bytes
+      blob = ray.get(wrapped_ref[0])
+      if not isinstance(blob, cache.ParamBlob) or blob.version != version:
+        got = (f"version {blob.version}" if isinstance(blob, cache.ParamBlob)
+               else type(blob).__name__)
+        raise ValueError(f"cache node {self._node.node_id}: offered version {version} but the "
+                         f"blob holds {got}")
+      node = cache.publish(self._node, blob)  # ValueError, naming the leaf, unless of the spec
+      self._ingress[src] = self._ingress.get(src, 0) + blob.nbytes
+      self._node, self._ref = node, ray.put(blob)
+      for child in self._children:  # fire and forget: a node never waits on a child
+        child.publish.remote(node.node_id, node.version, [self._ref])
+      self._changed.notify_all()
+      return True
 
-  def pull(self, have_version: int, to_actor: bool = False) -> tuple[int, list | None]:
-    """Refreshes this node from its ancestors (root first), then answers (version, [ref]) when
-    the version held is newer than `have_version`, else (version, None). `to_actor`: the caller
-    is an RL actor, which will fetch the ref (counted as this node's egress)."""
-    if self._parent is not None:
-      version, wrapped = ray.get(self._parent.pull.remote(self._node.version))
-      if wrapped is not None:
-        self.publish(self._parent_id, version, wrapped)
+  def _answer(self, have_version: int, to_actor: bool) -> tuple[int, list | None]:
+    """(version, [ref]) when the version held is newer than `have_version`, else
+    (version, None) (lock held)."""
     if self._node.version > have_version:
       if to_actor:
         self._actor_egress += self._node.blob.nbytes
       return self._node.version, [self._ref]
     return self._node.version, None
 
+  def pull(self, have_version: int, to_actor: bool = False) -> tuple[int, list | None]:
+    """Refreshes this node from its ancestors (root first), then answers as `_answer`.
+    `to_actor`: the caller is an RL actor, which will fetch the ref (counted as this node's
+    egress)."""
+    if self._parent is not None:
+      with self._changed:
+        held = self._node.version
+      version, wrapped = ray.get(self._parent.pull.remote(held))
+      if wrapped is not None:
+        self.publish(self._parent_id, version, wrapped)
+    with self._changed:
+      return self._answer(have_version, to_actor)
+
+  def wait_newer(self, have_version: int, timeout_s: float, to_actor: bool = False
+                 ) -> tuple[int, list | None]:
+    """Waits (up to `timeout_s`) until the pushes bring a version newer than `have_version`,
+    without asking the ancestors; answers as `_answer`. A long poll: what an actor that wants
+    the next version calls instead of pulling repeatedly."""
+    with self._changed:
+      self._changed.wait_for(lambda: self._node.version > have_version, timeout=timeout_s)
+      return self._answer(have_version, to_actor)
+
   def version(self) -> int:
-    return self._node.version
+    with self._changed:
+      return self._node.version
 
   def counters(self) -> tuple[dict[int, int], int]:
     """(bytes fetched from each source, bytes handed to RL actors)."""
-    return dict(self._ingress), self._actor_egress
+    with self._changed:
+      return dict(self._ingress), self._actor_egress
 
   def location(self) -> str:
     """The id of the Ray node (machine) this cache node runs on."""
@@ -165,19 +192,26 @@ class LeafReader:
     self.__dict__.update(state)
     self._lock = threading.Lock()
 
-  def read(self, actor: int) -> tuple[int, Any | None]:
+  def read(self, actor: int, wait_newer_s: float | None = None) -> tuple[int, Any | None]:
     """(version, params) for `actor` from its leaf, after the leaf pulled from its ancestors;
     (cache.NO_VERSION, None) before any publish. Never older than what the actor read before.
     A dead leaf or ancestor moves the actor to another leaf (cache.reattach; ValueError when
-    none is live), and the read is retried there."""
+    none is live), and the read is retried there.
+
+    `wait_newer_s`: instead of pulling, wait up to that long at the leaf for the pushes to bring
+    a version newer than the actor's (`CacheNodeActor.wait_newer`, a long poll that asks no
+    ancestor; the actor's current version when none came)."""
     error = None
     for _ in range(self.topology.num_nodes + 1):
       with self._lock:
         leaf = self._live_leaf(actor)
         have_version, params = self._held.get(actor, (cache.NO_VERSION, None))
       try:
-        version, wrapped = ray.get(self.nodes[leaf].pull.remote(have_version, True),
-                                   timeout=self.timeout_s)
+        if wait_newer_s is None:
+          call = self.nodes[leaf].pull.remote(have_version, True)
+        else:
+          call = self.nodes[leaf].wait_newer.remote(have_version, wait_newer_s, True)
+        version, wrapped = ray.get(call, timeout=self.timeout_s + (wait_newer_s or 0.0))
         if wrapped is None:
           return have_version, params
         blob = ray.get(wrapped[0], timeout=self.timeout_s)

@@ -69,6 +69,10 @@ def test_bench_rl_cache_measures_every_broadcast_and_counts_learner_egress(tmp_p
     assert row["latency_s"] > 0
   assert rows[("cartpole", "tree", 5)]["tree_depth"] == 2  # fanout 4, 4 actors per leaf
   assert [p["actors"] for p in summary["projections"]] == [100, 1_000, 10_000] * 2
+  assert [(c["hops"], c["serves"]) for c in summary["calibration"]] == (
+      [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (1, 4)] * 2)
+  projected = [p["tree_latency_s"] for p in summary["projections"][:3]]
+  assert projected == sorted(projected)  # deeper trees, never faster
   assert summary["throughput"][0]["env_steps"] == 2 * 64
   assert "## broadcast" in (run_dir / "tables.md").read_text()
   assert (run_dir / "bench_rl_cache.png").stat().st_size > 0
