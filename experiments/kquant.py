@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from experiments import fedavg as fedavg_experiment
+from kernels import _common as kernels_common
 from research.common import config as config_lib
 from research.common import data as data_lib
 from research.common import records
@@ -58,7 +59,7 @@ def config_schema() -> ml_collections.ConfigDict:
       "range_margin": 2.0,              # last_round: radius = margin * max|last aggregate|
       "stochastic": True,               # stochastic (unbiased) or nearest rounding
       "k_schedule": (),                 # ((round, K), ...) for kquant:schedule
-      "impl": "auto",                   # auto (pallas on GPU, reference on CPU) | pallas | reference
+      "impl": "auto",                   # auto (pallas on GPU/TPU, reference on CPU) | pallas | reference
       "target_accuracy": 0.9,
   })
   return schema
@@ -88,7 +89,7 @@ def validate_config(config) -> None:
   config_lib.check_choice(config, "dataset", sorted(data_lib.CLASSIFICATION_SETS))
   config_lib.check_choice(config, "partition", data_lib.PARTITIONS)
   config_lib.check_choice(config, "range_policy", coordinator.RANGE_POLICIES)
-  config_lib.check_choice(config, "impl", ("auto", "pallas", "reference"))
+  config_lib.check_choice(config, "impl", kernels_common.IMPLS)
   config_lib.check_positive(config, "num_clients", "rounds", "local_steps", "batch_size",
                             "bucket_size", "fixed_radius", "range_margin", "dirichlet_alpha")
   if not config.methods:
@@ -106,9 +107,7 @@ def validate_config(config) -> None:
 
 
 def _impl(config) -> str:
-  if config.impl != "auto":
-    return config.impl
-  return "reference" if jax.default_backend() == "cpu" else "pallas"
+  return kernels_common.select_impl(config.impl)  # "auto": by backend, in one place
 
 
 def run(config, run):

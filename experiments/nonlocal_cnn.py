@@ -47,6 +47,8 @@ def config_schema() -> ml_collections.ConfigDict:
       "global_depth": 2,
       "test_size": 256,            # center crop of each held-out image
       "tile": 128,                 # evaluation tile (every model sees the same tiles)
+      "impl": "auto",              # attention in training (and (c)'s at evaluation): auto is
+                                   # the Pallas kernel on GPU / TPU, the jnp reference on CPU
       "eval_impl": "pallas",       # two-stage attention at evaluation (interpret on CPU)
       "full_nonlocal_sigmas": (25.0,),  # (c) is O(N^2): trained at these noise levels only
       "save_params": False,        # write each trained model's params to the run folder
@@ -59,6 +61,7 @@ def validate_config(config) -> None:
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   config_lib.check_positive(config, "batch_size", "patch_size", "learning_rate",
                             "features", "depth", "factor", "global_depth", "test_size", "tile")
+  config_lib.check_choice(config, "impl", model.IMPLS)
   config_lib.check_choice(config, "eval_impl", model.IMPLS)
   if config.steps < 0:
     raise config_lib.ConfigError(f"config key 'steps': got {config.steps}, expected >= 0")
@@ -179,7 +182,7 @@ def run(config, run):
         continue
       kwargs = model_kwargs(kind, config, two_stage_params)
       # Saved params need no random initialization: only the shapes they must fit.
-      apply, params, _ = model.build(kind, config.seed, impl="reference",
+      apply, params, _ = model.build(kind, config.seed, impl=config.impl,
                                      abstract=bool(config.init_params), **kwargs)
       params_count[kind] = model.param_count(params)
       if config.init_params:
@@ -197,9 +200,9 @@ def run(config, run):
           run.log(i, sigma=sigma, model=kind, loss=float(loss))
       if config.save_params and run.workdir is not None:
         records.atomic_save_npz(run.workdir / params_file(kind, sigma), **flat_params(params))
-      # (c) runs its N^2 self-attention with the jnp reference (fits at the tile size; the
-      # interpreted kernel would walk an N^2 grid of blocks in Python on CPU).
-      impl = config.eval_impl if kind == "two_stage" else "reference"
+      # (c) runs its N^2 self-attention as in training ("auto": the jnp reference on CPU, where
+      # the interpreted kernel would walk an N^2 grid of blocks in Python).
+      impl = config.eval_impl if kind == "two_stage" else config.impl
       eval_apply = model.build(kind, config.seed, impl=impl, abstract=True, **kwargs)[0]
       denoise = jax.jit(eval_apply)
       outputs[kind] = {}

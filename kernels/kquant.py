@@ -20,8 +20,17 @@ Randomness for stochastic rounding: Pallas on GPU has no PRNG primitive, so eith
 passed in, or they come from a counter hash (murmur3's 32-bit finalizer) of a per-row seed and
 the column index, computed identically in the kernel and in the reference.
 
-Each public function takes `impl="pallas" | "reference"` and `interpret=None` (True on CPU), both
-resolved by kernels/_common.py as in every kernel file here; the references come last.
+Each public function takes `impl="pallas" | "reference" | "auto"` and `interpret=None` (True on
+CPU), both resolved by kernels/_common.py as in every kernel file here; the references come last.
+
+Backends: one kernel body each, built per Pallas target (kernels/_common.py: per_target): Triton
+on GPU (`ENCODE_BLOCKS` / `DECODE_BLOCKS`, power-of-two rows, per-row ranges as vectors) and
+Mosaic on TPU (`TPU_ENCODE_BLOCKS` / `TPU_DECODE_BLOCKS`: rows a multiple of 32, as TPU tiles
+uint8 blocks (32, 128); per-row ranges as (rows, 1) columns; the aggregation weights in scalar
+memory). The tests export both entries for `platforms=["cuda"]` and `["tpu"]` without either
+device (the Triton / Mosaic custom call is in the lowered module) and run both targets' blocks in
+the interpreter, bit-equal to the references. Measured on GPU (papers/kquant.md); on TPU lowered
+only, never run here. CPU: the interpreter, or `impl="reference"`.
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels._common import check_impl, resolve_interpret
+from kernels._common import check_impl, per_target, resolve_interpret
 from kernels._shapes import next_power_of_two, pad_to, round_up
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -45,14 +55,34 @@ _GOLDEN = 0x9E3779B9
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  rows: int  # bucket rows per program; a power of two for the Triton lowering
+  rows: int  # bucket rows per program (Triton: a power of two; TPU: a multiple of 32)
 
 
-# Picked by a block-size sweep on an H200 whose numbers were not kept (sweep again before changing
-# them); what these sizes measure is the kept papers/results/bench_kquant.gpu.json
+# GPU (Triton): picked by a block-size sweep on an H200 whose numbers were not kept (sweep again
+# before changing them); what these sizes measure is the kept papers/results/bench_kquant.gpu.json
 # (`python -m experiments.bench_kquant --sizes 4194304,33554432 --clients 64 --paper` on a GPU).
 ENCODE_BLOCKS = BlockSizes(rows=32)
 DECODE_BLOCKS = BlockSizes(rows=8)
+# TPU (Mosaic): from the tiling rule, not measured (no TPU here): the uint8 packed blocks tile
+# as (32, 128), so rows are a multiple of 32; buckets and packed rows are whole-array widths.
+TPU_ENCODE_BLOCKS = BlockSizes(rows=256)
+TPU_DECODE_BLOCKS = BlockSizes(rows=64)
+_TPU_ROW_MULTIPLE = 32
+
+
+def _blocks_for(target: str, block_sizes: BlockSizes | None, gpu: BlockSizes,
+                tpu: BlockSizes) -> BlockSizes:
+  """The block sizes a call uses on `target`: the given ones (checked against its rule) or its
+  defaults."""
+  if block_sizes is None:
+    return gpu if target == "gpu" else tpu
+  rows = block_sizes.rows
+  if target == "gpu" and (rows < 1 or rows & (rows - 1)):
+    raise ValueError(f"block_sizes.rows={rows}: expected a power of two on GPU (Triton)")
+  if target == "tpu" and (rows < 1 or rows % _TPU_ROW_MULTIPLE):
+    raise ValueError(f"block_sizes.rows={rows}: expected a multiple of {_TPU_ROW_MULTIPLE} on "
+                     "TPU (Mosaic tiles uint8 blocks as (32, 128))")
+  return block_sizes
 
 
 def check_quantizer(k: int, bits: int) -> None:
@@ -76,9 +106,29 @@ def _check_bucket_size(bucket_size: int, bits: int) -> None:
                      f"(indices per byte at bits={bits})")
 
 
-def _compiler_params():
+def _compiler_params(target: str):
+  if target == "tpu":  # row blocks are independent: "parallel" lets Mosaic split the grid
+    return pltpu.CompilerParams(dimension_semantics=("parallel",))
   # Mosaic GPU is the default Pallas GPU lowering on Hopper; these kernels use the Triton one.
   return pltriton.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _row_vector(target: str, a: jax.Array) -> jax.Array:
+  """A per-row operand as the target's kernels read it: (rows,) for Triton, (rows, 1) on TPU
+  (a 1-D block would have to be a multiple of 128 there)."""
+  return a if target == "gpu" else a[:, None]
+
+
+def _row_spec(target: str, block_rows: int) -> pl.BlockSpec:
+  if target == "gpu":
+    return pl.BlockSpec((block_rows,), lambda r: (r,))
+  return pl.BlockSpec((block_rows, 1), lambda r: (r, 0))
+
+
+def _column(ref) -> jax.Array:
+  """A per-row block as a (block_rows, 1) column, from either layout of `_row_vector`."""
+  value = ref[...]
+  return value[:, None] if value.ndim == 1 else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,9 +175,7 @@ def _encode_kernel(x_ref, lo_ref, hi_ref, seed_ref, *rest, k: int, bits: int, st
   else:
     (o_ref,) = rest
   block_rows, width = o_ref.shape
-  lo = lo_ref[...][:, None]
-  hi = hi_ref[...][:, None]
-  seed = seed_ref[...][:, None]
+  lo, hi, seed = _column(lo_ref), _column(hi_ref), _column(seed_ref)
   packed = jnp.zeros((block_rows, width), jnp.uint32)
   for i in range(8 // bits):
     x = x_ref[:, pl.ds(i * width, width)]
@@ -144,11 +192,12 @@ def _encode_kernel(x_ref, lo_ref, hi_ref, seed_ref, *rest, k: int, bits: int, st
 
 
 @functools.partial(jax.jit, static_argnames=("k", "bits", "stochastic", "impl", "interpret",
-                                             "block_sizes"))
+                                             "block_sizes", "target"))
 def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
            stochastic: bool = False, seed: jax.Array | None = None,
            uniforms: jax.Array | None = None, impl: str = "pallas",
-           interpret: bool | None = None, block_sizes: BlockSizes = ENCODE_BLOCKS) -> jax.Array:
+           interpret: bool | None = None, block_sizes: BlockSizes | None = None,
+           target: str | None = None) -> jax.Array:
   """Quantizes bucketed x (rows, bucket_size) to K levels in [lo, hi] and bit-packs to uint8.
 
   Args:
@@ -158,6 +207,12 @@ def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
     stochastic: stochastic rounding (needs `uniforms` or `seed`) instead of nearest.
     seed: uint32 scalar for the in-kernel counter hash (used when `uniforms` is None).
     uniforms: float32 like x, U[0, 1), supplied randomness.
+    impl: "pallas", "reference" or "auto" (kernels/_common.py: select_impl).
+    block_sizes: rows per program; None: ENCODE_BLOCKS on GPU, TPU_ENCODE_BLOCKS on TPU. Given
+      with `target` None they must suit both targets (a power of two >= 32), since the call is
+      built for both and lowered for one.
+    target: "gpu" or "tpu" fixes the Pallas target (e.g. to interpret the TPU blocks); None:
+      the platform the call is lowered for (kernels/_common.py: per_target).
   Returns:
     uint8 (rows, bucket_size * bits // 8) in the planar layout of the module docstring.
   """
@@ -180,28 +235,36 @@ def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
     return encode_reference(x, lo, hi, k=k, bits=bits, stochastic=stochastic, seeds=seeds,
                             uniforms=uniforms if supplied else None)
   interpret = resolve_interpret(interpret)
-  block_rows = block_sizes.rows
-  padded = round_up(rows, block_rows)
   width = packed_width(bucket_size, bits)
-  # Padded rows get lo = 0, hi = 1, so no division by zero is ever evaluated.
-  operands = [pad_to(x, {0: padded}), pad_to(lo, {0: padded}),
-              pad_to(hi, {0: padded}).at[rows:].set(1.0), pad_to(seeds, {0: padded})]
-  in_specs = [pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)),
-              pl.BlockSpec((block_rows,), lambda r: (r,)),
-              pl.BlockSpec((block_rows,), lambda r: (r,)),
-              pl.BlockSpec((block_rows,), lambda r: (r,))]
-  if supplied:
-    operands.append(pad_to(uniforms.astype(jnp.float32), {0: padded}))
-    in_specs.append(pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)))
-  out = pl.pallas_call(
-      functools.partial(_encode_kernel, k=k, bits=bits, stochastic=stochastic,
-                        supplied_uniforms=supplied),
-      out_shape=jax.ShapeDtypeStruct((padded, width), jnp.uint8),
-      grid=(padded // block_rows,), in_specs=in_specs,
-      out_specs=pl.BlockSpec((block_rows, width), lambda r: (r, 0)),
-      interpret=interpret, compiler_params=_compiler_params(), name="kquant_encode",
-  )(*operands)
-  return out[:rows]
+
+  def build(target: str):
+    block_rows = _blocks_for(target, block_sizes, ENCODE_BLOCKS, TPU_ENCODE_BLOCKS).rows
+    padded = round_up(rows, block_rows)
+
+    def call(x, lo, hi, seeds, *maybe_uniforms):
+      # Padded rows get lo = 0, hi = 1, so no division by zero is ever evaluated.
+      operands = [pad_to(x, {0: padded}), pad_to(lo, {0: padded}),
+                  pad_to(hi, {0: padded}).at[rows:].set(1.0), pad_to(seeds, {0: padded})]
+      operands[1:] = [_row_vector(target, a) for a in operands[1:]]
+      in_specs = [pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)),
+                  *(_row_spec(target, block_rows) for _ in range(3))]
+      for u in maybe_uniforms:
+        operands.append(pad_to(u.astype(jnp.float32), {0: padded}))
+        in_specs.append(pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)))
+      out = pl.pallas_call(
+          functools.partial(_encode_kernel, k=k, bits=bits, stochastic=stochastic,
+                            supplied_uniforms=supplied),
+          out_shape=jax.ShapeDtypeStruct((padded, width), jnp.uint8),
+          grid=(padded // block_rows,), in_specs=in_specs,
+          out_specs=pl.BlockSpec((block_rows, width), lambda r: (r, 0)),
+          interpret=interpret, compiler_params=_compiler_params(target), name="kquant_encode",
+      )(*operands)
+      return out[:rows]
+
+    return call
+
+  operands = (x, lo, hi, seeds) + ((uniforms,) if supplied else ())
+  return per_target(build, *operands, interpret=interpret, target=target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +275,7 @@ def _decode_sum_kernel(packed_ref, weight_ref, base_ref, lo_ref, hi_ref, o_ref, 
   block_rows, bucket_size = o_ref.shape
   per, width = 8 // bits, bucket_size // (8 // bits)
   mask = jnp.uint32(2 ** bits - 1)
-  lo = lo_ref[...][:, None]
-  hi = hi_ref[...][:, None]
+  lo, hi = _column(lo_ref), _column(hi_ref)
   step = (hi - lo) / jnp.float32(k - 1)
 
   def add_client(c, sums):
@@ -224,21 +286,24 @@ def _decode_sum_kernel(packed_ref, weight_ref, base_ref, lo_ref, hi_ref, o_ref, 
 
   zeros = tuple(jnp.zeros((block_rows, width), jnp.float32) for _ in range(per))
   sums = jax.lax.fori_loop(0, num_clients, add_client, zeros)
-  base = base_ref[...][:, None]
+  base = _column(base_ref)
   for i in range(per):
     o_ref[:, pl.ds(i * width, width)] = base + step * sums[i]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "bits", "impl", "interpret", "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("k", "bits", "impl", "interpret", "block_sizes",
+                                             "target"))
 def decode_sum(packed: jax.Array, weights: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int,
                bits: int, impl: str = "pallas", interpret: bool | None = None,
-               block_sizes: BlockSizes = DECODE_BLOCKS) -> jax.Array:
+               block_sizes: BlockSizes | None = None, target: str | None = None) -> jax.Array:
   """sum_c weights[c] * decode(packed[c]): the coordinator's aggregate, in one pass.
 
   Args:
     packed: uint8 (clients, rows, bucket_size * bits // 8), every client's encoded update.
     weights: float32 (clients,), aggregation weights (e.g. shard sizes / total; 0 drops a client).
     lo, hi: float32 (rows,), the range the coordinator sent this round.
+    impl, target: as in `encode`; block_sizes: None: DECODE_BLOCKS on GPU, TPU_DECODE_BLOCKS on
+      TPU.
   Returns:
     float32 (rows, bucket_size).
   """
@@ -258,26 +323,37 @@ def decode_sum(packed: jax.Array, weights: jax.Array, lo: jax.Array, hi: jax.Arr
     return decode_sum_reference(packed, weights, lo, hi, k=k, bits=bits)
   interpret = resolve_interpret(interpret)
   base = _decode_base(weights, lo)
-  block_rows = block_sizes.rows
-  padded_rows = round_up(rows, block_rows)
-  padded_clients = next_power_of_two(clients)  # for Triton blocks
-  packed = pad_to(packed, {0: padded_clients, 1: padded_rows})
-  weights = pad_to(weights, {0: padded_clients})  # weight 0: adds exactly 0
-  base, lo = pad_to(base, {0: padded_rows}), pad_to(lo, {0: padded_rows})
-  hi = pad_to(hi, {0: padded_rows}).at[rows:].set(1.0)
-  out = pl.pallas_call(
-      functools.partial(_decode_sum_kernel, k=k, bits=bits, num_clients=clients),
-      out_shape=jax.ShapeDtypeStruct((padded_rows, bucket_size), jnp.float32),
-      grid=(padded_rows // block_rows,),
-      in_specs=[pl.BlockSpec((padded_clients, block_rows, width), lambda r: (0, r, 0)),
-                pl.BlockSpec((padded_clients,), lambda r: (0,)),
-                pl.BlockSpec((block_rows,), lambda r: (r,)),
-                pl.BlockSpec((block_rows,), lambda r: (r,)),
-                pl.BlockSpec((block_rows,), lambda r: (r,))],
-      out_specs=pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)),
-      interpret=interpret, compiler_params=_compiler_params(), name="kquant_decode_sum",
-  )(packed, weights, base, lo, hi)
-  return out[:rows]
+
+  def build(target: str):
+    block_rows = _blocks_for(target, block_sizes, DECODE_BLOCKS, TPU_DECODE_BLOCKS).rows
+    padded_rows = round_up(rows, block_rows)
+    # Triton blocks are powers of two; on TPU the client axis is a leading (untiled) one.
+    padded_clients = next_power_of_two(clients) if target == "gpu" else clients
+    if target == "gpu":
+      weight_spec = pl.BlockSpec((padded_clients,), lambda r: (0,))
+    else:  # scalars read one at a time in the client loop: scalar memory
+      weight_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+
+    def call(packed, weights, base, lo, hi):
+      packed = pad_to(packed, {0: padded_clients, 1: padded_rows})
+      weights = pad_to(weights, {0: padded_clients})  # weight 0: adds exactly 0
+      base, lo = pad_to(base, {0: padded_rows}), pad_to(lo, {0: padded_rows})
+      hi = pad_to(hi, {0: padded_rows}).at[rows:].set(1.0)
+      out = pl.pallas_call(
+          functools.partial(_decode_sum_kernel, k=k, bits=bits, num_clients=clients),
+          out_shape=jax.ShapeDtypeStruct((padded_rows, bucket_size), jnp.float32),
+          grid=(padded_rows // block_rows,),
+          in_specs=[pl.BlockSpec((padded_clients, block_rows, width), lambda r: (0, r, 0)),
+                    weight_spec, *(_row_spec(target, block_rows) for _ in range(3))],
+          out_specs=pl.BlockSpec((block_rows, bucket_size), lambda r: (r, 0)),
+          interpret=interpret, compiler_params=_compiler_params(target),
+          name="kquant_decode_sum",
+      )(packed, weights, *(_row_vector(target, a) for a in (base, lo, hi)))
+      return out[:rows]
+
+    return call
+
+  return per_target(build, packed, weights, base, lo, hi, interpret=interpret, target=target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,8 +75,10 @@ def _check_messages(packed: jax.Array, layout: BucketLayout, bits: int) -> None:
 
 
 def kquant(layout: BucketLayout, *, k: int, bits: int | None = None, stochastic: bool = True,
-           impl: str = "reference") -> Compressor:
-  """K levels in the coordinator's range; indices bit-packed at `bits` (default ceil(log2 K))."""
+           impl: str = "auto") -> Compressor:
+  """K levels in the coordinator's range; indices bit-packed at `bits` (default ceil(log2 K)).
+  `impl`: the kernels' (kernels/_common.py: "auto" is the Pallas kernel on GPU / TPU and the
+  jnp reference on CPU)."""
   bits = bits if bits is not None else next(b for b in kq.SUPPORTED_BITS if 2 ** b >= k)
   kq.check_quantizer(k, bits)
 
@@ -163,7 +165,7 @@ def sign_majority(layout: BucketLayout) -> Compressor:
 
 
 def by_name(name: str, layout: BucketLayout, *, k: int = 16, qsgd_levels: int = 4,
-            stochastic: bool = True, impl: str = "reference") -> Compressor:
+            stochastic: bool = True, impl: str = "auto") -> Compressor:
   """Builds a compressor from a config name: float32 | kquant | qsgd | terngrad | sign."""
   if name == "kquant":
     return kquant(layout, k=k, stochastic=stochastic, impl=impl)

@@ -14,9 +14,11 @@
     positions, O(N^2)).
 
 Images are NHWC float32. `impl` picks the attention: "reference" (jnp, materializes the scores;
-used for training on CPU, where the Pallas interpreter walks the kernel's grid step by step) or
-"pallas" (kernels/nonlocal_attention.py, O(N) memory; interpret mode on CPU), the `impl=` of
-`nonlocal_attention`. Both compute the same function (tests/kernels).
+used for training on CPU, where the Pallas interpreter walks the kernel's grid step by step),
+"pallas" (kernels/nonlocal_attention.py, O(N) memory; interpret mode on CPU; Triton on GPU,
+Mosaic on TPU) or "auto" (the kernel on GPU / TPU, the reference on CPU: kernels/_common.py
+select_impl), the `impl=` of `nonlocal_attention`. Both compute the same function
+(tests/kernels).
 """
 
 from __future__ import annotations

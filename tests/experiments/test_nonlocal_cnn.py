@@ -98,7 +98,7 @@ def test_saved_params_must_fit_the_model(tmp_path):
     ("test_size=100", r"'test_size': got 100, expected a multiple of tile=128"),
     ("models=('unet',)", r"'models': got \('unet',\)"),
     ("sigmas=(0.0,)", r"'sigmas': got \(0.0,\), expected positive"),
-    ("eval_impl=cuda", r"'eval_impl': got 'cuda', expected one of 'pallas', 'reference'"),
+    ("eval_impl=cuda", r"'eval_impl': got 'cuda', expected one of 'auto', 'pallas', 'reference'"),
     ("steps=-1", r"'steps': got -1, expected >= 0"),
     ("init_params=no/such/folder", r"'init_params': got 'no/such/folder', expected a folder"),
 ])

@@ -82,7 +82,7 @@ def test_impl_reference_is_the_jnp_reference_and_others_are_refused():
   # impl="pallas" (the default) is what every other test here compares with the reference.
   assert jnp.array_equal(nonlocal_attention(q, k, v, impl="reference"),
                          attention_reference(q, k, v))
-  with pytest.raises(ValueError, match=r"impl='triton': expected 'pallas' or 'reference'"):
+  with pytest.raises(ValueError, match=r"impl='triton': expected 'auto', 'pallas' or 'reference'"):
     nonlocal_attention(q, k, v, impl="triton")
 
 
@@ -96,18 +96,3 @@ def test_block_sizes_must_suit_triton():
     BlockSizes(24, 16)
   with pytest.raises(ValueError, match="block_k=8"):
     BlockSizes(16, 8)
-
-
-def test_lowers_for_gpu_through_triton():
-  """Triton lowering, checked without a GPU by exporting for the cuda platform."""
-  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  specs = [jax.ShapeDtypeStruct((2, 1000, 24), jnp.float32),
-           jax.ShapeDtypeStruct((2, 70, 24), jnp.float32),
-           jax.ShapeDtypeStruct((2, 70, 20), jnp.float32)]
-  forward = jax.jit(lambda q, k, v: nonlocal_attention(q, k, v, interpret=False))
-  exported = jax.export.export(forward, platforms=["cuda"], disabled_checks=disabled)(*specs)
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
-  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(nonlocal_attention(q, k, v, interpret=False)),
-                          argnums=(0, 1, 2)))
-  exported = jax.export.export(grad, platforms=["cuda"], disabled_checks=disabled)(*specs)
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
