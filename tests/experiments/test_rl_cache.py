@@ -1,6 +1,6 @@
-"""The rl_cache experiment through the launcher: a short run's bookkeeping adds up in-process and
-with the RL actors in their own processes (fast), and 8 actors solve CartPole-v1 on every backend
-(slow)."""
+"""The rl_cache experiment through the launcher: a short run's bookkeeping adds up with the RL
+actors in their own processes (fast) and in-process (slow), 8 actors solve CartPole-v1 on every
+backend (slow), and the broadcast benchmark measures and counts what it claims (slow)."""
 
 import pytest
 
@@ -21,6 +21,7 @@ def _assert_bookkeeping_adds_up(summary, actors: int) -> None:
   assert summary["updates"] > 0 and summary["mean_staleness_versions"] >= 0
 
 
+@pytest.mark.slow  # default: the same bookkeeping with actors in processes (next test)
 def test_a_short_run_publishes_versions_through_the_cache_and_accounts_for_every_item(tmp_path):
   summary = launcher.main(["configs/rl_cache/smoke.py", "--workdir", str(tmp_path),
                            "--set", "learning_starts=1024", "--set", "total_env_steps=2048",

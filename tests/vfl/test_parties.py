@@ -104,6 +104,7 @@ def test_noise_cancels_in_w_p_but_hides_it_from_the_active_party(world, jit, noi
   assert not np.array_equal(passive.e_acc, noisy_start[0].e_acc)
 
 
+@pytest.mark.slow  # default: the same equality end to end (tests/experiments/test_vfl.py)
 def test_plaintext_split_equals_centralized_training(world, jit):
   protocol = world.protocol(train_batches=2)
   passive, active = run(protocol, *world.states(protocol, key_bits=None), jit, 2)[:2]
