@@ -186,6 +186,12 @@ class _Run:
     self.staleness += list(staleness)
     self.episode_returns += list(returns)
 
+  def report_done(self, report) -> None:
+    """`rollout_done` for a remote actor's `workers.WorkerReport`: staleness against the
+    learner's version when the report arrives."""
+    self.rollout_done(report.env_steps, [self.version - v for v in report.versions],
+                      report.episode_returns)
+
   def evaluate_if_due(self) -> bool:
     """Evaluate the greedy policy every eval_every env steps; True once it is solved."""
     if self.env_steps < self.next_eval:
@@ -243,8 +249,7 @@ def _drive_actor_pool(run: _Run, pool) -> None:
     while updated < run.config.publish_every and run.update():
       updated += 1
     for actor, report in pool.wait(timeout_s=0.0 if updated else 0.05):
-      run.rollout_done(report.env_steps, [run.version - v for v in report.versions],
-                       report.episode_returns)
+      run.report_done(report)
       if not run.done():
         pool.submit(actor, 1, float(agent_lib.epsilon_at(agent, run.env_steps)))
     if run.evaluate_if_due():
@@ -254,8 +259,7 @@ def _drive_actor_pool(run: _Run, pool) -> None:
   while pool.in_flight:
     updated = run.update()
     for _, report in pool.wait(timeout_s=0.0 if updated else 0.05):
-      run.rollout_done(report.env_steps, [run.version - v for v in report.versions],
-                       report.episode_returns)
+      run.report_done(report)
 
 
 def run(config, run_ctx) -> dict[str, Any]:
@@ -304,9 +308,6 @@ def run(config, run_ctx) -> dict[str, Any]:
       pool = make_actor_pool(config, agent, seeds, params_service, replay_service, stop_event)
       _drive_actor_pool(state, pool)
     seconds = time.perf_counter() - start
-    if pool is not None:
-      pool.close()
-      pool = None
     egress = params_service.egress_bytes()
     accounting = replay_service.accounting()
   finally:

@@ -37,9 +37,6 @@ def select_impl(impl: str = "auto") -> str:
   return impl
 
 
-check_impl = select_impl  # the name the kernel files use when resolving their `impl` argument
-
-
 def resolve_interpret(interpret: bool | None) -> bool:
   """`interpret`, or when None: True on the CPU backend (interpreter), False elsewhere."""
   return jax.default_backend() == "cpu" if interpret is None else bool(interpret)

@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels._common import check_impl, per_target, resolve_interpret
+from kernels._common import per_target, resolve_interpret, select_impl
 from kernels._shapes import next_power_of_two, pad_to, round_up
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -231,7 +231,7 @@ def encode(x: jax.Array, lo: jax.Array, hi: jax.Array, *, k: int, bits: int,
   lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
   seeds = row_seeds(jnp.uint32(0) if seed is None else seed, rows)
   supplied = stochastic and uniforms is not None
-  if check_impl(impl) == "reference":
+  if select_impl(impl) == "reference":
     return encode_reference(x, lo, hi, k=k, bits=bits, stochastic=stochastic, seeds=seeds,
                             uniforms=uniforms if supplied else None)
   interpret = resolve_interpret(interpret)
@@ -319,7 +319,7 @@ def decode_sum(packed: jax.Array, weights: jax.Array, lo: jax.Array, hi: jax.Arr
       raise ValueError(f"{name}: got shape {value.shape}, expected ({rows},)")
   bucket_size = width * 8 // bits
   weights, lo, hi = (a.astype(jnp.float32) for a in (weights, lo, hi))
-  if check_impl(impl) == "reference":
+  if select_impl(impl) == "reference":
     return decode_sum_reference(packed, weights, lo, hi, k=k, bits=bits)
   interpret = resolve_interpret(interpret)
   base = _decode_base(weights, lo)

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels._common import check_impl, per_target, resolve_interpret
+from kernels._common import per_target, resolve_interpret, select_impl
 from kernels._shapes import next_power_of_two, pad_to, round_up
 
 MASKED = -1e30  # finite: exp(MASKED - m) is 0 without inf - inf
@@ -227,7 +227,7 @@ def nonlocal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | 
   """
   _check(q, k, v)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  if check_impl(impl) == "reference":
+  if select_impl(impl) == "reference":
     return attention_reference(q, k, v, scale)
   return _attention(q, k, v, scale, blocks, resolve_interpret(interpret), target)
 

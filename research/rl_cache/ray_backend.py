@@ -517,7 +517,7 @@ ActorWorker = workers.ActorWorker
 RayActorWorker = ray.remote(num_cpus=1)(workers.ActorWorker)
 
 
-class RayActorPool:
+class RayActorPool(workers.ActorPool):
   """One `RayActorWorker` per actor, the `workers.py` pool interface over Ray object refs.
   `num_cpus` per worker (1: one core each on a cluster; a local run may oversubscribe by
   starting Ray with more logical CPUs than cores); the workers run jax on the CPU with one
@@ -526,30 +526,24 @@ class RayActorPool:
   def __init__(self, agent_config: Any, seeds: list[int], reader: LeafReader,
                replay_service: RayReplayService, *, wait_s: float = 60.0,
                num_cpus: float = 1.0):
+    super().__init__()
     env = {"XLA_FLAGS": workers.ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
     self._workers = [
         RayActorWorker.options(num_cpus=num_cpus, runtime_env={"env_vars": env}).remote(
             agent_config, actor, seed, reader, replay_service, wait_s=wait_s)
         for actor, seed in enumerate(seeds)]
-    self._pending: dict[ray.ObjectRef, int] = {}
 
-  def submit(self, actor: int, num_rollouts: int, epsilon: float) -> None:
-    if actor in self._pending.values():
-      raise ValueError(f"actor {actor} has a call in flight; wait for it before submitting")
-    self._pending[self._workers[actor].run.remote(num_rollouts, epsilon)] = actor
+  def _start(self, actor: int, num_rollouts: int, epsilon: float) -> ray.ObjectRef:
+    return self._workers[actor].run.remote(num_rollouts, epsilon)
 
-  @property
-  def in_flight(self) -> int:
-    """Calls submitted and not yet returned by `wait`."""
-    return len(self._pending)
-
-  def wait(self, timeout_s: float) -> list[tuple[int, WorkerReport]]:
-    if not self._pending:
-      return []
-    ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
+  def _finished(self, handles: list, timeout_s: float) -> list:
+    ready, _ = ray.wait(handles, num_returns=1, timeout=timeout_s)
     if ready:  # and whatever else finished meanwhile
-      ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
-    return [(self._pending.pop(ref), ray.get(ref)) for ref in ready]
+      ready, _ = ray.wait(handles, num_returns=len(handles), timeout=0)
+    return ready
+
+  def _result(self, handle: ray.ObjectRef) -> WorkerReport:
+    return ray.get(handle)
 
   def close(self) -> None:
     for worker in self._workers:

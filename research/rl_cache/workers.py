@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import multiprocessing
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -45,7 +46,6 @@ ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threa
 def configure_actor_process() -> None:
   """Before an actor process's first jax computation: CPU, one thread (read when the backend
   starts, which is lazy, so this holds even where jax was imported already)."""
-  import os  # pylint: disable=import-outside-toplevel
   os.environ["XLA_FLAGS"] = ACTOR_XLA_FLAGS
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")
@@ -141,27 +141,18 @@ def _run_in_actor_process(num_rollouts: int, epsilon: float) -> WorkerReport:
   return _PROCESS_WORKER.run(num_rollouts, epsilon)
 
 
-class ProcessActorPool:
-  """One spawned process per actor (module docstring). `reader`, `replay_service` and
-  `stop_event` are picklable handles the worker processes call: the manager proxies of
-  `process_backend.ProcessServices`; `close` sets the event."""
+class ActorPool:
+  """The pool interface of the module docstring over one call handle per actor in flight;
+  subclasses say how a call starts (`_start`), which handles have finished (`_finished`) and
+  how a finished one answers (`_result`)."""
 
-  def __init__(self, agent_config: Any, seeds: list[int], reader: Any, replay_service: Any,
-               stop_event: Any, *, wait_s: float = 60.0):
-    context = multiprocessing.get_context("spawn")  # never fork a process that holds jax
-    self._stop = stop_event
-    self._executors = [
-        concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_init_actor_process,
-            initargs=(agent_config, actor, seed, reader, replay_service, stop_event, wait_s))
-        for actor, seed in enumerate(seeds)]
-    self._pending: dict[concurrent.futures.Future, int] = {}
+  def __init__(self):
+    self._pending: dict[Any, int] = {}  # call handle -> actor
 
   def submit(self, actor: int, num_rollouts: int, epsilon: float) -> None:
     if actor in self._pending.values():
       raise ValueError(f"actor {actor} has a call in flight; wait for it before submitting")
-    future = self._executors[actor].submit(_run_in_actor_process, num_rollouts, epsilon)
-    self._pending[future] = actor
+    self._pending[self._start(actor, num_rollouts, epsilon)] = actor
 
   @property
   def in_flight(self) -> int:
@@ -171,9 +162,45 @@ class ProcessActorPool:
   def wait(self, timeout_s: float) -> list[tuple[int, WorkerReport]]:
     if not self._pending:
       return []
-    done, _ = concurrent.futures.wait(list(self._pending), timeout=timeout_s,
+    done = self._finished(list(self._pending), timeout_s)
+    return [(self._pending.pop(handle), self._result(handle)) for handle in done]
+
+  def _start(self, actor: int, num_rollouts: int, epsilon: float) -> Any:
+    raise NotImplementedError
+
+  def _finished(self, handles: list, timeout_s: float) -> list:
+    raise NotImplementedError
+
+  def _result(self, handle: Any) -> WorkerReport:
+    raise NotImplementedError
+
+
+class ProcessActorPool(ActorPool):
+  """One spawned process per actor (module docstring). `reader`, `replay_service` and
+  `stop_event` are picklable handles the worker processes call: the manager proxies of
+  `process_backend.ProcessServices`; `close` sets the event."""
+
+  def __init__(self, agent_config: Any, seeds: list[int], reader: Any, replay_service: Any,
+               stop_event: Any, *, wait_s: float = 60.0):
+    super().__init__()
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds jax
+    self._stop = stop_event
+    self._executors = [
+        concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_init_actor_process,
+            initargs=(agent_config, actor, seed, reader, replay_service, stop_event, wait_s))
+        for actor, seed in enumerate(seeds)]
+
+  def _start(self, actor: int, num_rollouts: int, epsilon: float) -> concurrent.futures.Future:
+    return self._executors[actor].submit(_run_in_actor_process, num_rollouts, epsilon)
+
+  def _finished(self, handles: list, timeout_s: float) -> list:
+    done, _ = concurrent.futures.wait(handles, timeout=timeout_s,
                                       return_when=concurrent.futures.FIRST_COMPLETED)
-    return [(self._pending.pop(future), future.result()) for future in done]
+    return list(done)
+
+  def _result(self, handle: concurrent.futures.Future) -> WorkerReport:
+    return handle.result()
 
   def close(self) -> None:
     self._stop.set()
