@@ -1,13 +1,23 @@
-"""Checkpoint states in node-local memory: a faulted job against the fault-free one.
+"""Checkpoint states in node-local memory: a faulted job against the fault-free one, on Ray.
 
-Two agents (nodes) with their workers train the digits MLP synchronously (research/checkpoint);
-the same job runs once without faults and once with faults at steps drawn from the seed: kill -9
-of workers (restored from their node's local memory), optionally a hung worker, and kill -9 of
-an agent (the node: the job restores from the newest committed orbax checkpoint, optionally with
-that checkpoint corrupted first so the one before it is used). Both runs are compared bit for
-bit with the single-process reference computation of the same seed. Headline: wall time of the
-faulted job vs the fault-free job; the note says whether both ended bit-exact and the steps each
-failure cost.
+A multi-controller jax job (research/checkpoint: `processes` jax processes, one global data
+mesh) trains the digits MLP; one node agent per node (a Ray actor) launches the node's
+processes, keeps their snapshots in the node's memory and a replica of its peer node's. The
+job runs once without faults and once with the configured faults, fired at steps drawn from
+the seed by the injector below (it lives here, not in the runtime):
+
+  kill_process        kill -9 of a jax process: the job restarts from local memory
+  hang_process        SIGSTOP of a process: no heartbeats, it is fenced (kill -9), restart
+  kill_node           a node of Ray's test cluster removed (its memory with it): the lost
+                      processes restart on a spare node from the peer's replica
+  corrupt_checkpoint  flips bytes in the newest committed orbax step (fired with the next fault)
+  kill_node_and_peer  a node and its peer removed: both copies gone, restore from orbax (the
+                      newest committed step whose files match its manifest)
+
+Both final states are compared bit for bit with the reference: the fault-free job, or (for up
+to 2 devices, where a sum of two is the same in any order) one process with the same devices.
+Headline: the faulted job's wall time vs the fault-free job's; the note gives each failure's
+wasted time (failure to the first step past the pre-failure step) and where it restored from.
 
   python -m experiments.run configs/checkpoint/smoke.py
   python -m experiments.run configs/checkpoint/faults.py --paper checkpoint.faults
@@ -15,7 +25,13 @@ failure cost.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import shutil
+import signal
+import time
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -23,26 +39,40 @@ import numpy as np
 from research.common import config as config_lib
 from research.common import records
 
+NODE_FAULTS = {"kill_node", "kill_node_and_peer"}
+FAULTS = ("kill_process", "hang_process", "kill_node", "corrupt_checkpoint", "kill_node_and_peer")
+
 
 def config_schema() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "num_agents": 2,               # nodes
-      "workers_per_agent": 2,
-      "steps": 40,
+      "nodes": 2,                    # nodes the job's processes run on
+      "spare_nodes": 2,              # more nodes, idle until one replaces a lost node
+      "processes": 2,                # jax processes of the job (one jax.distributed program)
+      "devices": 2,                  # devices of the job in all (CPU: per process = devices /
+                                     # processes, set with XLA_FLAGS in each process)
+      "steps": 24,
       "hidden": (64,),
-      "batch_size": 32,
+      "batch_per_device": 16,
       "learning_rate": 0.05,
+      "dropout": 0.1,
       "snapshot_every": 1,           # local-memory snapshot period (steps)
-      "persist_every": 5,            # orbax period (steps)
-      "min_step_seconds": 0.1,       # emulated compute time per step
-      "heartbeat_timeout": 2.0,
-      "worker_failures": 2,          # kill -9 of random workers at random steps
-      "hung_workers": 1,             # workers that stop (no heartbeats) for 2 x the timeout
-      "agent_failures": 1,           # kill -9 of a random agent at a random step
-      "corrupt_before_node_failure": True,  # corrupt the newest persisted step first
-      # One jax compilation cache for the jobs' processes (a process after the first loads its
-      # programs instead of compiling them; startup only): "run" = a folder in the run folder,
-      # removed at the end; "off"; or a folder to keep (e.g. one the tests share).
+      # Snapshots kept per process in local memory, and replicas of each at the peer node: the
+      # restore needs one step every process still holds, so these must cover the replicas'
+      # lag behind the newest snapshot (a few steps when steps are short).
+      "memory_slots": 3,
+      "persist_every": 4,            # orbax period (steps); 0: never
+      "min_step_seconds": 0.1,       # pacing, so faults land where they are drawn
+      "heartbeat_timeout": 3.0,      # seconds without a heartbeat before a process is fenced
+      "startup_timeout": 120.0,      # the same before its first heartbeat
+      "max_restarts": 8,
+      "faults": FAULTS,              # in this order, at increasing steps drawn from the seed
+      "reference": "fault_free_job",  # or "in_process" (one process; up to 2 devices)
+      # "" starts Ray's multi-node test cluster here (nodes + spare_nodes worker nodes; a plain
+      # one-node Ray for 1 node without spares and node faults); else the address of a running
+      # Ray cluster (faults that remove nodes need the test cluster).
+      "ray_address": "",
+      # One jax compilation cache for the jobs' processes: "run" = a folder in the run folder,
+      # removed at the end; "off"; or a folder to keep.
       "compilation_cache": "run",
   })
 
@@ -51,148 +81,457 @@ PAPER_PAGE = "papers/checkpoint.md"
 
 
 def validate_config(config) -> None:
-  config_lib.check_positive(config, "num_agents", "workers_per_agent", "steps", "batch_size",
-                            "snapshot_every", "persist_every", "heartbeat_timeout")
-  if config.persist_every % config.snapshot_every:
-    raise config_lib.ConfigError(f"config key 'persist_every': got {config.persist_every}, "
-                                 f"expected a multiple of snapshot_every="
-                                 f"{config.snapshot_every}")
-  for key in ("worker_failures", "hung_workers", "agent_failures"):
+  config_lib.check_positive(config, "nodes", "processes", "devices", "steps", "batch_per_device",
+                            "heartbeat_timeout", "startup_timeout")
+  if config.processes > config.devices:
+    raise config_lib.ConfigError(
+        f"config key 'processes': got {config.processes}, more than devices={config.devices} "
+        "(every process needs at least one device)")
+  if config.devices % config.processes:
+    raise config_lib.ConfigError(
+        f"config key 'devices': got {config.devices}, expected a multiple of "
+        f"processes={config.processes} (the same devices on every process)")
+  if config.processes < config.nodes:
+    raise config_lib.ConfigError(f"config key 'nodes': got {config.nodes}, more than "
+                                 f"processes={config.processes} (a node without a process)")
+  if config.memory_slots < 2:
+    raise config_lib.ConfigError(f"config key 'memory_slots': got {config.memory_slots}, "
+                                 "expected >= 2")
+  for key in ("spare_nodes", "snapshot_every", "persist_every", "max_restarts"):
     if config[key] < 0:
       raise config_lib.ConfigError(f"config key {key!r}: got {config[key]}, expected >= 0")
+  unknown = [f for f in config.faults if f not in FAULTS]
+  if unknown:
+    raise config_lib.ConfigError(f"config key 'faults': unknown {unknown}; expected some of "
+                                 f"{list(FAULTS)}")
+  if config.reference not in ("fault_free_job", "in_process"):
+    raise config_lib.ConfigError(f"config key 'reference': got {config.reference!r}, expected "
+                                 "'fault_free_job' or 'in_process'")
+  if config.reference == "in_process" and config.devices > 2:
+    raise config_lib.ConfigError(
+        f"config key 'reference': 'in_process' needs devices <= 2 (got {config.devices}): "
+        "beyond two, a sum in another order is not the same float")
   if not config.compilation_cache:
     raise config_lib.ConfigError("config key 'compilation_cache': got '', expected 'run', "
                                  "'off' or a folder")
-  if config.steps < 3:
-    raise config_lib.ConfigError(f"config key 'steps': got {config.steps}, expected >= 3 "
-                                 "(faults go at steps 2 .. steps)")
+  slots = max(1, len(config.faults))
+  if config.steps < 3 * slots:
+    raise config_lib.ConfigError(f"config key 'steps': got {config.steps}, expected >= "
+                                 f"{3 * slots} for {len(config.faults)} faults")
 
 
-def draw_faults(config, spec) -> list:
-  """Fault steps and targets from the seed (a node failure after the first persist)."""
-  from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+# --- the fault injector -------------------------------------------------------------------------
 
+
+@dataclasses.dataclass
+class Fault:
+  kind: str
+  step: int                 # fired once every process has completed this step
+  process: int              # the process hit (or whose node is removed)
+  fired_at: float | None = None
+  detail: str = ""
+
+
+def draw_faults(config) -> list[Fault]:
+  """One fault per entry of `config.faults`, at increasing steps drawn from the seed.
+
+  The steps split [2, steps - 1] into equal segments, one per fault; a corrupt_checkpoint goes
+  with the next fault's step; a fault that needs orbax comes after two persisted steps.
+  """
   rng = np.random.default_rng(config.seed)
-  faults = []
-  for _ in range(config.worker_failures):
-    faults.append(transport.Fault("kill_worker", int(rng.integers(spec.num_workers)),
-                                  int(rng.integers(2, config.steps + 1))))
-  for _ in range(config.hung_workers):
-    faults.append(transport.Fault("hang_worker", int(rng.integers(spec.num_workers)),
-                                  int(rng.integers(2, config.steps + 1)),
-                                  seconds=2 * config.heartbeat_timeout))
-  for _ in range(config.agent_failures):
-    step = int(rng.integers(min(config.persist_every + 2, config.steps), config.steps + 1))
-    agent = int(rng.integers(spec.num_agents))
-    if config.corrupt_before_node_failure:
-      worker = int(rng.choice(spec.workers_of(agent)))
-      faults.append(transport.Fault("corrupt_checkpoint", worker, step))
-    faults.append(transport.Fault("kill_agent", agent, step))
+  kinds = list(config.faults)
+  timed = [k for k in kinds if k != "corrupt_checkpoint"]
+  low, high = 2, config.steps - 1
+  bounds = np.linspace(low, high, len(timed) + 1)
+  steps = [int(rng.integers(int(a), max(int(a) + 1, int(b)))) for a, b in
+           zip(bounds[:-1], bounds[1:])]
+  if "kill_node_and_peer" in timed and config.persist_every:
+    i = timed.index("kill_node_and_peer")
+    steps[i] = max(steps[i], 2 * config.persist_every + 2)
+    steps = [s if j <= i else max(s, steps[i] + 1) for j, s in enumerate(steps)]
+  faults, timed_steps = [], iter(zip(timed, steps))
+  pending_corrupt = False
+  for kind in kinds:
+    if kind == "corrupt_checkpoint":
+      pending_corrupt = True
+      continue
+    _, step = next(timed_steps)
+    process = int(rng.integers(config.processes))
+    if pending_corrupt:
+      faults.append(Fault("corrupt_checkpoint", step, process))
+      pending_corrupt = False
+    faults.append(Fault(kind, step, process))
+  if pending_corrupt:
+    faults.append(Fault("corrupt_checkpoint", config.steps - 1, 0))
   return faults
 
 
-def run(config, run):
+def corrupt_newest_checkpoint(directory: Path) -> str:
+  """Flips bytes in the largest file of the newest committed orbax step.
+
+  Committed: the step has its manifest, so a restore would otherwise trust it (a step without
+  one is skipped anyway).
+  """
+  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+
+  directory = Path(directory)
+  manifests = directory / store.MANIFESTS
+  steps = sorted((p for p in (directory / "steps").iterdir()
+                  if p.name.isdigit() and (manifests / f"{p.name}.json").is_file()),
+                 key=lambda p: int(p.name)) if (directory / "steps").is_dir() else []
+  if not steps:
+    return f"nothing (no committed step under {directory})"
+  files = sorted((p for p in steps[-1].rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  target = files[-1]
+  data = bytearray(target.read_bytes())
+  for i in range(0, len(data), max(1, len(data) // 16)):
+    data[i] ^= 0xFF
+  target.write_bytes(bytes(data))
+  return str(target.relative_to(directory))
+
+
+class Injector:
+  """The driver's observer: fires each fault once its step is reached and the job is healthy."""
+
+  def __init__(self, faults: list[Fault], cluster, memory_dir: Path, persistent_dir: Path,
+               log):
+    self.faults, self.cluster, self.log = faults, cluster, log
+    self.memory_dir, self.persistent_dir = memory_dir, persistent_dir
+    self.progress: list[tuple[float, int, int]] = []  # (time, attempt, min step)
+    self.removed: set[str] = set()
+
+  def _remove_node(self, node: str) -> None:
+    target = next(n for n in self.cluster.list_all_nodes() if n.node_id == node)
+    self.cluster.remove_node(target, allow_graceful=False)
+    self.removed.add(node)
+    shutil.rmtree(self.memory_dir / node, ignore_errors=True)  # its memory goes with it
+
+  def __call__(self, view) -> None:
+    from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+
+    healthy = (len(view.reports) == view.placement.num_processes
+               and all(r.alive and r.started for r in view.reports))
+    if not view.reports:
+      return
+    step = min(r.step for r in view.reports)
+    if not self.progress or self.progress[-1][1:] != (view.attempt, step):
+      self.progress.append((view.now, view.attempt, step))
+    pending = [f for f in self.faults if f.fired_at is None]
+    if not pending or not healthy or step < pending[0].step:
+      return
+    fault = pending[0]
+    node = view.placement.node_of(fault.process)
+    if fault.kind in ("kill_process", "hang_process"):
+      pid = transport.call(view.agents[node], "pids")[fault.process]
+      os.kill(pid, signal.SIGKILL if fault.kind == "kill_process" else signal.SIGSTOP)
+      fault.detail = f"process {fault.process} (pid {pid})"
+    elif fault.kind == "corrupt_checkpoint":
+      fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
+    elif fault.kind == "kill_node":
+      self._remove_node(node)
+      fault.detail = f"node of process {fault.process}"
+    elif fault.kind == "kill_node_and_peer":
+      peer = view.placement.peer_of(node)
+      self._remove_node(node)
+      if peer is not None:
+        self._remove_node(peer)
+      fault.detail = f"node of process {fault.process} and its peer"
+    fault.fired_at = time.monotonic()
+    fault.step = step  # the step every process had completed when it fired
+    self.log(f"fault: {fault.kind} at step {step}: {fault.detail}")
+    if fault.kind == "corrupt_checkpoint":  # fired together with the next fault
+      self(view)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _start_cluster(config):
+  import ray  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
+  if config.ray_address:
+    ray.init(address=config.ray_address)
+    return None, [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+  if config.nodes == 1 and config.spare_nodes == 0 and not set(config.faults) & NODE_FAULTS:
+    ray.init(address="local", num_cpus=1, include_dashboard=False,  # one node: this one
+             log_to_driver=False)
+    return None, [ray.get_runtime_context().get_node_id()]
+  return start_test_cluster(config.nodes + config.spare_nodes)
+
+
+def start_test_cluster(worker_nodes: int):
+  """Ray's multi-node test cluster on this machine: a head for the driver (no CPUs) and
+  `worker_nodes` 1-CPU nodes; connects this process. Returns (cluster, worker node ids).
+
+  The GCS declares a node dead after `health_check_failure_threshold` missed health checks
+  (one per `health_check_period_ms`): raised to 20 x 1 s, as a loaded 2-core machine has
+  missed Ray's default 5 x 3 s; a node removed by a test is seen at once anyway (its
+  processes' connections close).
+  """
+  import ray  # pylint: disable=import-outside-toplevel
+  from ray.cluster_utils import Cluster  # pylint: disable=import-outside-toplevel
+  cluster = Cluster(initialize_head=True, head_node_args={
+      "num_cpus": 0, "include_dashboard": False,
+      "_system_config": {"health_check_failure_threshold": 20,
+                         "health_check_period_ms": 1000}})
+  for _ in range(worker_nodes):
+    cluster.add_node(num_cpus=1)
+  ray.init(address=cluster.address, log_to_driver=False)
+  cluster.wait_for_nodes()
+  head = cluster.head_node.node_id
+  return cluster, [n.node_id for n in cluster.list_all_nodes() if n.node_id != head]
+
+
+def _problem(config):
+  from research.checkpoint import worker  # pylint: disable=import-outside-toplevel
+  return worker.make_problem(tuple(config.hidden), config.batch_per_device,
+                             config.learning_rate, config.dropout, config.seed)
+
+
+def prepare(config_json: str, folder: str, reference: bool) -> None:
+  """Writes the job's inputs (training rows, initial params) and, if asked, the reference.
+
+  The reference: the job's computation in one process on `devices` CPU devices, its shards
+  in `reference.npz`. Runs in a child process (`start_prepare`) while the Ray cluster starts:
+  scikit-learn's import and the eager init take seconds, and this process's device count is
+  fixed already.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+  from research.checkpoint import worker  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  problem = _problem(config)
+  worker.write_inputs(problem, Path(folder) / "inputs.npz")
+  if reference:
+    mesh = worker.data_mesh(jax.devices()[:config.devices])
+    state = worker.run_steps(problem, mesh, worker.replicate(worker.init_state(problem), mesh),
+                             config.steps)
+    records.atomic_save_npz(Path(folder) / "reference.npz", **{
+        f"arr_{i}": a for i, a in enumerate(store.local_shards(state))})
+
+
+def start_prepare(config, folder: Path, reference: bool):
+  """Starts `prepare` in a child process with `devices` CPU devices."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from research.common import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  folder.mkdir(parents=True, exist_ok=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  mesh_lib.set_cpu_device_count(config.devices, env)
+  keys = ("hidden", "batch_per_device", "learning_rate", "dropout", "seed", "devices", "steps")
+  given = json.dumps({k: (list(config[k]) if k == "hidden" else config[k]) for k in keys})
+  code = ("import sys; from experiments.checkpoint import prepare; "
+          "prepare(sys.argv[1], sys.argv[2], sys.argv[3] == '1')")
+  return subprocess.Popen([sys.executable, "-c", code, given, str(folder),
+                           "1" if reference else "0"], env=env)
+
+
+def _load_shards(path: Path) -> list[np.ndarray]:
+  with np.load(path) as data:
+    return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults: list[Fault],
+            cache: str, run=None, log=print):
+  """One job through the runtime on `nodes` (Ray node ids); returns (result, injector).
+
+  `cluster`: Ray's test cluster (ray.cluster_utils.Cluster), which node faults remove nodes
+  of; `run`: the launcher's run context for progress lines, or None.
+  """
+  from research.checkpoint import protocol  # pylint: disable=import-outside-toplevel
   from research.checkpoint import store  # pylint: disable=import-outside-toplevel
   from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
-  from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
+  from research.checkpoint import worker  # pylint: disable=import-outside-toplevel
+
+  folder = workdir / name
+  (folder / "results").mkdir(parents=True, exist_ok=True)
+  inputs = workdir / "inputs.npz"
+  if not inputs.exists():
+    worker.write_inputs(_problem(config), inputs)
+  problem = worker.read_problem(inputs, tuple(config.hidden), config.batch_per_device,
+                                config.learning_rate, config.dropout, config.seed)
+  job = worker.fingerprint(problem, config.devices, config.steps)
+  spec = protocol.JobSpec(
+      job=job, num_processes=config.processes,
+      devices_per_process=config.devices // config.processes, hidden=tuple(config.hidden),
+      batch_per_device=config.batch_per_device, learning_rate=config.learning_rate,
+      dropout=config.dropout, seed=config.seed, steps=config.steps,
+      snapshot_every=config.snapshot_every, persist_every=config.persist_every,
+      min_step_seconds=config.min_step_seconds, inputs_file=str(inputs),
+      persistent_dir=str(folder / "persistent"), results_dir=str(folder / "results"),
+      compilation_cache_dir=cache or None, memory_slots=config.memory_slots)
+  records.atomic_write_json(folder / "spec.json", spec.to_json())
+  memory_root = store.local_memory_root() / f"{name}-{os.getpid()}-{time.time_ns()}"
+  per_node = -(-config.processes // config.nodes)
+  placement = protocol.place(config.processes, per_node, nodes)
+  make_agent = transport.ray_agent_factory(
+      job, str(memory_root), str(folder / "spec.json"),
+      f"--xla_force_host_platform_device_count={spec.devices_per_process}", str(folder / "logs"),
+      config.memory_slots)
+  injector = Injector(faults, cluster, memory_root / f"meshwork-ckpt-{job}",
+                      folder / "persistent", log)
+  driver = protocol.DriverConfig(config.processes, config.steps, config.heartbeat_timeout,
+                                 config.startup_timeout, config.max_restarts)
+  last = [-1]
+
+  def observe(view):
+    injector(view)
+    if run is not None and injector.progress and injector.progress[-1][2] != last[0]:
+      last[0] = injector.progress[-1][2]
+      run.log(last[0], job=name, attempt=view.attempt)
+
+  def alive_nodes():  # Ray's view, less the nodes removed here that it may still list
+    live = set(transport.ray_alive_nodes()) - injector.removed
+    return [n for n in nodes if n in live]
+
+  try:
+    result = transport.run_job(spec, placement, driver, make_agent, alive_nodes, observe,
+                               log=log)
+  finally:
+    shutil.rmtree(memory_root, ignore_errors=True)
+  return result, injector
+
+
+def _failure_rows(result, faults: list[Fault]) -> list[dict]:
+  """Each fault with the failure the driver saw for it and its timeline."""
+  fired = [f for f in faults if f.kind != "corrupt_checkpoint"]
+  rows = []
+  for fault, recovery in zip(fired, result.recoveries):
+    plan = recovery.plan
+    rows.append({
+        "kind": fault.kind, "process": fault.process, "step": fault.step,
+        "seen_as": recovery.failure.kind,
+        "detection_s": recovery.failure.detected_at - fault.fired_at,
+        "wasted_s": (recovery.recovered_at - fault.fired_at
+                     if recovery.recovered_at is not None else None),
+        "restored_step": plan.step if plan else None,
+        "restored_from": sorted(set(plan.sources)) if plan else None})
+  return rows
+
+
+def run(config, run):
+  os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
+  import ray  # pylint: disable=import-outside-toplevel
+  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
 
   cache = {"run": str(run.workdir / "compilation_cache"), "off": ""}.get(
       config.compilation_cache, config.compilation_cache)
+  lines: list[str] = []
 
-  def spec_for(name, warm_spare=True):
-    return transport.JobSpec(
-        workdir=str(run.workdir / name), num_agents=config.num_agents,
-        workers_per_agent=config.workers_per_agent, steps=config.steps, seed=config.seed,
-        hidden=tuple(config.hidden), batch_size=config.batch_size,
-        learning_rate=config.learning_rate, snapshot_every=config.snapshot_every,
-        persist_every=config.persist_every, min_step_seconds=config.min_step_seconds,
-        heartbeat_timeout=config.heartbeat_timeout, warm_spare=warm_spare,
-        compilation_cache=cache)
+  def log(line):
+    lines.append(f"{time.monotonic():.3f} {line}")
 
-  with transport.compiling_into(cache):  # the jobs' processes load what the reference compiled
-    problem = worker_lib.make_problem(config.num_agents * config.workers_per_agent,
-                                      tuple(config.hidden), config.batch_size,
-                                      config.learning_rate, seed=config.seed)
-    reference = store.pack(worker_lib.reference_run(problem, config.steps))
-  results, events = {}, {}
-  for name in ("fault_free", "faulted"):
-    faults = draw_faults(config, spec_for(name)) if name == "faulted" else []
-    # No failure, nothing for a warm spare to take over: the fault-free job starts none (a
-    # spare stands by idle, so this changes its start, not its step loop).
-    spec = spec_for(name, warm_spare=bool(faults))
-    lines = []
-    for _ in run.progress([name], description=f"{name} job"):
-      result = transport.run_job(spec, faults, log=lines.append,
-                                 on_step=lambda s, n=name: run.log(s, job=n))
-    for step, seconds in result.step_seconds:
-      run.log(step, job=name, step_seconds=seconds)
-    events[name] = lines
-    results[name] = {
-        "bit_exact": result.final_state == reference, "replicas_equal": result.replicas_equal,
-        "seconds": float(sum(s for _, s in result.step_seconds)), "restarts": result.restarts,
-        "steps_lost": result.steps_lost, "faults": [f.__dict__ for f in faults],
-        "local_restores": result.local_restores,
-        "step_seconds": result.step_seconds}
-  if config.compilation_cache == "run":
-    shutil.rmtree(cache, ignore_errors=True)  # compiled programs, not results
-  run.save_text("events.log", "\n".join(f"[{n}] {line}" for n in events for line in events[n])
-                + "\n")
-  _plot(run, results)
-  faulted, clean = results["faulted"], results["fault_free"]
-  bit_exact = faulted["bit_exact"] and clean["bit_exact"]
-  faults = ", ".join(_fault_text(f) for f in faulted["faults"]) or "no faults"
-  restores = "; ".join(faulted["local_restores"]) or "none"
+  in_process = config.reference == "in_process"
+  child = start_prepare(config, run.workdir, in_process)  # while the cluster starts
+  cluster, nodes = _start_cluster(config)
+  jobs, reference = {}, None
+  try:
+    if child.wait() != 0:
+      raise RuntimeError(f"preparing the job's inputs exited with code {child.returncode}")
+    if in_process:  # replicated: every process holds the same shards as the one process
+      reference = [_load_shards(run.workdir / "reference.npz")] * config.processes
+    names = ["fault_free", "faulted"] if config.reference == "fault_free_job" else ["faulted"]
+    for name in run.progress(names, description="jobs"):
+      faults = draw_faults(config) if name == "faulted" else []
+      live = set(n["NodeID"] for n in ray.nodes() if n["Alive"])
+      result, injector = run_job(config, run.workdir, name, cluster,
+                                 [n for n in nodes if n in live], faults, cache, run,
+                                 lambda line, n=name: log(f"[{n}] {line}"))
+      if reference is None:
+        reference = result.final
+      jobs[name] = {"result": result, "faults": faults, "progress": injector.progress}
+  finally:
+    if child.poll() is None:
+      child.kill()
+    ray.shutdown()
+    if cluster is not None:
+      cluster.shutdown()
+    if config.compilation_cache == "run":
+      shutil.rmtree(cache, ignore_errors=True)  # compiled programs, not results
+  run.save_text("events.log", "\n".join(lines) + "\n")
+
+  summary_jobs = {}
+  for name, job in jobs.items():
+    result = job["result"]
+    bit_exact = len(result.final) == len(reference) and all(
+        len(shards) == len(expected) and all(
+            np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(shards, expected))
+        for shards, expected in zip(result.final, reference))
+    restores = [e for e in result.events if e["event"] == "restored"]
+    summary_jobs[name] = {
+        "bit_exact": bit_exact, "seconds": result.seconds, "attempts": len(result.plans),
+        "failures": _failure_rows(result, job["faults"]),
+        "faults": [{"kind": f.kind, "process": f.process, "step": f.step, "detail": f.detail}
+                   for f in job["faults"]],
+        "restores": [{k: e[k] for k in ("attempt", "process", "source", "step", "init_s",
+                                        "restore_s")} for e in restores],
+        "progress": job["progress"]}
+  _plot(run, summary_jobs)
+  faulted = summary_jobs["faulted"]
+  clean = summary_jobs.get("fault_free")
+  bit_exact = all(j["bit_exact"] for j in summary_jobs.values())
+  failures = "; ".join(
+      f"{r['kind']} @ {r['step']}: {_seconds(r['wasted_s'])} wasted, restored step "
+      f"{r['restored_step']} from {'+'.join(r['restored_from'] or [])}"
+      for r in faulted["failures"]) or "no faults"
+  against = ("the fault-free job" if clean else
+             f"one process with {config.devices} devices")
   return {
       "headline": {
-          "metric": "faulted job seconds (step loop)", "value": faulted["seconds"],
-          "baseline": "fault-free job seconds", "baseline_value": clean["seconds"],
-          "note": (f"{config.num_agents} node{'s' * (config.num_agents > 1)} x "
-                   f"{config.workers_per_agent} workers, "
-                   f"{config.steps} steps; {faults}; restored from local memory: {restores}; "
-                   f"both jobs bit-exact vs the single-process reference: "
-                   f"{'yes' if bit_exact else 'NO'}; steps lost per failure "
-                   f"{faulted['steps_lost']}"),
+          "metric": "faulted job seconds", "value": faulted["seconds"],
+          "baseline": "fault-free job seconds" if clean else "(no fault-free job run)",
+          "baseline_value": clean["seconds"] if clean else float("nan"),
+          "note": (f"{config.processes} jax processes on {config.nodes} Ray nodes; {failures}; "
+                   f"final state bit-exact vs {against}: {'yes' if bit_exact else 'NO'}"),
       },
       "bit_exact": bit_exact,
-      "jobs": results,
+      "reference": config.reference,
+      "jobs": summary_jobs,
   }
 
 
-def _plot(run, results) -> None:
+def _seconds(value) -> str:
+  return "-" if value is None else f"{value:.1f} s"
+
+
+def _plot(run, jobs) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, ax = plt.subplots(figsize=(7.5, 4))
-  for name, result in results.items():
-    steps, seconds = zip(*result["step_seconds"])
-    ax.plot(np.cumsum(seconds), steps, marker=".", label=name.replace("_", "-"))
-  for fault in results["faulted"]["faults"]:
+  for name, job in jobs.items():
+    if not job["progress"]:
+      continue
+    t0 = job["progress"][0][0]
+    ax.step([t - t0 for t, _, _ in job["progress"]], [s for _, _, s in job["progress"]],
+            where="post", label=name.replace("_", "-"))
+  for fault in jobs["faulted"]["faults"]:
     ax.axhline(fault["step"], color="grey", linestyle=":", linewidth=0.8)
-    ax.annotate(f"{fault['kind']} {fault['target']}", (0, fault["step"]), fontsize=7,
-                va="bottom")
-  ax.set_xlabel("seconds since the job's first step (restarts and replays included)")
-  ax.set_ylabel("step completed")
+    ax.annotate(fault["kind"], (0, fault["step"]), fontsize=7, va="bottom")
+  ax.set_xlabel("seconds since the job's first report (restarts included)")
+  ax.set_ylabel("steps completed by every process")
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
-  ax.set_title("synchronous training under faults (dotted: fault steps)")
+  ax.set_title("multi-controller training under faults (dotted: fault steps)")
   run.save_figure("steps_vs_time.png", fig)
   plt.close(fig)
 
 
-def _fault_text(fault: dict) -> str:
-  return f"{fault['kind']} {fault['target']} @ step {fault['step']}"
-
-
 def paper_tables(result: dict) -> dict[str, str]:
   """The page's recovery table from a kept result (its summary)."""
+  summary = result["summary"]
   rows = []
-  for name, job in result["summary"]["jobs"].items():
-    rows.append([name.replace("_", "-"), ", ".join(map(_fault_text, job["faults"])) or "-",
-                 "yes" if job["bit_exact"] else "NO", "yes" if job["replicas_equal"] else "NO",
-                 job["restarts"], str(job["steps_lost"]),
-                 "; ".join(job["local_restores"]) or "-", f"{job['seconds']:.1f}"])
+  for name, job in summary["jobs"].items():
+    for r in job["failures"] or [None]:
+      rows.append([
+          name.replace("_", "-"), "yes" if job["bit_exact"] else "NO", job["attempts"],
+          "-" if r is None else f"{r['kind']} (process {r['process']}) @ step {r['step']}",
+          "-" if r is None else r["seen_as"],
+          "-" if r is None else _seconds(r["detection_s"]),
+          "-" if r is None else _seconds(r["wasted_s"]),
+          "-" if r is None else f"step {r['restored_step']} from {'+'.join(r['restored_from'])}",
+          f"{job['seconds']:.1f}"])
   return {"faults": records.write_markdown_table(
-      ["job", "faults", "final state == reference (bits)", "replicas equal", "job restarts",
-       "steps lost per failure", "local-memory restores (who, time)", "step-loop seconds"],
-      rows)}
+      ["job", "final state == reference (bits)", "launches", "fault", "seen as", "detected after",
+       "wasted (fault to first step past it)", "restored", "job seconds"], rows)}

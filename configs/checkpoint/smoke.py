@@ -1,7 +1,8 @@
-"""The demo's and CI's row: one node x 2 workers, 8 steps, one worker killed (kill -9) and
-restored from the node's local memory by its warm spare; both jobs must end bit for bit on the
-single-process reference. No node failure (configs/checkpoint/faults.py and tests/checkpoint
-cover it). The rest as the schema in experiments/checkpoint.py.
+"""The demo's and CI's row: 2 jax processes on one Ray node, 10 steps, one process killed
+(kill -9) and the job restarted from the node's local memory; the final state
+must equal, bit for bit, the same computation in one process (2 devices: a sum of two is the
+same in any order). No orbax, no node loss (configs/checkpoint/faults.py and tests/checkpoint
+cover them). The rest as the schema in experiments/checkpoint.py.
 
   python -m experiments.run configs/checkpoint/smoke.py
 """
@@ -11,5 +12,5 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "experiment": "checkpoint", "num_agents": 1, "steps": 8, "persist_every": 4,
-      "min_step_seconds": 0.05, "worker_failures": 1, "hung_workers": 0, "agent_failures": 0})
+      "experiment": "checkpoint", "nodes": 1, "spare_nodes": 0, "steps": 10, "persist_every": 0,
+      "min_step_seconds": 0.05, "faults": ("kill_process",), "reference": "in_process"})

@@ -1,705 +1,461 @@
-"""The processes: a coordinator, one node agent per simulated node, the agents' workers.
+"""The checkpoint runtime's edges on Ray: node agents (Ray actors pinned to nodes) and the driver.
 
-Every party is an OS process (multiprocessing, spawn start: each imports jax afresh) talking over
-pipes; messages are tuples whose first entry names them. The coordinator hands every process the
-training rows, and a job's processes may share one jax compilation cache (`JobSpec`), so a process
-after the first loads its programs instead of compiling them. One training step:
+- `NodeAgent`: one per node, created with Ray's node affinity, so it lives and dies with its
+  node. It launches the node's jax processes (`research/checkpoint/job_process.py`, plain
+  subprocesses that die with it), reads their heartbeats and progress from shared memory
+  (`store.ProcessStatus`), fences (kill -9) and stops them, owns the node's local memory (one
+  `store.LocalSlots` file per process), copies each new snapshot to its peer node's agent (a
+  replica, through Ray's object store; off the training path) and stages a replica into local
+  memory when a process moves to its node. A plain class: tests drive it in process.
+- `run_job`: the job driver. It places processes on nodes, launches the job, polls the agents,
+  feeds what they report to the pure `protocol.driver_step` and carries out its commands: fence,
+  stop the whole job, replace lost nodes, re-plan the restore (`protocol.plan_restore`) and
+  launch again. Failure detection is Ray's (an agent whose node died raises `RayActorError`) plus
+  the heartbeats; restarts are the driver's launches; nothing here is a scheduler or an RPC layer.
 
-  coordinator -> agents -> workers   ("step", s)
-  workers -> agents -> coordinator   ("grads", s, worker, packed gradient)   relayed as is
-  coordinator: mean of the gradients summed in worker order (the fixed order makes the float
-               sum independent of who failed)
-  coordinator -> agents -> workers   ("update", s, packed mean)
-  workers: apply it (optax), snapshot the state into the node's local memory every
-           `snapshot_every` steps, answer ("applied", s)
-  agents: when all their workers applied s, ("done", s); every `persist_every` steps they start
-          async orbax saves of their workers' snapshots (store.PersistentStore)
-
-Failures. Workers send heartbeats to their agent, agents to the coordinator. A worker whose
-process died, whose pipe closed or whose heartbeats stopped for `heartbeat_timeout` is killed
-(fenced: a hung worker must not come back) and replaced, restored from the node's local
-memory: by the node's warm spare (a standby worker that has compiled the step and prepared its
-restore buffers; the job starts once every node has one) or, when that is used up, by a new
-process; the agent replays the mean gradients it relayed since that snapshot and
-re-sends the step in progress. An agent that dies (its node) takes its workers and local memory
-with it: the coordinator kills every process, picks the newest step every worker has committed
-and intact on disk, restarts all agents from it, and re-runs the steps after it. Every message
-names its step; a gradient of another step is dropped (logged), so states of different steps
-never mix.
-
-Faults (`Fault`): kill -9 a worker or an agent at a step, hang a worker (no heartbeats, no work),
-delay heartbeats below the timeout, corrupt the newest persisted checkpoint of a worker.
+Fault injection is not here: the experiment and the tests pass an `observer` that may kill
+processes, stop them or remove nodes of Ray's test cluster.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import multiprocessing as mp
+import json
 import os
-import shutil
+import re
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
-import traceback
-from multiprocessing.connection import wait as wait_for
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-FAULT_KINDS = ("kill_worker", "kill_agent", "hang_worker", "delay_heartbeats",
-               "corrupt_checkpoint")
+from research.checkpoint import protocol
+from research.checkpoint import store
 
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-  """A training job: its shape, its model, its checkpoint and heartbeat policy."""
-  workdir: str
-  num_agents: int = 2
-  workers_per_agent: int = 2
-  steps: int = 20
-  seed: int = 0
-  hidden: tuple[int, ...] = (64,)
-  batch_size: int = 32
-  learning_rate: float = 0.05
-  dropout: float = 0.1
-  snapshot_every: int = 1        # local-memory snapshot period (steps)
-  persist_every: int = 5         # orbax save period (steps); a multiple of snapshot_every
-  heartbeat_interval: float = 0.1
-  heartbeat_timeout: float = 2.0
-  startup_timeout: float = 120.0  # a new process imports jax and compiles before it beats
-  min_step_seconds: float = 0.0   # pace steps to emulate compute time (async saves need time)
-  warm_spare: bool = True         # one standby worker per node, compiled, buffers touched
-  # The training rows (x, y), handed to every process so none imports scikit-learn for them;
-  # None: each loads them (run_job fills this in once for the processes it starts).
-  data: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
-  compilation_cache: str = ""     # a folder for jax's persistent compilation cache, shared by
-                                  # the job's processes ("": off): a process after the first
-                                  # loads the init and step programs instead of compiling them
-
-  def __post_init__(self):
-    for name in ("num_agents", "workers_per_agent", "steps", "batch_size", "snapshot_every",
-                 "persist_every"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive int")
-    if self.persist_every % self.snapshot_every:
-      raise ValueError(f"persist_every={self.persist_every} must be a multiple of "
-                       f"snapshot_every={self.snapshot_every} (agents persist snapshots)")
-    if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
-      raise ValueError(f"heartbeat_interval={self.heartbeat_interval} must be positive and "
-                       f"below heartbeat_timeout={self.heartbeat_timeout}")
-
-  @property
-  def num_workers(self) -> int:
-    return self.num_agents * self.workers_per_agent
-
-  def workers_of(self, agent: int) -> list[int]:
-    return list(range(agent * self.workers_per_agent, (agent + 1) * self.workers_per_agent))
-
-  def persist_dir(self, worker: int) -> Path:
-    return Path(self.workdir) / "persistent" / f"worker_{worker}"
-
-  def slots_path(self, worker: int) -> Path:
-    """The worker's local-memory file (RAM-backed), named after the job's folder."""
-    import hashlib  # pylint: disable=import-outside-toplevel
-    from research.checkpoint import store  # pylint: disable=import-outside-toplevel
-    job = hashlib.sha256(str(Path(self.workdir).absolute()).encode()).hexdigest()[:12]
-    return store.local_memory_root() / f"meshwork-ckpt-{job}-w{worker}"
+REPLICATION_POLL_SECONDS = 0.02
 
 
-@dataclasses.dataclass(frozen=True)
-class Fault:
-  kind: str       # one of FAULT_KINDS
-  target: int     # worker index (agent index for kill_agent)
-  step: int       # injected when the coordinator starts this step
-  seconds: float = 0.0  # hang / heartbeat delay length
-
-  def __post_init__(self):
-    if self.kind not in FAULT_KINDS:
-      raise ValueError(f"fault kind={self.kind!r}; expected one of {FAULT_KINDS}")
+def call(target, method: str, *args, timeout: float | None = None):
+  """`target.method(*args)`, through Ray when `target` is an actor handle (then waited for)."""
+  function = getattr(target, method)
+  remote = getattr(function, "remote", None)
+  if remote is None:
+    return function(*args)
+  import ray  # pylint: disable=import-outside-toplevel
+  return ray.get(remote(*args), timeout=timeout)
 
 
-def _use_compilation_cache(spec: JobSpec) -> None:
-  """Points this (spawned) process's jax at the job's shared compilation cache, if it has one.
-
-  Every entry, however small: the programs here compile in well under jax's default threshold
-  of one second each, and a worker compiles about twenty of them. A torn entry (two processes
-  writing one key) is read as a miss and compiled.
-  """
-  if spec.compilation_cache:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir", spec.compilation_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+  import ctypes  # pylint: disable=import-outside-toplevel
+  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-@contextlib.contextmanager
-def compiling_into(cache: str):
-  """Within the block, this process's compilations also go into the jax compilation cache
-  `cache` (a `JobSpec.compilation_cache`; "": none), for a job's processes to load instead of
-  compiling; afterwards the process caches as it did before (it may run other work too).
-  """
-  if not cache:
-    yield
-    return
-  # pylint: disable=import-outside-toplevel
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-  before = {name: getattr(jax.config, name) for name in (
-      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  try:
-    yield
-  finally:
-    for name, value in before.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
+class NodeAgent:
+  """One node's agent: its jax processes, its local memory and its peer's replicas."""
 
+  def __init__(self, node: str, job: str, memory_root: str, spec_file: str,
+               device_flags: str = "", log_dir: str | None = None, slots: int = 2):
+    """`slots`: snapshots kept per process, in its local-memory file and as replicas of the
+    peer's processes (the newest `slots` each)."""
+    self.node, self.job, self.spec_file, self.slots = node, job, spec_file, slots
+    self.dir = Path(memory_root) / f"meshwork-ckpt-{job}" / node
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self.device_flags = device_flags
+    self.log_dir = Path(log_dir) if log_dir else None
+    self._processes: dict[int, subprocess.Popen] = {}
+    self._launched_at: dict[int, float] = {}
+    self._replicas: dict[int, dict[int, tuple[int, bytes]]] = {}  # process -> step -> payload
+    self._sent: dict[int, int] = {}
+    self._peer = None
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._replicator = threading.Thread(target=self._replicate_loop, daemon=True)
+    self._replicator.start()
 
-def _problem(spec: JobSpec):
-  from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
-  return worker_lib.make_problem(spec.num_workers, spec.hidden, spec.batch_size,
-                                 spec.learning_rate, spec.dropout, spec.seed, spec.data)
+  # --- files of this node -----------------------------------------------------------------
+  def memory_file(self, process: int) -> Path:
+    return self.dir / f"p{process}.slots"
 
+  def status_file(self, process: int) -> Path:
+    return self.dir / f"p{process}.status"
 
-def _process_main(main: Callable, *args) -> None:
-  """A spawned process's target: `main(*args)`, then the process ends at once (os._exit).
+  def ping(self) -> str:
+    return self.node
 
-  Left to itself, a spawned process ends with the interpreter's teardown of the jax, flax and
-  orbax modules, which takes seconds on a busy 2-core machine while the parent waits to join
-  it; nothing in it matters here (results went out over the pipe, files are closed).
-  """
-  code = 1
-  try:
-    main(*args)
-    code = 0
-  except BaseException:  # pylint: disable=broad-except
-    traceback.print_exc()
-  finally:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # pylint: disable=protected-access
+  def free_port(self) -> int:
+    """A free TCP port on this node, for the job's coordinator when process 0 runs here."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      s.bind(("127.0.0.1", 0))
+      return s.getsockname()[1]
 
+  # --- processes --------------------------------------------------------------------------
+  def launch(self, launches: list[protocol.Launch]) -> dict[int, int]:
+    """Starts one jax process per launch; returns their pids."""
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if self.device_flags:  # this node's flags replace any device count inherited from the agent
+      inherited = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                         env.get("XLA_FLAGS", ""))
+      env["XLA_FLAGS"] = (inherited + " " + self.device_flags).strip()
+    pids = {}
+    for launch in launches:
+      if launch.process in self._processes and self._processes[launch.process].poll() is None:
+        raise RuntimeError(f"node {self.node}: process {launch.process} is still running")
+      store.ProcessStatus(self.status_file(launch.process), create=True).close()
+      out = subprocess.DEVNULL
+      if self.log_dir is not None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_dir / f"p{launch.process}.a{launch.attempt}.log", "wb")
+      command = [sys.executable, "-m", "research.checkpoint.job_process", self.spec_file,
+                 *launch.argv()]
+      child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               preexec_fn=_die_with_parent)
+      with self._lock:
+        self._processes[launch.process] = child
+        self._launched_at[launch.process] = time.monotonic()
+      pids[launch.process] = child.pid
+    return pids
 
-# --- worker process ---------------------------------------------------------------------------
+  def pids(self) -> dict[int, int]:
+    return {p: child.pid for p, child in self._processes.items() if child.poll() is None}
 
+  def poll(self) -> list[protocol.ProcessReport]:
+    """A report on every process launched here since the last stop."""
+    reports = []
+    now = time.monotonic_ns()
+    for process, child in sorted(self._processes.items()):
+      code = child.poll()
+      _, step, beat, _ = store.ProcessStatus(self.status_file(process)).read()
+      started = beat > 0
+      since = beat if started else int(self._launched_at[process] * 1e9)
+      reports.append(protocol.ProcessReport(process, code is None, code, (now - since) / 1e9,
+                                            step, started))
+    return reports
 
-def worker_main(conn, spec: JobSpec, worker: int | None, restore, agent: int = 0) -> None:
-  """A worker: restore (init / local memory / persisted step), then serve steps and updates.
+  def fence(self, process: int) -> None:
+    child = self._processes.get(process)
+    if child is not None and child.poll() is None:
+      child.kill()
+      child.wait()
 
-  restore="standby" makes a warm spare of node `agent` (worker=None): it imports jax, compiles
-  the step, maps the node's local memory and touches a set of restore buffers, says
-  ("standby",) and waits for ("assign", worker); its restore is then one copy from local memory
-  into those buffers (a new process pays for imports, compilation and fresh pages first).
-  """
-  send_lock = threading.Lock()
-  pause_until = [0.0]
-  beat_every = [spec.heartbeat_interval]
-  me = [worker]  # the worker this process is; None while a spare
+  def stop(self) -> None:
+    """Kills every process of this node (kill -9) and forgets them."""
+    for child in self._processes.values():
+      if child.poll() is None:
+        child.kill()
+    for child in self._processes.values():
+      child.wait()
+    with self._lock:
+      self._processes.clear()
+      self._launched_at.clear()
 
-  def send(message):
-    with send_lock:
-      conn.send(message)
+  # --- local memory and replicas ----------------------------------------------------------
+  def set_peer(self, peer) -> None:
+    """The agent (a Ray actor handle, or any object with `store_replica`) keeping our replicas."""
+    with self._lock:
+      self._peer, self._sent = peer, {}
 
-  def heartbeats():
-    while True:
-      time.sleep(beat_every[0])
-      if me[0] is not None and time.monotonic() >= pause_until[0]:
-        try:
-          send(("heartbeat", me[0]))
-        except (OSError, EOFError):
-          return
+  def _slot_files(self) -> list[tuple[int, Path]]:
+    return sorted((int(p.stem[1:]), p) for p in self.dir.glob("p*.slots"))
 
-  threading.Thread(target=heartbeats, daemon=True).start()  # before the slow imports
-  _use_compilation_cache(spec)
-  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
-  from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
-
-  problem = _problem(spec)
-  gradient, update = worker_lib.make_step_fns(problem)
-  first = worker_lib.init_state(problem, 0)  # every worker's state has its shapes
-  state_bytes = store.packed_size(first)
-  x, y, position = worker_lib.batch_for(problem, 0, first)
-  # Compiles both halves of a step before this process says it is ready (a spare: before any
-  # failure), so the job's step loop times steps, not compilation.
-  update(first, gradient(first, x, y)[0], position)
-  buffers, how = None, "new process"
-  try:
-    if restore == "standby":
-      warm = first
-      node_slots = {w: store.LocalSlots(spec.slots_path(w), state_bytes, populate=True)
-                    for w in spec.workers_of(agent)}
-      buffers = store.restore_buffers(warm)
-      send(("standby",))
-      message = conn.recv()
-      if message[0] != "assign":
-        return  # ("stop",): the job ended without needing this spare
-      worker, restore, how = message[1], "local", "warm spare"
-      me[0] = worker
-      slots = node_slots[worker]
-    else:
-      slots = store.LocalSlots(spec.slots_path(worker), state_bytes)
-  except FileNotFoundError:
-    return  # the node's local memory is gone: its agent was killed while this process started
-  except (EOFError, OSError):
-    return  # the agent is gone
-  template = worker_lib.init_state(problem, worker)
-  source, start = restore, time.perf_counter()
-  if restore == "local":
-    found = slots.read(template, out=buffers)
-    state = found[1] if found else template
-    source = "local" if found else "init (local memory empty)"
-  elif isinstance(restore, tuple) and restore[0] == "persistent":
-    state = store.PersistentStore(spec.persist_dir(worker)).restore(restore[1], template)
-  else:
-    state = template
-  seconds = time.perf_counter() - start
-  send(("ready", worker, int(state.step), source, f"{how}, {1e3 * seconds:.1f} ms"))
-  while True:
+  def _open_slots(self, path: Path) -> store.LocalSlots | None:
     try:
-      message = conn.recv()
-    except (EOFError, OSError):
-      return  # the agent is gone: so is this node
-    kind = message[0]
-    if kind == "step":
-      step = message[1]
-      if int(state.step) != step - 1:
-        send(("error", worker, f"asked for step {step} at state step {int(state.step)}"))
+      return store.LocalSlots.open(path)
+    except (FileNotFoundError, ValueError):
+      return None
+
+  def inventory(self) -> list[protocol.Snapshot]:
+    """Every snapshot of this job on this node: local ones and the replicas it keeps."""
+    found, number = [], store.job_number(self.job)
+    for process, path in self._slot_files():
+      slots = self._open_slots(path)
+      if slots is None:
         continue
-      x, y, _ = worker_lib.batch_for(problem, worker, state)
-      grads, _ = gradient(state, x, y)
-      send(("grads", step, worker, store.pack(grads)))
-    elif kind == "update":
-      step, packed = message[1], message[2]
-      if int(state.step) != step - 1:
-        send(("error", worker, f"update {step} at state step {int(state.step)}"))
-        continue
-      mean = store.unpack(problem.init_params, packed)
-      _, next_position = worker_lib.minibatch(problem, worker, state.data_position)
-      state = update(state, mean, next_position)
-      if step % spec.snapshot_every == 0:
-        slots.write(step, state)
-      send(("applied", step, worker))
-    elif kind == "final":
-      send(("final", worker, store.pack(state)))
-    elif kind == "hang":
-      pause_until[0] = time.monotonic() + message[1]
-      time.sleep(message[1])
-    elif kind == "delay_heartbeats":
-      beat_every[0] = message[1]
-    elif kind == "stop":
+      for step, job, _ in slots.snapshots():
+        if job == number:
+          found.append(protocol.Snapshot(process, step, self.node, protocol.Tier.LOCAL, self.job))
       slots.close()
+    with self._lock:
+      for process, held in self._replicas.items():
+        for step, (job, _) in held.items():
+          if job == number:
+            found.append(protocol.Snapshot(process, step, self.node, protocol.Tier.REPLICA,
+                                           self.job))
+    return found
+
+  def store_replica(self, process: int, step: int, job: int, payload: bytes) -> None:
+    """Keeps a peer's snapshot (the newest `slots` steps per process)."""
+    with self._lock:
+      held = self._replicas.setdefault(process, {})
+      held[step] = (job, payload)
+      for old in sorted(held)[:-self.slots]:
+        del held[old]
+
+  def replica(self, process: int, step: int) -> tuple[int, int, bytes]:
+    """(step, job number, payload) of a snapshot this node holds for `process`."""
+    with self._lock:
+      held = self._replicas.get(process, {})
+      if step in held:
+        return (step, *held[step])
+    path = self.memory_file(process)
+    slots = self._open_slots(path) if path.exists() else None
+    if slots is None:
+      raise store.SnapshotMismatch(f"node {self.node} holds no snapshot of process {process}")
+    try:
+      return (step, *slots.read_bytes(step))
+    finally:
+      slots.close()
+
+  def stage(self, process: int, step: int, holder) -> None:
+    """Copies `process`'s snapshot of `step` from `holder` (another agent) into local memory.
+
+    Refuses, writing nothing, a peer that answers with another step or another job's snapshot.
+    """
+    got_step, job, payload = call(holder, "replica", process, step)
+    if got_step != step:
+      raise store.SnapshotMismatch(f"node {self.node}: the peer answered step {got_step} for "
+                                   f"process {process}; the restore plan says step {step}")
+    if job != store.job_number(self.job):
+      raise store.SnapshotMismatch(f"node {self.node}: the peer's snapshot of process {process} "
+                                   f"belongs to job {job:016x}, not to this job {self.job}")
+    path = self.memory_file(process)
+    slots = store.LocalSlots(path, len(payload), create=True, slots=self.slots)
+    slots.write_bytes(step, payload, job)
+    slots.close()
+
+  def _replicate_once(self) -> None:
+    with self._lock:
+      peer = self._peer
+    if peer is None:
       return
-
-
-# --- agent process ----------------------------------------------------------------------------
-
-
-def agent_main(conn, spec: JobSpec, agent: int, restore) -> None:
-  """A node agent: owns its workers' local memory, replaces failed workers, persists."""
-  _use_compilation_cache(spec)
-  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
-  from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
-
-  ctx = mp.get_context("spawn")
-  problem = _problem(spec)
-  template = worker_lib.init_state(problem, 0)
-  state_bytes = store.packed_size(template)
-  workers = spec.workers_of(agent)
-
-  def log(text):
-    conn.send(("event", agent, text))
-
-  slots = {w: store.LocalSlots(spec.slots_path(w), state_bytes, create=True) for w in workers}
-  stores = {w: store.PersistentStore(spec.persist_dir(w), log=log) for w in workers}
-  procs, conns, ready, last_beat = {}, {}, {}, {}
-  applied = {w: 0 for w in workers}
-  grads_sent: set[int] = set()
-  update_log: dict[int, bytes] = {}
-  current = done_reported = 0  # the step in progress; the newest step reported done
-
-  def start(w, how):
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_process_main, args=(worker_main, child, spec, w, how, agent),
-                       daemon=False)
-    proc.start()
-    child.close()
-    return proc, parent
-
-  def spawn(w, how):
-    procs[w], conns[w] = start(w, how)
-    ready[w], last_beat[w] = False, time.monotonic()
-
-  spare = {}  # the warm spare: "proc", "conn", "standby" (it said it is ready)
-
-  def spawn_spare():
-    spare["proc"], spare["conn"] = start(None, "standby")
-    spare["standby"] = False
-
-  for w in workers:
-    spawn(w, restore)
-
-  def replace(w, why):
-    proc = procs[w]
-    if proc.is_alive():
-      os.kill(proc.pid, signal.SIGKILL)  # fence: a hung worker must not come back
-    proc.join(timeout=5)
-    conns[w].close()
-    if spare.get("standby"):
-      log(f"worker {w} failed ({why}); the warm spare takes over, restoring from local memory")
-      procs[w], conns[w] = spare.pop("proc"), spare.pop("conn")
-      ready[w], last_beat[w] = False, time.monotonic()
-      conns[w].send(("assign", w))
-      spawn_spare()
-    else:
-      log(f"worker {w} failed ({why}); replacing it, restoring from local memory")
-      spawn(w, "local")  # a gradient it already delivered for this step stays delivered
-
-  last_heartbeat = time.monotonic()
-  while True:
-    now = time.monotonic()
-    if now - last_heartbeat >= spec.heartbeat_interval:
-      conn.send(("heartbeat", agent))
-      last_heartbeat = now
-      for w in workers:  # commit (manifest) the async saves orbax has finished
-        for step in stores[w].commit_finished(wait=False):
-          log(f"worker {w}: persisted step {step} committed")
-    if spec.warm_spare and not spare and all(ready.values()):
-      spawn_spare()  # once the workers run: its imports do not slow their start
-    if spare and not spare["proc"].is_alive():
-      log(f"the warm spare exited with {spare['proc'].exitcode}; starting another")
-      spawn_spare()
-    for w in workers:
-      if not procs[w].is_alive():
-        replace(w, f"process exited with {procs[w].exitcode}")
-      elif now - last_beat[w] > (spec.heartbeat_timeout if ready[w] else spec.startup_timeout):
-        replace(w, f"no heartbeat for {now - last_beat[w]:.1f} s")
-    sources = [conn] + [conns[w] for w in workers] + ([spare["conn"]] if spare else [])
-    for source in wait_for(sources, timeout=spec.heartbeat_interval):
-      if spare and source is spare["conn"]:
-        try:
-          spare["standby"] = source.recv() == ("standby",)
-          if spare["standby"]:
-            conn.send(("spare", agent))
-        except (EOFError, OSError):
-          spare["proc"].join(timeout=5)  # restarted above on the next pass
+    for process, path in self._slot_files():
+      slots = self._open_slots(path)
+      if slots is None:
         continue
-      if source is conn:
-        try:
-          message = conn.recv()
-        except (EOFError, OSError):
-          message = ("stop",)
-        kind = message[0]
-        if kind == "step":
-          current = message[1]
-          grads_sent.clear()
-          for w in workers:
-            if ready[w]:
-              conns[w].send(message)
-        elif kind == "update":
-          update_log[message[1]] = message[2]
-          for w in workers:
-            if ready[w]:
-              conns[w].send(message)
-        elif kind == "fault":
-          _, fault_kind, w, seconds = message
-          conns[w].send(("hang", seconds) if fault_kind == "hang_worker"
-                        else ("delay_heartbeats", seconds))
-        elif kind == "final":
-          for w in workers:
-            conns[w].send(("final",))
-        elif kind == "stop":
-          for w in workers:
-            try:
-              conns[w].send(("stop",))
-            except (OSError, EOFError):
-              pass
-          if spare and not spare["standby"]:
-            spare["proc"].kill()  # still importing and compiling: nothing to wait for
-          elif spare:
-            try:
-              spare["conn"].send(("stop",))
-            except (OSError, EOFError):
-              pass
-          if spare:
-            spare["proc"].join(timeout=10)
-          for w in workers:
-            procs[w].join(timeout=10)
-            stores[w].close()
-            slots[w].close()
-            Path(spec.slots_path(w)).unlink(missing_ok=True)
-          return
-        continue
-      w = next(k for k in workers if conns[k] is source)
       try:
-        message = source.recv()
-      except (EOFError, OSError):
-        replace(w, "its pipe closed")
-        continue
-      kind = message[0]
-      last_beat[w] = time.monotonic()
-      if kind == "ready":
-        ready[w] = True
-        restored = message[2]
-        applied[w] = restored
-        if message[3] == "local":
-          log(f"worker {w}: restored step {restored} from local memory ({message[4]})")
-        conn.send(("worker", agent, w, procs[w].pid, restored, message[3], message[4]))
-        for s in range(restored + 1, max(update_log, default=0) + 1):
-          if s not in update_log:
-            log(f"worker {w}: update {s} is no longer in the replay log")
-            break
-          conns[w].send(("update", s, update_log[s]))
-        if current > max(update_log, default=0) and w not in grads_sent:
-          conns[w].send(("step", current))
-      elif kind == "grads":
-        if message[1] == current and w not in grads_sent:
-          grads_sent.add(w)
-          conn.send(message)
-        else:
-          log(f"dropped gradient of step {message[1]} from worker {w} (current step "
-              f"{current})")
-      elif kind == "applied":
-        applied[w] = message[1]
-        step = min(applied.values())
-        if step > done_reported:
-          done_reported = step
-          if step % spec.persist_every == 0:
-            for v in workers:
-              found = slots[v].read(template)
-              if found and found[0] == step:
-                stores[v].save(step, found[1])
-          for s in [s for s in update_log if s <= step - spec.snapshot_every]:
-            del update_log[s]
-          conn.send(("done", step, agent))
-      elif kind in ("final", "error"):
-        conn.send(message)
+        held = slots.snapshots()
+        if not held or held[0][0] <= self._sent.get(process, -1):
+          continue
+        step = held[0][0]
+        try:
+          job, payload = slots.read_bytes(step)
+        except store.SnapshotMismatch:
+          continue  # overwritten while read: the next round takes the newer one
+      finally:
+        slots.close()
+      call(peer, "store_replica", process, step, job, payload)
+      self._sent[process] = step
+
+  def _replicate_loop(self) -> None:
+    while not self._stop.wait(REPLICATION_POLL_SECONDS):
+      try:
+        self._replicate_once()
+      except Exception:  # pylint: disable=broad-except
+        time.sleep(REPLICATION_POLL_SECONDS)  # a peer that is gone: the driver will notice
+
+  def shutdown(self, remove_memory: bool = True) -> None:
+    self._stop.set()
+    self.stop()
+    if remove_memory:
+      for path in self.dir.glob("*"):
+        path.unlink(missing_ok=True)
 
 
-# --- coordinator ------------------------------------------------------------------------------
+# --- the job driver -----------------------------------------------------------------------------
 
 
-class AgentFailure(RuntimeError):
-  pass
+@dataclasses.dataclass
+class JobView:
+  """What the driver's observer sees at each poll (the experiment's fault injector uses it)."""
+  now: float
+  attempt: int
+  placement: protocol.Placement
+  reports: list[protocol.ProcessReport]
+  agents: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Recovery:
+  """One failure's timeline on the driver's clock (time.monotonic)."""
+  failure: protocol.Failure
+  plan: protocol.RestorePlan | None = None
+  relaunched_at: float | None = None
+  recovered_at: float | None = None   # first poll with every process past failure.step
 
 
 @dataclasses.dataclass
 class JobResult:
-  final_state: bytes          # packed state of worker 0 after the last step
-  replicas_equal: bool        # every worker ended with the same params and optimizer state
-  events: list[str]
-  steps_lost: list[int]       # per failure: steps recomputed because of it
-  step_seconds: list[tuple[int, float]]  # (step, seconds) in the order run, replays included
-  restarts: int
-  local_restores: list[str]   # per restore from local memory: who and how long, e.g.
-                              # "warm spare, <t> ms" or "new process, <t> ms"
+  final: list[list[Any]]            # each process's final shards (host arrays), process order
+  recoveries: list[Recovery]
+  plans: list[protocol.RestorePlan]
+  placements: list[protocol.Placement]
+  events: list[dict]                # the processes' own events (restore times, snapshot times)
+  seconds: float
 
 
-def run_job(spec: JobSpec, faults: list[Fault] = (), log: Callable[[str], None] = print,
-            on_step: Callable[[int], None] | None = None, max_restarts: int = 3) -> JobResult:
-  """Runs the job to `spec.steps`, injecting `faults`; returns the final state and what happened.
-
-  Call it under `if __name__ == "__main__":` in a script: processes start with "spawn".
-  """
+def _answers(agent, timeout: float) -> bool:
   try:
-    return _run_job(spec, faults, log, on_step, max_restarts)
-  finally:
-    for w in range(spec.num_workers):  # a killed agent leaves its local-memory files behind
-      Path(spec.slots_path(w)).unlink(missing_ok=True)
+    call(agent, "ping", timeout=timeout)
+    return True
+  except Exception:  # pylint: disable=broad-except  (RayActorError, GetTimeoutError, ...)
+    return False
 
 
-def _run_job(spec, faults, log, on_step, max_restarts) -> JobResult:
-  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
-  from research.checkpoint import worker as worker_lib  # pylint: disable=import-outside-toplevel
+def _reports(agents: dict[str, Any], nodes, timeout: float):
+  """(reports, lost nodes) from polling `nodes`' agents, Ray calls issued together."""
+  pending, reports, lost = {}, [], []
+  for node in nodes:
+    poll = agents[node].poll
+    pending[node] = poll.remote() if hasattr(poll, "remote") else poll
+  for node, handle in pending.items():
+    try:
+      if callable(handle):
+        reports += handle()
+      else:
+        import ray  # pylint: disable=import-outside-toplevel
+        reports += ray.get(handle, timeout=timeout)
+    except Exception:  # pylint: disable=broad-except  (RayActorError, GetTimeoutError, ...)
+      lost.append(node)
+  return reports, lost
 
-  ctx = mp.get_context("spawn")
-  problem = _problem(spec)
-  spec = dataclasses.replace(spec, data=(problem.x, problem.y))
-  current = 0  # the step in progress (read by receive())
-  pending = sorted(faults, key=lambda f: f.step)
-  events, steps_lost, step_seconds, local_restores = [], [], [], []
-  worker_pids: dict[int, int] = {}
 
-  def note(text):
-    events.append(text)
-    log(text)
+def run_job(spec: protocol.JobSpec, placement: protocol.Placement, config: protocol.DriverConfig,
+            make_agent: Callable[[str], Any], alive_nodes: Callable[[], list[str]],
+            observer: Callable[[JobView], None] | None = None, poll_seconds: float = 0.05,
+            poll_timeout_s: float = 10.0, log: Callable[[str], None] = print) -> JobResult:
+  """Runs the job to its last step through every failure `config.max_restarts` allows."""
+  began = time.monotonic()
+  agents = {node: make_agent(node) for node in placement.nodes}
+  placements, plans, recoveries = [placement], [], []
+  state = protocol.DriverState()
 
-  restore, first_step, restarts = "init", 1, 0
-  while True:
-    agents, conns = {}, {}
-    for a in range(spec.num_agents):
-      parent, child = ctx.Pipe()
-      proc = ctx.Process(target=_process_main, args=(agent_main, child, spec, a, restore))
-      proc.start()
-      child.close()
-      agents[a], conns[a] = proc, parent
-    last_beat = {a: time.monotonic() for a in agents}
-    heard_from = set()
-    ready = set()
-    spares = set()  # agents whose warm spare stands by
+  def set_peers():
+    for node in placement.nodes:
+      peer = placement.peer_of(node)
+      call(agents[node], "set_peer", agents[peer] if peer else None)
 
-    def receive(timeout):
-      """Messages from agents; raises AgentFailure when one died or went silent."""
-      got = []
-      for source in wait_for(list(conns.values()), timeout=timeout):
-        a = next(k for k, c in conns.items() if c is source)
-        try:
-          got.append(source.recv())
-          last_beat[a] = time.monotonic()
-          heard_from.add(a)
-        except (EOFError, OSError):
-          raise AgentFailure(f"agent {a}'s pipe closed") from None
+  def launch():
+    nonlocal state
+    snapshots = []
+    for node in placement.nodes:
+      snapshots += call(agents[node], "inventory", timeout=poll_timeout_s)
+    persistent = store.restorable_steps(spec.persistent_dir, log)
+    plan = protocol.plan_restore(placement, spec.job, snapshots, persistent)
+    plans.append(plan)
+    log(f"attempt {state.attempt + 1}: restore step {plan.step} from {list(plan.sources)}")
+    for choice in plan.choices:
+      if choice.source is protocol.Source.PEER:
+        home = placement.node_of(choice.process)
+        call(agents[home], "stage", choice.process, plan.step, agents[choice.node],
+             timeout=poll_timeout_s * 6)
+    port = call(agents[placement.node_of(0)], "free_port", timeout=poll_timeout_s)
+    coordinator = f"127.0.0.1:{port}"
+    for node in placement.nodes:
+      launches = [protocol.Launch(p, state.attempt + 1, coordinator, plan.choices[p].source,
+                                  plan.step, str(call(agents[node], "memory_file", p)),
+                                  str(call(agents[node], "status_file", p)))
+                  for p in placement.processes_on(node)]
+      call(agents[node], "launch", launches, timeout=poll_timeout_s)
+    state, _ = protocol.driver_step(config, state, protocol.Launched(time.monotonic(), plan))
+    if recoveries and recoveries[-1].relaunched_at is None:
+      recoveries[-1].plan, recoveries[-1].relaunched_at = plan, time.monotonic()
+
+  def replace(lost):
+    nonlocal placement
+    lost, dead = list(lost), set(lost)
+    while True:
+      for node in lost:
+        agent = agents.pop(node, None)
+        if agent is not None and hasattr(agent, "__ray_terminate__"):
+          import ray  # pylint: disable=import-outside-toplevel
+          ray.kill(agent, no_restart=True)
+      spares = [n for n in alive_nodes() if n not in placement.nodes and n not in dead]
+      placement = protocol.replace_nodes(placement, lost, spares)
+      for node in placement.nodes:
+        if node not in agents:
+          agents[node] = make_agent(node)
+      # A node the cluster still lists may be gone already: its new agent never starts.
+      lost = [n for n in placement.nodes if not _answers(agents[n], poll_timeout_s)]
+      if not lost:
+        break
+      dead.update(lost)
+      log(f"spare nodes {lost} did not answer; replacing them too")
+    placements.append(placement)
+    log(f"nodes {sorted(dead)} lost; processes now on {list(placement.nodes)}")
+
+  try:
+    set_peers()
+    launch()
+    while True:
+      time.sleep(poll_seconds)
+      reports, lost = _reports(agents, placement.nodes, poll_timeout_s)
       now = time.monotonic()
-      for a, proc in agents.items():
-        if not proc.is_alive():
-          raise AgentFailure(f"agent {a} exited with {proc.exitcode}")
-        limit = spec.heartbeat_timeout * 3 if a in heard_from else spec.startup_timeout
-        if now - last_beat[a] > limit:
-          raise AgentFailure(f"no heartbeat from agent {a} for {now - last_beat[a]:.1f} s")
-      for message in got:
-        if message[0] == "event":
-          note(f"agent {message[1]}: {message[2]}")
-        elif message[0] == "worker":
-          _, _, w, pid, restored, source, how = message
-          worker_pids[w] = pid
-          ready.add(w)
-          if source == "local":
-            steps_lost.append(max(0, current - 1 - restored))
-            local_restores.append(how)
-          if restore != "init" or source != "init":
-            note(f"worker {w} ready at step {restored} (restored from {source})")
-        elif message[0] == "spare":
-          spares.add(message[1])
-        elif message[0] == "error":
-          raise RuntimeError(f"worker {message[1]}: {message[2]}")
-      return [m for m in got if m[0] not in ("event", "worker", "heartbeat", "spare")]
-
-    try:
-      # Start when every worker is ready and every node's first spare stands by (so which
-      # failure a spare takes does not depend on how fast it compiled).
-      while len(ready) < spec.num_workers or (spec.warm_spare and len(spares) < spec.num_agents):
-        receive(spec.heartbeat_interval)
-      for step in range(first_step, spec.steps + 1):
-        current = step
-        start = time.perf_counter()
-        for a in agents:
-          conns[a].send(("step", step))
-        for fault in [f for f in pending if f.step == step]:
-          pending.remove(fault)
-          _inject(fault, spec, agents, conns, worker_pids, note)
-        grads = {}
-        while len(grads) < spec.num_workers:
-          for message in receive(spec.heartbeat_interval):
-            if message[0] == "grads" and message[1] == step:
-              grads[message[2]] = store.unpack(problem.init_params, message[3])
-            elif message[0] == "grads":
-              note(f"dropped gradient of step {message[1]} during step {step}")
-        total = worker_lib.sum_in_order([grads[w] for w in range(spec.num_workers)])
-        packed = store.pack(worker_lib.mean_of_sum(total, spec.num_workers))
-        for a in agents:
-          conns[a].send(("update", step, packed))
-        done = set()
-        while len(done) < spec.num_agents:
-          done |= {m[2] for m in receive(spec.heartbeat_interval)
-                   if m[0] == "done" and m[1] >= step}
-        time.sleep(max(0.0, spec.min_step_seconds - (time.perf_counter() - start)))
-        step_seconds.append((step, time.perf_counter() - start))
-        if on_step:
-          on_step(step)
-      for a in agents:
-        conns[a].send(("final",))
-      finals = {}
-      while len(finals) < spec.num_workers:
-        finals |= {m[1]: m[2] for m in receive(spec.heartbeat_interval) if m[0] == "final"}
-      for a in agents:
-        conns[a].send(("stop",))
-      for proc in agents.values():
-        proc.join(timeout=30)
-      template = worker_lib.init_state(problem, 0)
-      states = [store.unpack(template, finals[w]) for w in range(spec.num_workers)]
-      replicas = [store.pack((state.params, state.opt_state)) for state in states]
-      return JobResult(finals[0], len(set(replicas)) == 1, events, steps_lost, step_seconds,
-                       restarts, local_restores)
-    except AgentFailure as failure:
-      failed_step = max(current, first_step)
-      _kill_all(agents, worker_pids)
-      if restarts >= max_restarts:
-        raise RuntimeError(f"gave up after {restarts} job restarts: {failure}") from None
-      note(f"node failure during step {failed_step}: {failure}; restarting the job from the "
-           "newest committed checkpoint")
-      committed = _newest_common_step(spec, note)
-      restore = ("persistent", committed) if committed else "init"
-      steps_lost.append(failed_step - 1 - committed)
-      note(f"restoring every worker from persisted step {committed}" if committed else
-           "no committed checkpoint: restarting from the initial state")
-      first_step, restarts = committed + 1, restarts + 1  # new agents recreate local memory
+      if observer is not None:
+        observer(JobView(now, state.attempt, placement, reports, agents))
+      if recoveries and recoveries[-1].recovered_at is None and not lost and reports and all(
+          r.step > recoveries[-1].failure.step for r in reports):
+        recoveries[-1].recovered_at = now
+      state, commands = protocol.driver_step(config, state,
+                                             protocol.Reports(now, tuple(reports), tuple(lost)))
+      for command in commands:
+        if isinstance(command, protocol.Fence):
+          call(agents[placement.node_of(command.process)], "fence", command.process,
+               timeout=poll_timeout_s)
+        elif isinstance(command, protocol.StopJob):
+          for node in placement.nodes:
+            if node not in lost:
+              call(agents[node], "stop", timeout=poll_timeout_s)
+        elif isinstance(command, protocol.Restart):
+          recoveries.append(Recovery(state.failures[-1]))
+          log(f"failure: {state.failures[-1].detail} (at step {state.failures[-1].step})")
+          if command.lost_nodes:
+            replace(command.lost_nodes)
+          set_peers()
+          launch()
+        elif isinstance(command, protocol.GiveUp):
+          raise RuntimeError(f"job given up: {command.reason}; failures: "
+                             f"{[f.detail for f in state.failures]}")
+        elif isinstance(command, protocol.Finish):
+          results = Path(spec.results_dir)
+          final = []
+          import numpy as np  # pylint: disable=import-outside-toplevel
+          for p in range(spec.num_processes):
+            with np.load(results / f"final.p{p}.npz") as data:
+              final.append([data[f"arr_{i}"] for i in range(len(data.files))])
+          events = []
+          for path in sorted(results.glob("events.p*.jsonl")):
+            events += [json.loads(line) for line in path.read_text().splitlines() if line]
+          return JobResult(final, recoveries, plans, placements, events,
+                           time.monotonic() - began)
+  finally:
+    for node, agent in agents.items():
+      try:
+        call(agent, "shutdown", timeout=poll_timeout_s)
+      except Exception:  # pylint: disable=broad-except  (an agent whose node is gone)
+        pass
 
 
-def _inject(fault: Fault, spec, agents, conns, worker_pids, note) -> None:
-  if fault.kind == "kill_worker":
-    note(f"fault: kill -9 worker {fault.target} (pid {worker_pids[fault.target]}) at step "
-         f"{fault.step}")
-    os.kill(worker_pids[fault.target], signal.SIGKILL)
-  elif fault.kind == "kill_agent":
-    note(f"fault: kill -9 agent {fault.target} (pid {agents[fault.target].pid}) at step "
-         f"{fault.step}")
-    os.kill(agents[fault.target].pid, signal.SIGKILL)
-  elif fault.kind in ("hang_worker", "delay_heartbeats"):
-    agent = fault.target // spec.workers_per_agent
-    note(f"fault: {fault.kind} worker {fault.target} for {fault.seconds} s at step {fault.step}")
-    conns[agent].send(("fault", fault.kind, fault.target, fault.seconds))
-  elif fault.kind == "corrupt_checkpoint":
-    corrupted = corrupt_newest_checkpoint(spec.persist_dir(fault.target))
-    note(f"fault: corrupted {corrupted} at step {fault.step}")
+# --- Ray ------------------------------------------------------------------------------------------
 
 
-def corrupt_newest_checkpoint(directory: Path) -> str:
-  """Flips bytes in the largest file of the newest committed step (for the fault harness).
+def ray_agent_factory(job: str, memory_root: str, spec_file: str, device_flags: str,
+                      log_dir: str | None = None, slots: int = 2) -> Callable[[str], Any]:
+  """node id -> a NodeAgent actor pinned to that node (dies with it; never restarted by Ray)."""
+  import ray  # pylint: disable=import-outside-toplevel
+  from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # pylint: disable=import-outside-toplevel
 
-  Committed: the step has its manifest, so a restore would otherwise trust it (a step without
-  one is skipped anyway).
-  """
-  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+  actor = ray.remote(NodeAgent)
 
-  manifests = directory / store.MANIFESTS
-  steps = sorted((p for p in (directory / "steps").iterdir()
-                  if p.name.isdigit() and (manifests / f"{p.name}.json").is_file()),
-                 key=lambda p: int(p.name))
-  if not steps:
-    return f"nothing (no committed step under {directory})"
-  files = sorted((p for p in steps[-1].rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  target = files[-1]
-  data = bytearray(target.read_bytes())
-  for i in range(0, len(data), max(1, len(data) // 16)):
-    data[i] ^= 0xFF
-  target.write_bytes(bytes(data))
-  return str(target.relative_to(directory.parent.parent))
+  def make(node: str):
+    return actor.options(
+        num_cpus=0, max_concurrency=8, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            node, job, memory_root, spec_file, device_flags, log_dir, slots)
+  return make
 
 
-def _kill_all(agents, worker_pids) -> None:
-  for pid in [p.pid for p in agents.values()] + list(worker_pids.values()):
-    try:
-      os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-  for proc in agents.values():
-    proc.join(timeout=10)
-
-
-def _newest_common_step(spec: JobSpec, note) -> int:
-  """The newest step every worker has committed and intact on disk (0 if none)."""
-  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
-
-  common = None
-  for w in range(spec.num_workers):
-    if not spec.persist_dir(w).is_dir():
-      return 0
-    steps = set(store.PersistentStore(spec.persist_dir(w), log=note).restorable_steps())
-    common = steps if common is None else common & steps
-  return max(common) if common else 0
-
-
-def clean(spec: JobSpec) -> None:
-  """Removes the job's persisted checkpoints (local memory files are removed by the agents)."""
-  shutil.rmtree(Path(spec.workdir) / "persistent", ignore_errors=True)
+def ray_alive_nodes() -> list[str]:
+  import ray  # pylint: disable=import-outside-toplevel
+  return [n["NodeID"] for n in ray.nodes() if n["Alive"]]

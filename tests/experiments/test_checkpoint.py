@@ -1,77 +1,58 @@
-"""The checkpoint experiment through the launcher: both jobs end bit for bit on the reference."""
+"""The checkpoint experiment through the launcher: the demo row, the fault draw, bad configs."""
 
-import re
 from pathlib import Path
 
 import pytest
 
+from experiments import checkpoint as experiment
 from experiments import run as launcher
 from research.common import config as config_lib
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """The session's jax compilation cache for checkpoint jobs (tests/checkpoint shares it; a
-  run's own cache would start empty)."""
-  path = tmp_path_factory.getbasetemp() / "checkpoint_jax_compilation_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
-
-
-def test_smoke_killed_worker_is_restored_from_local_memory_bit_exact(tmp_path,
-                                                                    compilation_cache):
-  summary = launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path),
-                           "--set", f"compilation_cache={compilation_cache}"])
+def test_smoke_killed_process_restarts_from_local_memory_bit_exact(tmp_path):
+  summary = launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path)])
   run_dir = Path(summary["run_dir"])
-  assert summary["bit_exact"] is True
-  faulted, clean = summary["jobs"]["faulted"], summary["jobs"]["fault_free"]
-  assert clean["bit_exact"] and clean["local_restores"] == [] and clean["restarts"] == 0
-  assert faulted["bit_exact"] and faulted["replicas_equal"] and faulted["restarts"] == 0
-  assert [f["kind"] for f in faulted["faults"]] == ["kill_worker"]
-  # The node's warm spare stood by before step 1; it takes over and restores in one copy.
-  assert len(faulted["local_restores"]) == 1, faulted
-  assert faulted["local_restores"][0].startswith("warm spare, "), faulted["local_restores"]
-  assert faulted["steps_lost"] == [0]
-  assert "the warm spare takes over" in (run_dir / "events.log").read_text()
-  assert (run_dir / "steps_vs_time.png").read_bytes()[:4] == b"\x89PNG"
-  assert "| faulted | kill_worker" in (run_dir / "tables.md").read_text()
-  note = summary["headline"]["note"]
-  assert "restored from local memory: warm spare, " in note
-  assert "bit-exact vs the single-process reference: yes" in note
-
-
-@pytest.mark.slow
-def test_node_failure_through_the_launcher_skips_the_corrupted_checkpoint(tmp_path):
-  summary = launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path),
-                           "--set", "num_agents=2", "--set", "steps=12", "--set",
-                           "persist_every=3", "--set", "agent_failures=1"])
-  run_dir = Path(summary["run_dir"])
-  assert summary["bit_exact"] is True
+  assert summary["bit_exact"] is True and summary["reference"] == "in_process"
   faulted = summary["jobs"]["faulted"]
-  assert faulted["bit_exact"] and faulted["replicas_equal"] and faulted["restarts"] == 1
-  assert {f["kind"] for f in faulted["faults"]} == {"kill_worker", "kill_agent",
-                                                    "corrupt_checkpoint"}
-  events = (run_dir / "events.log").read_text()
-  corrupted = re.search(r"fault: corrupted persistent/worker_\d+/steps/(\d+)/", events)
-  assert corrupted, events
-  assert re.search(rf"skip persisted step {corrupted[1]} of worker_\d+: .*\(corrupted\)", events)
-  # The restart goes to an older committed step, or to the start when the corrupted step was
-  # the only one committed (the newer save still in flight on a loaded machine).
-  restart = re.search(r"restoring every worker from persisted step (\d+)|no committed checkpoint",
-                      events)
-  assert restart and int(restart[1] or 0) < int(corrupted[1]), events
-  # The worker killed at the node failure's step may be restored before the job restarts.
-  assert all(r.startswith(("warm spare, ", "new process, ")) for r in faulted["local_restores"])
+  assert faulted["bit_exact"] and faulted["attempts"] == 2
+  [failure] = faulted["failures"]
+  assert failure["kind"] == "kill_process" and failure["seen_as"] == "exit"
+  assert failure["restored_from"] == ["local"] and failure["restored_step"] == failure["step"]
+  assert 0 < failure["detection_s"] < failure["wasted_s"]
+  assert sorted(r["source"] for r in faulted["restores"]) == ["init", "init", "local", "local"]
+  assert "fault: kill_process at step" in (run_dir / "events.log").read_text()
+  assert (run_dir / "steps_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| faulted | yes | 2 | kill_process (process" in (run_dir / "tables.md").read_text()
+  assert "final state bit-exact vs one process with 2 devices: yes" in \
+      summary["headline"]["note"]
+
+
+def test_faults_are_drawn_in_order_at_increasing_steps_from_the_seed():
+  config, _ = launcher.load("configs/checkpoint/faults.py")
+  faults = experiment.draw_faults(config)
+  assert [f.kind for f in faults] == list(experiment.FAULTS)
+  steps = [f.step for f in faults]
+  assert steps == sorted(steps) and 2 <= steps[0] and steps[-1] < config.steps
+  corrupt, both = faults[3], faults[4]
+  assert corrupt.step == both.step >= 2 * config.persist_every + 2  # two persisted steps first
+  assert len({f.step for f in faults}) == 4  # distinct but for the corruption's
+  assert [(f.kind, f.step, f.process) for f in experiment.draw_faults(config)] == \
+      [(f.kind, f.step, f.process) for f in faults]
 
 
 @pytest.mark.parametrize("override, match", [
-    ("persist_every=4", "'persist_every': got 4, expected a multiple of snapshot_every"),
-    ("worker_failures=-1", "'worker_failures': got -1"),
+    ("processes=3", "'processes': got 3, more than devices=2"),
+    ("devices=3", "'devices': got 3, expected a multiple of processes=2"),
+    ("nodes=3", "'nodes': got 3, more than processes=2"),
+    ("faults=('kill_worker',)", r"'faults': unknown \['kill_worker'\]"),
+    ("reference=in_process,devices=4", "'in_process' needs devices <= 2"),
     ("compilation_cache=", "'compilation_cache': got ''"),
+    ("steps=6", "'steps': got 6, expected >= 15 for 5 faults"),
 ])
-def test_bad_config_is_refused(tmp_path, override, match):
-  overrides = ["--set", override]
-  if override.startswith("persist"):
-    overrides += ["--set", "snapshot_every=3"]
+def test_bad_config_is_refused_before_anything_starts(tmp_path, override, match):
+  overrides = []
+  for item in override.split(",") if "(" not in override else [override]:
+    overrides += ["--set", item]
   with pytest.raises(config_lib.ConfigError, match=match):
-    launcher.main(["configs/checkpoint/smoke.py", "--workdir", str(tmp_path), *overrides])
+    launcher.main(["configs/checkpoint/faults.py", "--workdir", str(tmp_path), *overrides])
+  assert not list(tmp_path.iterdir())  # no run folder half-written
