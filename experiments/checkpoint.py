@@ -292,9 +292,9 @@ def prepare(config_json: str, folder: str, reference: bool) -> None:
   """Writes the job's inputs (training rows, initial params) and, if asked, the reference.
 
   The reference: the job's computation in one process on `devices` CPU devices, its shards
-  in `reference.npz`. Runs in a child process (`start_prepare`) while the Ray cluster starts:
-  scikit-learn's import and the eager init take seconds, and this process's device count is
-  fixed already.
+  in `reference.npz`. Runs in this process when it has the devices, else in a child process
+  (`start_prepare`) while the Ray cluster starts: scikit-learn's import and the eager init take
+  seconds, and this process's device count is fixed already.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from research.checkpoint import store  # pylint: disable=import-outside-toplevel
@@ -310,6 +310,11 @@ def prepare(config_json: str, folder: str, reference: bool) -> None:
         f"arr_{i}": a for i, a in enumerate(store.local_shards(state))})
 
 
+def _prepare_json(config) -> str:
+  keys = ("hidden", "batch_per_device", "learning_rate", "dropout", "seed", "devices", "steps")
+  return json.dumps({k: (list(config[k]) if k == "hidden" else config[k]) for k in keys})
+
+
 def start_prepare(config, folder: Path, reference: bool):
   """Starts `prepare` in a child process with `devices` CPU devices."""
   import subprocess  # pylint: disable=import-outside-toplevel
@@ -318,8 +323,7 @@ def start_prepare(config, folder: Path, reference: bool):
   folder.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   mesh_lib.set_cpu_device_count(config.devices, env)
-  keys = ("hidden", "batch_per_device", "learning_rate", "dropout", "seed", "devices", "steps")
-  given = json.dumps({k: (list(config[k]) if k == "hidden" else config[k]) for k in keys})
+  given = _prepare_json(config)
   code = ("import sys; from experiments.checkpoint import prepare; "
           "prepare(sys.argv[1], sys.argv[2], sys.argv[3] == '1')")
   return subprocess.Popen([sys.executable, "-c", code, given, str(folder),
@@ -422,12 +426,31 @@ def run(config, run):
     lines.append(f"{time.monotonic():.3f} {line}")
 
   in_process = config.reference == "in_process"
-  child = start_prepare(config, run.workdir, in_process)  # while the cluster starts
+  import jax  # pylint: disable=import-outside-toplevel
+  if len(jax.devices("cpu")) >= config.devices and jax.default_backend() == "cpu":
+    # This process has the devices (the demo's 8): a thread, while the cluster starts.
+    import threading  # pylint: disable=import-outside-toplevel
+    child, errors = None, []
+
+    def prepare_here():
+      try:
+        prepare(_prepare_json(config), str(run.workdir), in_process)
+      except BaseException as error:  # pylint: disable=broad-except  (raised below)
+        errors.append(error)
+
+    preparing = threading.Thread(target=prepare_here)
+    preparing.start()
+  else:
+    child, preparing = start_prepare(config, run.workdir, in_process), None
   cluster, nodes = _start_cluster(config)
   jobs, reference = {}, None
   try:
-    if child.wait() != 0:
+    if child is not None and child.wait() != 0:
       raise RuntimeError(f"preparing the job's inputs exited with code {child.returncode}")
+    if preparing is not None:
+      preparing.join()
+      if errors:
+        raise errors[0]
     if in_process:  # replicated: every process holds the same shards as the one process
       reference = [_load_shards(run.workdir / "reference.npz")] * config.processes
     names = ["fault_free", "faulted"] if config.reference == "fault_free_job" else ["faulted"]
@@ -441,7 +464,7 @@ def run(config, run):
         reference = result.final
       jobs[name] = {"result": result, "faults": faults, "progress": injector.progress}
   finally:
-    if child.poll() is None:
+    if child is not None and child.poll() is None:
       child.kill()
     ray.shutdown()
     if cluster is not None:

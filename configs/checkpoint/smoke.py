@@ -13,4 +13,4 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "experiment": "checkpoint", "nodes": 1, "spare_nodes": 0, "steps": 10, "persist_every": 0,
-      "min_step_seconds": 0.05, "faults": ("kill_process",), "reference": "in_process"})
+      "min_step_seconds": 0.03, "faults": ("kill_process",), "reference": "in_process"})
