@@ -87,7 +87,10 @@ def test_killed_process_restarts_the_job_from_local_memory_bit_exact(cluster, tm
   assert [p.sources for p in result.plans] == [("init", "init"), ("local", "local")]
   failure = result.recoveries[0].failure
   assert failure.kind == "exit" and failure.process == 1 and "code -9" in failure.detail
-  assert result.plans[1].step == faults[0].step >= step  # no completed step lost
+  # No completed step lost: the step every process had completed when the kill came, or the
+  # next one when the killed process finished it (and its snapshot) before the signal landed.
+  assert faults[0].step >= step
+  assert faults[0].step <= result.plans[1].step <= faults[0].step + 1
   assert result.recoveries[0].recovered_at > faults[0].fired_at
   restored = [e for e in result.events if e["event"] == "restored" and e["attempt"] == 2]
   assert sorted(e["source"] for e in restored) == ["local", "local"]

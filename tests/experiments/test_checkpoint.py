@@ -17,7 +17,8 @@ def test_smoke_killed_process_restarts_from_local_memory_bit_exact(tmp_path):
   assert faulted["bit_exact"] and faulted["attempts"] == 2
   [failure] = faulted["failures"]
   assert failure["kind"] == "kill_process" and failure["seen_as"] == "exit"
-  assert failure["restored_from"] == ["local"] and failure["restored_step"] == failure["step"]
+  assert failure["restored_from"] == ["local"]
+  assert failure["step"] <= failure["restored_step"] <= failure["step"] + 1  # no step lost
   assert 0 < failure["detection_s"] < failure["wasted_s"]
   assert sorted(r["source"] for r in faulted["restores"]) == ["init", "init", "local", "local"]
   assert "fault: kill_process at step" in (run_dir / "events.log").read_text()
