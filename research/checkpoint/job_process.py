@@ -37,6 +37,37 @@ def _append_event(path: Path, event: dict) -> None:
     f.write(json.dumps(event) + "\n")
 
 
+def _train_step(lowered, cache_dir: str | None, process: int):
+  """The compiled step: this process's own serialized executable when the cache has it.
+
+  jax's persistent compilation cache does not serve a restarted job's processes other than 0
+  on CPU (their keys differ and only process 0 writes: papers/results/
+  checkpoint_compile_cache_keys.txt), so each process keeps its own executable, keyed by the
+  lowered program's text and its process index. Returns (executable, "loaded" | "compiled").
+  """
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import pickle  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
+  from research.common import records  # pylint: disable=import-outside-toplevel
+
+  path = None
+  if cache_dir:
+    key = hashlib.sha256(f"{jax.__version__}|{process}|{lowered.as_text()}".encode())
+    path = Path(cache_dir) / f"meshwork_train_step.p{process}.{key.hexdigest()[:24]}.pkl"
+    if path.is_file():
+      try:
+        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree), "loaded"
+      except Exception:  # pylint: disable=broad-except  (a stale or cut file: compile again)
+        pass
+  compiled = lowered.compile()
+  if path is not None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records.atomic_write_bytes(path, pickle.dumps(serialize_executable.serialize(compiled)))
+  return compiled, "compiled"
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("spec")
@@ -109,11 +140,13 @@ def main(argv=None) -> int:
       "restore_s": round(restored - initialized, 4)})
   num_devices = mesh.shape[worker.DATA_AXIS]
   position = jax.device_get(state.data_position)
-  compile_begin = time.perf_counter()  # ahead of time (loaded from the cache when it has it)
+  compile_begin = time.perf_counter()
   example = worker.process_batch(problem, mesh, worker.global_batch_rows(problem, num_devices,
                                                                          position)[0])
-  train_step = worker.make_train_step(problem, mesh).lower(
-      state, *example, worker.replicate(position, mesh)).compile()
+  train_step, compiled_how = _train_step(
+      worker.make_train_step(problem, mesh).lower(state, *example,
+                                                  worker.replicate(position, mesh)),
+      spec.compilation_cache_dir, args.process)
   compile_s = time.perf_counter() - compile_begin
   step, first_step_s, snapshot_s = args.step, None, 0.0
   status.write(os.getpid(), step, "training")
@@ -147,7 +180,7 @@ def main(argv=None) -> int:
   os.replace(tmp, final)
   _append_event(events, {
       "event": "done", "attempt": args.attempt, "process": args.process, "step": step,
-      "compile_s": round(compile_s, 4), "first_step_s": first_step_s and round(first_step_s, 4),
+      "compile_s": round(compile_s, 4), "compiled": compiled_how, "first_step_s": first_step_s and round(first_step_s, 4),
       "snapshot_s": round(snapshot_s, 4), "total_s": round(time.perf_counter() - started, 4)})
   jax.distributed.shutdown()  # a barrier: every process reached the end
   status.write(os.getpid(), step, "done")
