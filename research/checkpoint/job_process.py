@@ -37,13 +37,15 @@ def _append_event(path: Path, event: dict) -> None:
     f.write(json.dumps(event) + "\n")
 
 
-def _train_step(lowered, cache_dir: str | None, process: int):
+def _train_step(lowered, cache_dir: str | None, process: int, devices):
   """The compiled step: this process's own serialized executable when the cache has it.
 
   jax's persistent compilation cache does not serve a restarted job's processes other than 0
   on CPU (their keys differ and only process 0 writes: papers/results/
   checkpoint_compile_cache_keys.txt), so each process keeps its own executable, keyed by the
-  lowered program's text and its process index. Returns (executable, "loaded" | "compiled").
+  lowered program's text and its process index; `devices`: the mesh's, in its order. The
+  folder is the job's own: a serialized executable runs whatever it holds, so never point it
+  at files others can write. Returns (executable, "loaded" | "compiled").
   """
   import hashlib  # pylint: disable=import-outside-toplevel
   import pickle  # pylint: disable=import-outside-toplevel
@@ -58,7 +60,8 @@ def _train_step(lowered, cache_dir: str | None, process: int):
     if path.is_file():
       try:
         payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree), "loaded"
+        return serialize_executable.deserialize_and_load(
+            payload, in_tree, out_tree, execution_devices=list(devices)), "loaded"
       except Exception:  # pylint: disable=broad-except  (a stale or cut file: compile again)
         pass
   compiled = lowered.compile()
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
   train_step, compiled_how = _train_step(
       worker.make_train_step(problem, mesh).lower(state, *example,
                                                   worker.replicate(position, mesh)),
-      spec.compilation_cache_dir, args.process)
+      spec.compilation_cache_dir, args.process, mesh.devices.flat)
   compile_s = time.perf_counter() - compile_begin
   step, first_step_s, snapshot_s = args.step, None, 0.0
   status.write(os.getpid(), step, "training")

@@ -24,15 +24,16 @@ def test_the_train_step_executable_is_kept_per_process_and_loaded_back(tmp_path)
     new, loss = executable(state, x, y, worker.replicate(next_position, mesh))
     return [np.asarray(a) for a in jax.tree.leaves(new)] + [np.asarray(loss)]
 
-  compiled, how = job_process._train_step(lowered(), str(tmp_path), process=0)
+  compiled, how = job_process._train_step(lowered(), str(tmp_path), 0, mesh.devices.flat)
   assert how == "compiled" and len(list(tmp_path.glob("meshwork_train_step.p0.*.pkl"))) == 1
-  loaded, how = job_process._train_step(lowered(), str(tmp_path), process=0)
+  loaded, how = job_process._train_step(lowered(), str(tmp_path), 0, mesh.devices.flat)
   assert how == "loaded"
   for a, b in zip(step(compiled), step(loaded), strict=True):
     np.testing.assert_array_equal(a, b, strict=True)
   # Another process index is another executable; a cut file is compiled again.
-  assert job_process._train_step(lowered(), str(tmp_path), process=1)[1] == "compiled"
+  assert job_process._train_step(lowered(), str(tmp_path), 1, mesh.devices.flat)[1] == "compiled"
   [kept] = tmp_path.glob("meshwork_train_step.p1.*.pkl")
   kept.write_bytes(kept.read_bytes()[:100])
-  assert job_process._train_step(lowered(), str(tmp_path), process=1)[1] == "compiled"
-  assert job_process._train_step(lowered(), None, process=0)[1] == "compiled"  # no cache folder
+  assert job_process._train_step(lowered(), str(tmp_path), 1, mesh.devices.flat)[1] == "compiled"
+  # No cache folder: compiled every time.
+  assert job_process._train_step(lowered(), None, 0, mesh.devices.flat)[1] == "compiled"
