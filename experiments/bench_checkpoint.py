@@ -233,15 +233,12 @@ def end_to_end(megabytes: float, workdir: Path, orbax_interval: int) -> dict:
       "orbax": (dict(snapshot_every=0, persist_every=k, steps=2 * k + 4), "kill_node",
                 2 * k + 1),
   }
-  cluster, _ = experiment.start_test_cluster(2 + len(policies))  # a spare per node fault
-  head = cluster.head_node.node_id
+  cluster, worker_nodes = experiment.start_test_cluster(2 + len(policies))  # a spare per fault
   out = {}
   cache = str(workdir / "compilation_cache")
   try:
     for name, (overrides, kind, fault_step) in policies.items():
-      live = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-      nodes = [n.node_id for n in cluster.list_all_nodes() if n.node_id != head
-               and n.node_id in live]
+      nodes = experiment.live_nodes(worker_nodes, cluster)
       settings = dict(overrides, hidden=(width, width), batch_per_device=16, memory_slots=4,
                       min_step_seconds=0.0, spare_nodes=1, faults=())
       config, _ = launcher.load("configs/checkpoint/faults.py",

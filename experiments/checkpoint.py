@@ -193,18 +193,18 @@ def corrupt_newest_checkpoint(directory: Path) -> str:
 class Injector:
   """The driver's observer: fires each fault once its step is reached and the job is healthy."""
 
-  def __init__(self, faults: list[Fault], cluster, memory_dir: Path, persistent_dir: Path,
-               log):
+  def __init__(self, faults: list[Fault], cluster, memory_root: Path, job: str,
+               persistent_dir: Path, log):
     self.faults, self.cluster, self.log = faults, cluster, log
-    self.memory_dir, self.persistent_dir = memory_dir, persistent_dir
+    self.memory_root, self.job, self.persistent_dir = memory_root, job, persistent_dir
     self.progress: list[tuple[float, int, int]] = []  # (time, attempt, min step)
-    self.removed: set[str] = set()
 
   def _remove_node(self, node: str) -> None:
     target = next(n for n in self.cluster.list_all_nodes() if n.node_id == node)
     self.cluster.remove_node(target, allow_graceful=False)
-    self.removed.add(node)
-    shutil.rmtree(self.memory_dir / node, ignore_errors=True)  # its memory goes with it
+    from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(transport.node_memory_dir(self.memory_root, self.job, node),
+                  ignore_errors=True)  # its memory goes with it
 
   def __call__(self, view) -> None:
     from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
@@ -250,8 +250,9 @@ def _start_cluster(config):
   import ray  # pylint: disable=import-outside-toplevel
   os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback addresses only
   if config.ray_address:
+    from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
     ray.init(address=config.ray_address)
-    return None, [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    return None, transport.ray_alive_nodes()
   if config.nodes == 1 and config.spare_nodes == 0 and not set(config.faults) & NODE_FAULTS:
     ray.init(address="local", num_cpus=1, include_dashboard=False,  # one node: this one
              log_to_driver=False)
@@ -265,8 +266,9 @@ def start_test_cluster(worker_nodes: int):
 
   The GCS declares a node dead after `health_check_failure_threshold` missed health checks
   (one per `health_check_period_ms`): raised to 20 x 1 s, as a loaded 2-core machine has
-  missed Ray's default 5 x 3 s; a node removed by a test is seen at once anyway (its
-  processes' connections close).
+  missed Ray's default 5 x 3 s. The agent of a node removed by a test is seen dead at once
+  anyway (its processes' connections close), though Ray lists the node alive until the checks
+  give up (`live_nodes` leaves it out).
   """
   import ray  # pylint: disable=import-outside-toplevel
   from ray.cluster_utils import Cluster  # pylint: disable=import-outside-toplevel
@@ -280,6 +282,19 @@ def start_test_cluster(worker_nodes: int):
   cluster.wait_for_nodes()
   head = cluster.head_node.node_id
   return cluster, [n.node_id for n in cluster.list_all_nodes() if n.node_id != head]
+
+
+def live_nodes(nodes: list[str], cluster=None) -> list[str]:
+  """Those of `nodes` (Ray node ids) that are alive, in their order.
+
+  With Ray's test cluster, also only the nodes it still has: one it removed stays listed alive
+  until the GCS's health checks give up on it (up to 20 s here, see `start_test_cluster`).
+  """
+  from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+  live = set(transport.ray_alive_nodes())
+  if cluster is not None:
+    live &= {n.node_id for n in cluster.list_all_nodes()}
+  return [n for n in nodes if n in live]
 
 
 def _problem(config):
@@ -296,18 +311,25 @@ def prepare(config_json: str, folder: str, reference: bool) -> None:
   (`start_prepare`) while the Ray cluster starts: scikit-learn's import and the eager init take
   seconds, and this process's device count is fixed already.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   from research.checkpoint import store  # pylint: disable=import-outside-toplevel
   from research.checkpoint import worker  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(json.loads(config_json))
   problem = _problem(config)
   worker.write_inputs(problem, Path(folder) / "inputs.npz")
   if reference:
-    mesh = worker.data_mesh(jax.devices()[:config.devices])
-    state = worker.run_steps(problem, mesh, worker.replicate(worker.init_state(problem), mesh),
-                             config.steps)
-    records.atomic_save_npz(Path(folder) / "reference.npz", **{
-        f"arr_{i}": a for i, a in enumerate(store.local_shards(state))})
+    store.save_shards(Path(folder) / "reference.npz", reference_shards(config, problem))
+
+
+def reference_shards(config, problem=None) -> list[np.ndarray]:
+  """The job's computation in this process on its first `devices` CPU devices: the shards."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+  from research.checkpoint import worker  # pylint: disable=import-outside-toplevel
+  problem = _problem(config) if problem is None else problem
+  mesh = worker.data_mesh(jax.devices()[:config.devices])
+  state = worker.run_steps(problem, mesh, worker.replicate(worker.init_state(problem), mesh),
+                           config.steps)
+  return store.local_shards(state)
 
 
 def _prepare_json(config) -> str:
@@ -328,11 +350,6 @@ def start_prepare(config, folder: Path, reference: bool):
           "prepare(sys.argv[1], sys.argv[2], sys.argv[3] == '1')")
   return subprocess.Popen([sys.executable, "-c", code, given, str(folder),
                            "1" if reference else "0"], env=env)
-
-
-def _load_shards(path: Path) -> list[np.ndarray]:
-  with np.load(path) as data:
-    return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
 def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults: list[Fault],
@@ -372,8 +389,7 @@ def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults:
       job, str(memory_root), str(folder / "spec.json"),
       f"--xla_force_host_platform_device_count={spec.devices_per_process}", str(folder / "logs"),
       config.memory_slots)
-  injector = Injector(faults, cluster, memory_root / f"meshwork-ckpt-{job}",
-                      folder / "persistent", log)
+  injector = Injector(faults, cluster, memory_root, job, folder / "persistent", log)
   driver = protocol.DriverConfig(config.processes, config.steps, config.heartbeat_timeout,
                                  config.startup_timeout, config.max_restarts)
   last = [-1]
@@ -384,9 +400,8 @@ def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults:
       last[0] = injector.progress[-1][2]
       run.log(last[0], job=name, attempt=view.attempt)
 
-  def alive_nodes():  # Ray's view, less the nodes removed here that it may still list
-    live = set(transport.ray_alive_nodes()) - injector.removed
-    return [n for n in nodes if n in live]
+  def alive_nodes():
+    return live_nodes(nodes, cluster)
 
   try:
     result = transport.run_job(spec, placement, driver, make_agent, alive_nodes, observe,
@@ -452,14 +467,12 @@ def run(config, run):
       if errors:
         raise errors[0]
     if in_process:  # replicated: every process holds the same shards as the one process
-      reference = [_load_shards(run.workdir / "reference.npz")] * config.processes
+      reference = [store.load_shards(run.workdir / "reference.npz")] * config.processes
     names = ["fault_free", "faulted"] if config.reference == "fault_free_job" else ["faulted"]
     for name in run.progress(names, description="jobs"):
       faults = draw_faults(config) if name == "faulted" else []
-      live = set(n["NodeID"] for n in ray.nodes() if n["Alive"])
-      result, injector = run_job(config, run.workdir, name, cluster,
-                                 [n for n in nodes if n in live], faults, cache, run,
-                                 lambda line, n=name: log(f"[{n}] {line}"))
+      result, injector = run_job(config, run.workdir, name, cluster, live_nodes(nodes, cluster),
+                                 faults, cache, run, lambda line, n=name: log(f"[{n}] {line}"))
       if reference is None:
         reference = result.final
       jobs[name] = {"result": result, "faults": faults, "progress": injector.progress}

@@ -176,14 +176,11 @@ def main(argv=None) -> int:
       time.sleep(pause)
   if persistent is not None:
     persistent.close()
-  final = results / f"final.p{args.process}.npz"
-  tmp = final.with_suffix(".tmp.npz")
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  np.savez(tmp, *store.local_shards(state))
-  os.replace(tmp, final)
+  store.save_shards(results / f"final.p{args.process}.npz", store.local_shards(state))
   _append_event(events, {
       "event": "done", "attempt": args.attempt, "process": args.process, "step": step,
-      "compile_s": round(compile_s, 4), "compiled": compiled_how, "first_step_s": first_step_s and round(first_step_s, 4),
+      "compile_s": round(compile_s, 4), "compiled": compiled_how,
+      "first_step_s": first_step_s and round(first_step_s, 4),
       "snapshot_s": round(snapshot_s, 4), "total_s": round(time.perf_counter() - started, 4)})
   jax.distributed.shutdown()  # a barrier: every process reached the end
   status.write(os.getpid(), step, "done")

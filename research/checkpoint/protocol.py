@@ -383,17 +383,17 @@ class JobSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-  """One jax process's launch: who it is, where the job's coordinator is, what it restores."""
+  """One jax process's launch: who it is, where the job's coordinator is, what it restores.
+
+  Its files (local-memory slots, status) are its node agent's to name.
+  """
   process: int
   attempt: int
   coordinator: str             # host:port of jax.distributed's coordination service
   source: Source
   step: int                    # the step to restore (0 with Source.INIT)
-  memory_file: str             # its local-memory slots on its node
-  status_file: str             # its heartbeat and progress
 
   def argv(self) -> list[str]:
     return ["--process", str(self.process), "--attempt", str(self.attempt),
             "--coordinator", self.coordinator, "--source", self.source.value,
-            "--step", str(self.step), "--memory-file", self.memory_file,
-            "--status-file", self.status_file]
+            "--step", str(self.step)]

@@ -161,6 +161,17 @@ def from_local_shards(abstract, shards: list[np.ndarray]):
   return jax.tree.unflatten(treedef, arrays)
 
 
+def save_shards(path: str | os.PathLike, shards: list[np.ndarray]) -> Path:
+  """A process's shards (`local_shards`) as one .npz, written atomically."""
+  return records.atomic_save_npz(path, **{f"arr_{i}": a for i, a in enumerate(shards)})
+
+
+def load_shards(path: str | os.PathLike) -> list[np.ndarray]:
+  """The shards `save_shards` wrote, in order."""
+  with np.load(path) as data:
+    return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
 # --- node-local memory ------------------------------------------------------------------------
 
 _HEADER = struct.Struct("<qqqqQ")  # step, nbytes, valid, sequence, job
@@ -261,6 +272,19 @@ class LocalSlots:
     pack(tree, self._payload(slot))
     _HEADER.pack_into(self._map, offset, step, self.state_bytes, 1, sequence, job_number(job))
 
+  def _slot_of(self, step: int) -> tuple[int, int]:
+    """(job number, slot) of the valid snapshot of `step`; refuses a step it does not hold."""
+    held = self.snapshots()
+    match = [s for s in held if s[0] == step]
+    if not match:
+      raise SnapshotMismatch(f"{self.path.name}: no snapshot of step {step} in local memory "
+                             f"(it holds steps {[s[0] for s in held]})")
+    return match[0][1:]
+
+  def _check_unchanged(self, step: int, slot: int) -> None:
+    if self._header(slot)[:3] != (step, self.state_bytes, 1):
+      raise SnapshotMismatch(f"{self.path.name}: step {step} was overwritten while read")
+
   def read(self, template, step: int, job: str) -> Any:
     """The snapshot of `step` as host arrays (a private copy), refusing another job's.
 
@@ -268,29 +292,19 @@ class LocalSlots:
     `jax.device_put` on CPU adopts without a second copy. The copy is what makes the state
     private: a later snapshot into this slot cannot change a restored state.
     """
-    held = self.snapshots()
-    match = [s for s in held if s[0] == step]
-    if not match:
-      raise SnapshotMismatch(f"{self.path.name}: no snapshot of step {step} in local memory "
-                             f"(it holds steps {[s[0] for s in held]})")
-    _, found_job, slot = match[0]
+    found_job, slot = self._slot_of(step)
     if found_job != job_number(job):
       raise SnapshotMismatch(f"{self.path.name}: the snapshot of step {step} belongs to job "
                              f"{found_job:016x}, not to this job {job}")
     state = unpack(template, self._payload(slot), copy=True)
-    if self._header(slot)[:3] != (step, self.state_bytes, 1):
-      raise SnapshotMismatch(f"{self.path.name}: step {step} was overwritten while read")
+    self._check_unchanged(step, slot)
     return state
 
   def read_bytes(self, step: int) -> tuple[int, bytes]:
     """(job number, payload) of the snapshot of `step`: what a peer's replica holds."""
-    match = [s for s in self.snapshots() if s[0] == step]
-    if not match:
-      raise SnapshotMismatch(f"{self.path.name}: no snapshot of step {step}")
-    _, job, slot = match[0]
+    job, slot = self._slot_of(step)
     payload = bytes(self._payload(slot))
-    if self._header(slot)[:3] != (step, self.state_bytes, 1):
-      raise SnapshotMismatch(f"{self.path.name}: step {step} was overwritten while read")
+    self._check_unchanged(step, slot)
     return job, payload
 
   def write_bytes(self, step: int, payload: bytes, job: int) -> None:

@@ -48,6 +48,11 @@ def call(target, method: str, *args, timeout: float | None = None):
   return ray.get(remote(*args), timeout=timeout)
 
 
+def node_memory_dir(memory_root: str | os.PathLike, job: str, node: str) -> Path:
+  """Where a node's agent keeps the job's local memory (a RAM-backed folder of that node)."""
+  return Path(memory_root) / f"meshwork-ckpt-{job}" / node
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
   import ctypes  # pylint: disable=import-outside-toplevel
   ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -61,7 +66,7 @@ class NodeAgent:
     """`slots`: snapshots kept per process, in its local-memory file and as replicas of the
     peer's processes (the newest `slots` each)."""
     self.node, self.job, self.spec_file, self.slots = node, job, spec_file, slots
-    self.dir = Path(memory_root) / f"meshwork-ckpt-{job}" / node
+    self.dir = node_memory_dir(memory_root, job, node)
     self.dir.mkdir(parents=True, exist_ok=True)
     self.device_flags = device_flags
     self.log_dir = Path(log_dir) if log_dir else None
@@ -93,7 +98,7 @@ class NodeAgent:
 
   # --- processes --------------------------------------------------------------------------
   def launch(self, launches: list[protocol.Launch]) -> dict[int, int]:
-    """Starts one jax process per launch; returns their pids."""
+    """Starts one jax process per launch, with its files on this node; returns their pids."""
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     if self.device_flags:  # this node's flags replace any device count inherited from the agent
       inherited = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
@@ -109,7 +114,8 @@ class NodeAgent:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"p{launch.process}.a{launch.attempt}.log", "wb")
       command = [sys.executable, "-m", "research.checkpoint.job_process", self.spec_file,
-                 *launch.argv()]
+                 *launch.argv(), "--memory-file", str(self.memory_file(launch.process)),
+                 "--status-file", str(self.status_file(launch.process))]
       child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                preexec_fn=_die_with_parent)
       with self._lock:
@@ -354,9 +360,7 @@ def run_job(spec: protocol.JobSpec, placement: protocol.Placement, config: proto
     coordinator = f"127.0.0.1:{port}"
     for node in placement.nodes:
       launches = [protocol.Launch(p, state.attempt + 1, coordinator, plan.choices[p].source,
-                                  plan.step, str(call(agents[node], "memory_file", p)),
-                                  str(call(agents[node], "status_file", p)))
-                  for p in placement.processes_on(node)]
+                                  plan.step) for p in placement.processes_on(node)]
       call(agents[node], "launch", launches, timeout=poll_timeout_s)
     state, _ = protocol.driver_step(config, state, protocol.Launched(time.monotonic(), plan))
     if recoveries and recoveries[-1].relaunched_at is None:
@@ -419,11 +423,8 @@ def run_job(spec: protocol.JobSpec, placement: protocol.Placement, config: proto
                              f"{[f.detail for f in state.failures]}")
         elif isinstance(command, protocol.Finish):
           results = Path(spec.results_dir)
-          final = []
-          import numpy as np  # pylint: disable=import-outside-toplevel
-          for p in range(spec.num_processes):
-            with np.load(results / f"final.p{p}.npz") as data:
-              final.append([data[f"arr_{i}"] for i in range(len(data.files))])
+          final = [store.load_shards(results / f"final.p{p}.npz")
+                   for p in range(spec.num_processes)]
           events = []
           for path in sorted(results.glob("events.p*.jsonl")):
             events += [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -10,15 +10,12 @@ the slow cases compare with the fault-free job of the same config, with 2 device
 
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from experiments import checkpoint as experiment
 from experiments import run as launcher
 from research.checkpoint import job_process
-from research.checkpoint import store
-from research.checkpoint import worker
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -39,10 +36,9 @@ def cache(tmp_path_factory):
 
 def worker_nodes(cluster):
   """Live worker nodes, ordered as the cluster added them (never the driver's head)."""
-  import ray
-  live = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
   head = cluster.head_node.node_id
-  return [n.node_id for n in cluster.list_all_nodes() if n.node_id != head and n.node_id in live]
+  return experiment.live_nodes([n.node_id for n in cluster.list_all_nodes()
+                                if n.node_id != head], cluster)
 
 
 def ensure_nodes(cluster, count):
@@ -78,12 +74,7 @@ def test_killed_process_restarts_the_job_from_local_memory_bit_exact(cluster, tm
   faults = [experiment.Fault("kill_process", step, 1)]
   result, lines = run(cluster, tmp_path, cache, "killed", config, faults)
   # The reference: the same computation in this process on 2 of its CPU devices.
-  problem = worker.make_problem(tuple(config.hidden), config.batch_per_device,
-                                config.learning_rate, config.dropout, config.seed)
-  mesh = worker.data_mesh(jax.devices()[:2])
-  state = worker.run_steps(problem, mesh, worker.replicate(worker.init_state(problem), mesh),
-                           config.steps)
-  assert_bit_equal(result.final, [store.local_shards(state)] * 2)
+  assert_bit_equal(result.final, [experiment.reference_shards(config)] * 2)
   assert [p.sources for p in result.plans] == [("init", "init"), ("local", "local")]
   failure = result.recoveries[0].failure
   assert failure.kind == "exit" and failure.process == 1 and "code -9" in failure.detail
@@ -109,13 +100,19 @@ def fault_free(cluster, tmp_path_factory, cache):
 SLOW = dict(devices=4, steps=16, persist_every=3, min_step_seconds=0.1, spare_nodes=2)
 
 
+def run_slow(cluster, tmp_path, cache, fault_free, name, faults, nodes):
+  """A slow case's job on at least `nodes` worker nodes, its final state the fault-free bits."""
+  ensure_nodes(cluster, nodes)
+  result, lines = run(cluster, tmp_path, cache, name, config_with(**SLOW), faults)
+  assert_bit_equal(result.final, fault_free)
+  return result, lines
+
+
 @pytest.mark.slow
 def test_hung_process_is_fenced_and_the_job_restarts_bit_exact(cluster, tmp_path, cache,
                                                                fault_free):
-  ensure_nodes(cluster, 2)
   faults = [experiment.Fault("hang_process", 5, 0)]
-  result, lines = run(cluster, tmp_path, cache, "hung", config_with(**SLOW), faults)
-  assert_bit_equal(result.final, fault_free)
+  result, lines = run_slow(cluster, tmp_path, cache, fault_free, "hung", faults, 2)
   failure = result.recoveries[0].failure
   assert failure.kind == "hang" and failure.process == 0 and "no heartbeat" in failure.detail
   # Silent for the timeout since its last heartbeat, which came up to one beat before the stop.
@@ -127,10 +124,8 @@ def test_hung_process_is_fenced_and_the_job_restarts_bit_exact(cluster, tmp_path
 @pytest.mark.slow
 def test_lost_node_restores_from_the_peer_replica_without_orbax(cluster, tmp_path, cache,
                                                                  fault_free):
-  ensure_nodes(cluster, 3)
   faults = [experiment.Fault("kill_node", 7, 1)]
-  result, lines = run(cluster, tmp_path, cache, "node", config_with(**SLOW), faults)
-  assert_bit_equal(result.final, fault_free)
+  result, lines = run_slow(cluster, tmp_path, cache, fault_free, "node", faults, 3)
   assert result.recoveries[0].failure.kind == "node"
   plan = result.plans[1]
   assert plan.sources == ("local", "peer")  # process 1 moved to a spare, its replica staged
@@ -143,10 +138,8 @@ def test_lost_node_restores_from_the_peer_replica_without_orbax(cluster, tmp_pat
 @pytest.mark.slow
 def test_lost_node_and_peer_restore_the_newest_intact_orbax_step(cluster, tmp_path, cache,
                                                                   fault_free):
-  ensure_nodes(cluster, 4)
   faults = [experiment.Fault("kill_node_and_peer", 10, 0)]
-  result, lines = run(cluster, tmp_path, cache, "both", config_with(**SLOW), faults)
-  assert_bit_equal(result.final, fault_free)
+  result, lines = run_slow(cluster, tmp_path, cache, fault_free, "both", faults, 4)
   plan = result.plans[1]
   assert plan.sources == ("persistent", "persistent")
   # The newest committed step: the last save, or the one before while the last is in flight.
@@ -156,11 +149,9 @@ def test_lost_node_and_peer_restore_the_newest_intact_orbax_step(cluster, tmp_pa
 @pytest.mark.slow
 def test_corrupted_newest_orbax_step_is_skipped_for_the_one_before(cluster, tmp_path, cache,
                                                                    fault_free):
-  ensure_nodes(cluster, 4)
   faults = [experiment.Fault("corrupt_checkpoint", 11, 0),
             experiment.Fault("kill_node_and_peer", 11, 0)]
-  result, lines = run(cluster, tmp_path, cache, "corrupt", config_with(**SLOW), faults)
-  assert_bit_equal(result.final, fault_free)
+  result, lines = run_slow(cluster, tmp_path, cache, fault_free, "corrupt", faults, 4)
   corrupted = int(faults[0].detail.split(os.sep)[1])  # steps/<step>/...
   skipped = [line for line in lines if line.startswith(f"skip persisted step {corrupted}:")]
   assert skipped and "corrupted" in skipped[0], lines
