@@ -1,0 +1,22 @@
+"""The small static setting: 8 hosts (2 racks of 4), 3 apps of 3 services, 20 instances, load 1;
+the agents against the exact MILP optimum (scipy HiGHS) and the baselines on 20 seeds.
+
+  python -m experiments.run configs/placement/small.py --paper placement.small
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "experiment": "placement",
+      "scenario": "static",
+      # the static objective is the cost where the rounds end: reward its change, over the team
+      "agent": {"reward": "difference", "reward_scope": "team", "discount": 0.99,
+                "prior_latency": 0.0},
+      "weights": {"migration": 0.0},  # the MILP's placement is static: no migration term
+      "train": {"iterations": 100, "rounds": 48},
+      "eval": {"rounds": 96,
+               "methods": ("agents", "prior", "least_allocated", "most_allocated", "random",
+                           "milp")},
+  })

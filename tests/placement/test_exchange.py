@@ -1,0 +1,143 @@
+"""The exchange protocol's invariants, under random decisions, orders and failures."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.placement import baselines
+from research.placement import cluster
+from research.placement import exchange
+
+TOPOLOGY = cluster.TopologySpec(clusters=2, zones_per_cluster=1, racks_per_zone=2,
+                                hosts_per_rack=3, cpu=4.0, mem=8.0)
+SLOTS = 5
+
+
+def _problem(seed):
+  workload = cluster.WorkloadSpec(apps=3, services_per_app=3, instances=18,
+                                  cpu_per_replica=(0.3, 1.2), mem_per_replica=(0.5, 2.0))
+  return cluster.build_problem(TOPOLOGY, cluster.generate_apps(workload, TOPOLOGY.latency_ms,
+                                                               seed))
+
+
+@functools.partial(jax.jit, static_argnames="allow_scale")
+def _random_round(problem, placement, key, fail_rate, allow_scale):
+  """Random legal actions, random accept wishes and inbox orders, random failures."""
+  obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
+  mask = exchange.action_mask(problem, placement, obs, allow_scale)
+  k = jax.random.split(key, 5)
+  action = jax.random.categorical(k[0], jnp.where(mask, 0.0, -jnp.inf))
+  shape = problem.neighbours.shape
+  decisions = exchange.Decisions(action, jax.random.bernoulli(k[1], 0.7, shape),
+                                 jax.random.normal(k[2], shape))
+  alive_offer = jax.random.uniform(k[3], (problem.num_hosts,)) >= fail_rate
+  alive_commit = alive_offer & (jax.random.uniform(k[4], (problem.num_hosts,)) >= fail_rate)
+  return exchange.step(problem, placement, obs, decisions, alive_offer, alive_commit)
+
+
+def _held(placement):
+  inv = np.asarray(placement.inventory)
+  return inv[inv >= 0]
+
+
+def _check_capacity(problem, placement):
+  obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
+  assert np.all(np.asarray(obs.host_cpu_request) <= np.asarray(problem.host_cpu) + 1e-5)
+  assert np.all(np.asarray(obs.host_mem_request) <= np.asarray(problem.host_mem) + 1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("fail_rate", [0.0, 0.3])
+def test_random_exchanges_keep_capacity_and_exactly_one_owner_per_instance(seed, fail_rate):
+  problem = _problem(seed)
+  placement = baselines.random_schedule(problem, SLOTS, seed)
+  start = np.sort(_held(placement))
+  key = jax.random.key(seed)
+  moved = 0
+  for _ in range(40):
+    key, k = jax.random.split(key)
+    placement, outcome = _random_round(problem, placement, k, fail_rate, allow_scale=False)
+    held = _held(placement)
+    assert len(held) == len(set(held.tolist())), "an instance is held by two agents"
+    np.testing.assert_array_equal(np.sort(held), start)  # none lost, none created
+    _check_capacity(problem, placement)
+    moved += int(np.sum(outcome.committed))
+  assert moved > 20  # the random agents did exchange
+
+
+def test_an_agent_failing_mid_exchange_loses_no_instance():
+  problem = _problem(0)
+  placement = baselines.random_schedule(problem, SLOTS, 0)
+  key = jax.random.key(7)
+  aborted = 0
+  for _ in range(30):
+    key, k1, k2 = jax.random.split(key, 3)
+    obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
+    mask = exchange.action_mask(problem, placement, obs, False)
+    mask = mask.at[:, 0].set(~jnp.any(mask[:, 1:], axis=1))  # everyone offers if it can
+    action = jax.random.categorical(k1, jnp.where(mask, 0.0, -jnp.inf))
+    shape = problem.neighbours.shape
+    decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.zeros(shape))
+    # every agent takes part in the offers; half of them die before the commit
+    alive_commit = jax.random.bernoulli(k2, 0.5, (problem.num_hosts,))
+    new, outcome = exchange.step(problem, placement, obs, decisions,
+                                 jnp.ones(problem.num_hosts, bool), alive_commit)
+    before = {int(i): h for h, row in enumerate(np.asarray(placement.inventory))
+              for i in row if i >= 0}
+    after = {int(i): h for h, row in enumerate(np.asarray(new.inventory)) for i in row if i >= 0}
+    assert sorted(before) == sorted(after)
+    offered, target, inst = (np.asarray(x) for x in exchange.offered_instance(
+        problem, placement, action))
+    for h in np.flatnonzero(np.asarray(outcome.accepted)):
+      i, t = int(inst[h]), int(target[h])
+      both_alive = bool(alive_commit[h]) and bool(alive_commit[t])
+      assert after[i] == (t if both_alive else h)  # committed or aborted, never half
+      aborted += not both_alive
+    placement = new
+  assert aborted > 5
+
+
+def test_receiver_resolves_conflicting_offers_by_its_own_priority():
+  """Hosts 1 and 2 each offer a 1.5-core instance to host 0 (2 cores, empty): one fits."""
+  topology = cluster.TopologySpec(racks_per_zone=1, hosts_per_rack=3, cpu=2.0, mem=8.0)
+  svc = lambda n: cluster.ServiceSpec(n, 1.5, 1.0, 1.0, 1.0)
+  app = cluster.AppSpec("a", 100.0, (svc("x"), svc("y"), svc("z")), (("x", "y", 1.0),))
+  problem = cluster.build_problem(topology, [app])
+  num_r = problem.max_replica_slots
+  placement = baselines.to_placement(problem, {num_r: 1, 2 * num_r: 2}, slots=4)
+  obs = cluster.observe(problem, placement, jnp.ones(1))
+  actions = exchange.actions_of(problem, placement)
+  nbr = np.asarray(problem.neighbours)
+  offer_to_0 = lambda h: 1 + 0 * actions.neighbours + int(np.flatnonzero(nbr[h] == 0)[0])
+  action = jnp.asarray([0, offer_to_0(1), offer_to_0(2)])
+  shape = problem.neighbours.shape
+  for preferred in (1, 2):
+    priority = np.zeros(shape, np.float32)
+    priority[0, np.flatnonzero(nbr[0] == preferred)[0]] = 1.0
+    decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.asarray(priority))
+    new, outcome = exchange.step(problem, placement, obs, decisions, jnp.ones(3, bool),
+                                 jnp.ones(3, bool))
+    np.testing.assert_array_equal(np.asarray(outcome.committed),
+                                  [False, preferred == 1, preferred == 2])
+    held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
+    assert held0 == [preferred * num_r]  # only the preferred one fits (2 cores, 1.5 each)
+
+
+def test_scaling_stays_within_replica_bounds_and_never_duplicates_an_id():
+  problem = _problem(1)
+  placement = baselines.random_schedule(problem, SLOTS, 1)
+  key = jax.random.key(3)
+  for _ in range(40):
+    key, k = jax.random.split(key)
+    placement, _ = _random_round(problem, placement, k, 0.1, allow_scale=True)
+    held = _held(placement)
+    assert len(held) == len(set(held.tolist()))
+    obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
+    replicas = np.asarray(obs.replicas)
+    assert np.all(replicas >= np.asarray(problem.svc_min_replicas))
+    assert np.all(replicas <= np.asarray(problem.svc_max_replicas))
+    assert np.all(np.asarray(problem.svc_slot_open).ravel()[held])  # only open replica slots
+    _check_capacity(problem, placement)
