@@ -6,7 +6,8 @@ One config describes a topology (clusters > zones > racks > hosts), a random wor
 1. trains the agents (research/placement/agent.py: PPO, shared or per-host parameters) on
    `train.pool` generated problems (seeds train.seed, train.seed + 1, ...), each starting from
    a random placement (instances handed to random agents), `train.envs` of them per update,
-   `train.rounds` protocol rounds each, under their own load traces;
+   `train.rounds` protocol rounds each, under their own load traces, and keeps the parameters
+   that score best on held-out validation problems (seeds below train.seed);
 2. evaluates on `eval.seeds` other problems (seeds 0, 1, ...): each method places the same
    instances and faces the same load trace (`eval.rounds` rounds):
      agents           start from the random placement and exchange instances every round
@@ -74,6 +75,8 @@ def config_schema() -> ml_collections.ConfigDict:
           "rounds": 32,     # protocol rounds per training episode
           "pool": 256,      # generated training problems
           "seed": 1_000,    # training problems use seeds seed, seed + 1, ... (eval: 0, 1, ...)
+          "validate_every": 10,   # updates between scores on the validation problems
+          "validation_seeds": 16,  # held-out problems (seeds seed - 1, seed - 2, ...)
           # a smaller topology to train on (0 = the evaluated one); the policy only sees local
           # features, so it runs unchanged on any number of hosts
           "racks_per_zone": 0,
@@ -98,8 +101,13 @@ def config_schema() -> ml_collections.ConfigDict:
 def validate_config(config) -> None:
   config_lib.check_choice(config, "scenario", SCENARIOS)
   config_lib.check_positive(config, "slots_per_host")
-  for key in ("envs", "rounds", "pool"):
+  for key in ("envs", "rounds", "pool", "validate_every", "validation_seeds"):
     config_lib.check_positive(config.train, key)
+  if config.train.seed - config.train.validation_seeds < config.eval.seeds:
+    raise config_lib.ConfigError(
+        f"config key 'train.seed': got {config.train.seed}, expected >= eval.seeds + "
+        f"train.validation_seeds ({config.eval.seeds + config.train.validation_seeds}): "
+        "validation seeds (below train.seed) must not be evaluation seeds")
   if config.train.iterations < 0:
     raise config_lib.ConfigError(f"config key 'train.iterations': got "
                                  f"{config.train.iterations}, expected >= 0 (0: evaluate the "
@@ -131,7 +139,10 @@ def validate_config(config) -> None:
     agent_config(config)
     cluster.Weights(**config.weights.to_dict())
     for train in (False, True):
-      cluster.build_topology(topology_spec(config, train))
+      topology = topology_spec(config, train)
+      cluster.build_topology(topology)
+      cluster.check_apps(cluster.generate_apps(workload_spec(config, train), topology.latency_ms,
+                                               0, topology.clusters), topology.cpu, topology.mem)
     if config.train.params_file and not __import__("os").path.exists(config.train.params_file):
       raise ValueError(f"train.params_file: no file {config.train.params_file!r}")
   except (TypeError, ValueError) as error:
@@ -177,6 +188,11 @@ def make_problem(config, seed: int, train: bool = False):
 
 
 def train_agents(config, run_ctx, weights):
+  """PPO updates; every `train.validate_every` updates (and before the first) the policy is
+  scored on `train.validation_seeds` held-out training-distribution problems (seeds
+  train.seed - 1, train.seed - 2, ...; never the evaluation seeds 0, 1, ...), and the best
+  scoring parameters are the ones returned (model selection on a validation set).
+  Returns (nets, params, curve, validation [(update, cost)], selected update)."""
   agent = agent_config(config)
   hosts = topology_spec(config, train=True).num_hosts
   nets, params = agent_lib.init_params(agent, hosts, config.seed)
@@ -185,19 +201,44 @@ def train_agents(config, run_ctx, weights):
   init, update = agent_lib.make_train(agent, nets, weights)
   update = jax.jit(update)
   state = init(params, jax.random.key(config.seed))
+  iterations = config.train.iterations
   pool = [make_problem(config, config.train.seed + i, train=True)
-          for i in range(config.train.pool if config.train.iterations else 0)]
+          for i in range(config.train.pool if iterations else 0)]
+  held_out = [make_problem(config, config.train.seed - 1 - i, train=True)
+              for i in range(config.train.validation_seeds if iterations else 0)]
+  validate = None
+  if held_out:
+    batch = [agent_lib.stack([b[j] for b in held_out]) for j in range(3)]
+    static = config.scenario == "static"
+
+    @jax.jit
+    def validate(params):
+      _, steps, _ = jax.vmap(functools.partial(
+          agent_lib.rollout, agent, nets, params, weights))(
+              *batch, jax.random.split(jax.random.key(config.seed + 1), len(held_out)))
+      return jnp.mean(steps.cost[:, -1] if static else steps.cost)
+
   rng = np.random.default_rng(config.seed)
-  curve = []
-  for it in run_ctx.progress(range(config.train.iterations), total=config.train.iterations,
+  curve, validation = [], []
+  best = (np.inf, 0, state.params)
+  for it in run_ctx.progress(range(iterations + 1 if iterations else 0),
+                             total=iterations + 1 if iterations else 0,
                              description="training agents"):
+    if it % config.train.validate_every == 0 or it == iterations:
+      cost = float(validate(state.params))
+      validation.append((it, cost))
+      run_ctx.log(it, validation_cost=cost)
+      if cost < best[0]:
+        best = (cost, it, state.params)
+    if it == iterations:
+      break
     pick = rng.choice(config.train.pool, config.train.envs, replace=False)
     batch = [pool[i] for i in pick]
     state, metrics = update(state, *(agent_lib.stack([b[j] for b in batch]) for j in range(3)))
     metrics = {k: float(v) for k, v in metrics.items()}
     curve.append((it, metrics["mean_cost"], metrics["final_cost"]))
     run_ctx.log(it, **metrics)
-  return nets, state.params, curve
+  return nets, best[2], curve, validation, best[1]
 
 
 def save_params(path, params) -> None:
@@ -244,7 +285,7 @@ def run(config, run_ctx) -> dict[str, Any]:
   weights = cluster.Weights(**config.weights.to_dict())
   agent = agent_config(config)
   start = time.perf_counter()
-  nets, params, curve = train_agents(config, run_ctx, weights)
+  nets, params, curve, validation, selected = train_agents(config, run_ctx, weights)
   train_seconds = time.perf_counter() - start
   if run_ctx.workdir is not None:
     save_params(run_ctx.workdir / "agents.npz", params)
@@ -302,7 +343,8 @@ def run(config, run_ctx) -> dict[str, Any]:
       "instances": config.workload.instances, "apps": config.workload.apps,
       "train_hosts": topology_spec(config, True).num_hosts,
       "params": agent_lib.params_count(params), "train_seconds": round(train_seconds, 1),
-      "train_curve": curve, "mean": mean, "per_seed": per_seed,
+      "train_curve": curve, "validation": validation, "selected_update": selected,
+      "mean": mean, "per_seed": per_seed,
       "seeds": list(range(config.eval.seeds)),
   }
   kube = [m for m in ("least_allocated", "most_allocated") if m in methods]
@@ -340,9 +382,12 @@ def plot(run_ctx, config, summary) -> None:
   figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
   if summary["train_curve"]:
     its, mean_cost, final_cost = zip(*summary["train_curve"])
-    left.plot(its, mean_cost, label="mean over rounds")
-    left.plot(its, final_cost, label="last round")
-    left.legend()
+    left.plot(its, mean_cost, label="training: mean over rounds")
+    left.plot(its, final_cost, label="training: last round")
+    its, cost = zip(*summary["validation"])
+    left.plot(its, cost, marker="o", label="validation (selects the params)")
+    left.axvline(summary["selected_update"], color="gray", ls=":", lw=1)
+    left.legend(fontsize=7)
   left.set(xlabel="PPO update", ylabel="cost (training batch)",
            title=f"training on {summary['train_hosts']} hosts")
   methods = list(summary["mean"])
@@ -363,7 +408,10 @@ def paper_tables(*results) -> dict[str, str]:
   for result in results:
     s = result["summary"]
     for method, m in s["mean"].items():
-      rows.append((s["scenario"], f"{s['hosts']}", method, f"{m['violations']:.2f}",
+      name = {"agents": f"agents (PPO update {s.get('selected_update', '?')} of "
+                        f"{result['config']['train']['iterations']})" if result.get("config")
+              else "agents", "prior": "prior (untrained)"}.get(method, method)
+      rows.append((s["scenario"], f"{s['hosts']}", name, f"{m['violations']:.2f}",
                    f"{m['active_hosts']:.2f}", f"{m['network']:.3f}", f"{m['overload']:.3f}",
                    f"{m['final_cost']:.3f}", f"{m['migrations']:.1f}"))
   header = ("scenario", "hosts", "method", "SLO violations (app-rounds)", "active hosts (mean)",

@@ -5,17 +5,21 @@ instance count, the same published numbers of its neighbours, and for each insta
 its call partners' locations (a service mesh's view), its app's latency against the SLO and the
 service's replica count. From these it scores every action of `exchange.Actions` (keep, offer
 slot m to neighbour k, scale up / down) with one small network applied per candidate (the
-candidate's features include what the move would change locally: network cost, hosts that turn
-on or off, overload at both ends), and, as a receiver, scores each offer in its inbox (accept
-or reject; the score also orders the inbox).
+candidate's features include what the move would change locally: network cost, overload at both
+ends, hosts that turn on or off, queueing latency), and, as a receiver, scores each offer in its
+inbox (accept or reject; the score also orders the inbox). Each score is the network's output
+minus a learned scale times each of those cost changes: with the network's last layer at zero,
+the first policy is a softmax local search (the prior), and training learns where to leave it.
 
 Training is independent PPO with parameter sharing (IPPO / MAPPO-style decentralized actors;
-`sharing="per_agent"` gives every host its own parameters instead): every agent's reward is
-minus the mean local cost (cluster.host_costs, plus the migration cost of what it sent) over
-itself and its neighbours, so a sender and the receiver that helps it share the gain of an
-exchange; a critic on the agent's local features gives per-agent advantages (GAE). Rollouts are
-vmapped over environments (seeds), scanned over rounds, and the whole update is one jitted
-function.
+`sharing="per_agent"` gives every host its own parameters instead). An agent's reward is minus
+the local cost (cluster.host_costs, plus the migration cost of what it sent) after the round
+(`reward="level"`: the dynamic objective, a sum over rounds) or its change in the round
+("difference": the static objective, the cost where the rounds end), averaged over itself and
+its neighbours (`reward_scope="neighbourhood"`, so a sender and the receiver that helps it share
+the gain of an exchange) or over all hosts ("team"). A critic on the agent's local features
+gives per-agent advantages (GAE). Rollouts are vmapped over environments (seeds), scanned over
+rounds, and the whole update is one jitted function.
 """
 
 from __future__ import annotations
@@ -243,7 +247,6 @@ def init_params(config: AgentConfig, num_hosts: int, seed: int):
     applies[name] = apply
     if name != "critic":  # a learned scale on the move's local cost change (see _logits)
       # the last layer starts at zero, so that the first policy is the prior alone
-      p = jax.tree.map(lambda x: x, p)
       last = p["layers"][len(s) - 2]
       last["kernel"].set_value(jnp.zeros_like(last["kernel"].get_value()))
       p = {"mlp": p, "prior": config.prior_scale * jnp.asarray(

@@ -70,12 +70,9 @@ def _requests(problem: cluster.Problem):
           allowed)
 
 
-def kube_schedule(problem: cluster.Problem, strategy: str, slots: int,
-                  seed: int) -> cluster.Placement:
-  """kube-scheduler's filter and score (module docstring), pods in order."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
-  rng = np.random.default_rng(seed)
+def _schedule(problem: cluster.Problem, slots: int, choose) -> cluster.Placement:
+  """One pod at a time, in order: the hosts of its home cluster where its requests and a pod slot
+  still fit, then `choose(fits (H,) bool, used_cpu, used_mem, cpu, mem) -> host`."""
   cap_cpu, cap_mem = np.asarray(problem.host_cpu, float), np.asarray(problem.host_mem, float)
   used_cpu, used_mem = np.zeros_like(cap_cpu), np.zeros_like(cap_mem)
   count = np.zeros(problem.num_hosts, int)
@@ -86,37 +83,35 @@ def kube_schedule(problem: cluster.Problem, strategy: str, slots: int,
     if not fits.any():
       raise cluster.SpecError(f"instance {i}: unschedulable (no host has cpu {cpu}, mem {mem} "
                               "and a pod slot free); the workload is larger than the cluster")
-    allocated = 0.5 * ((used_cpu + cpu) / cap_cpu + (used_mem + mem) / cap_mem)
-    score = np.where(fits, 1.0 - allocated if strategy == "least_allocated" else allocated,
-                     -np.inf)
-    best = np.flatnonzero(score >= score.max() - 1e-12)
-    h = int(rng.choice(best))
+    h = int(choose(fits, used_cpu, used_mem, cpu, mem))
     owner[int(i)] = h
     used_cpu[h] += cpu
     used_mem[h] += mem
     count[h] += 1
   return to_placement(problem, owner, slots)
+
+
+def kube_schedule(problem: cluster.Problem, strategy: str, slots: int,
+                  seed: int) -> cluster.Placement:
+  """kube-scheduler's filter and score (module docstring), pods in order."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
+  rng = np.random.default_rng(seed)
+  cap_cpu, cap_mem = np.asarray(problem.host_cpu, float), np.asarray(problem.host_mem, float)
+
+  def score(fits, used_cpu, used_mem, cpu, mem):
+    allocated = 0.5 * ((used_cpu + cpu) / cap_cpu + (used_mem + mem) / cap_mem)
+    value = np.where(fits, 1.0 - allocated if strategy == "least_allocated" else allocated,
+                     -np.inf)
+    return rng.choice(np.flatnonzero(value >= value.max() - 1e-12))
+
+  return _schedule(problem, slots, score)
 
 
 def random_schedule(problem: cluster.Problem, slots: int, seed: int) -> cluster.Placement:
-  """Each running instance on a random host where it still fits."""
+  """Each running instance on a random host of its home cluster where it still fits."""
   rng = np.random.default_rng(seed)
-  cap_cpu, cap_mem = np.asarray(problem.host_cpu, float), np.asarray(problem.host_mem, float)
-  used_cpu, used_mem = np.zeros_like(cap_cpu), np.zeros_like(cap_mem)
-  count = np.zeros(problem.num_hosts, int)
-  owner = {}
-  for i, cpu, mem, allowed in zip(*_requests(problem)):
-    fits = np.flatnonzero(allowed & (used_cpu + cpu <= cap_cpu + 1e-9) &
-                          (used_mem + mem <= cap_mem + 1e-9) & (count < slots))
-    if not fits.size:
-      raise cluster.SpecError(f"instance {i}: unschedulable (no host has cpu {cpu}, mem {mem} "
-                              "and a pod slot free); the workload is larger than the cluster")
-    h = int(rng.choice(fits))
-    owner[int(i)] = h
-    used_cpu[h] += cpu
-    used_mem[h] += mem
-    count[h] += 1
-  return to_placement(problem, owner, slots)
+  return _schedule(problem, slots, lambda fits, *_: rng.choice(np.flatnonzero(fits)))
 
 
 def milp_optimum(problem: cluster.Problem, weights: cluster.Weights, slots: int,

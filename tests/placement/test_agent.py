@@ -15,6 +15,7 @@ from research.placement import exchange
 
 TOPOLOGY = cluster.TopologySpec(racks_per_zone=2, hosts_per_rack=3)
 WEIGHTS = cluster.Weights()
+_observe = jax.jit(cluster.observe)
 
 
 def _env(seed):
@@ -26,9 +27,10 @@ def _env(seed):
 
 def test_features_have_the_documented_shapes_and_deltas_match_the_simulator():
   problem, placement, loads = _env(0)
-  obs = cluster.observe(problem, placement, loads[0])
+  obs = _observe(problem, placement, loads[0])
   space = exchange.actions_of(problem, placement)
-  x = agent_lib.action_features(problem, placement, obs, loads[0], WEIGHTS)
+  x = jax.jit(agent_lib.action_features, static_argnums=4)(problem, placement, obs, loads[0],
+                                                          WEIGHTS)
   chex.assert_shape(x, (problem.num_hosts, space.size, agent_lib.NUM_OFFER_FEATURES))
   # the network change an offer's features announce is what the move does to the total
   inv = np.asarray(placement.inventory)
@@ -38,8 +40,8 @@ def test_features_have_the_documented_shapes_and_deltas_match_the_simulator():
   moved = inv.copy()
   free = int(np.flatnonzero(moved[d] < 0)[0])
   moved[d, free], moved[h, m] = moved[h, m], -1
-  after = cluster.terms(WEIGHTS, cluster.observe(problem, cluster.Placement(jnp.asarray(moved)),
-                                                 loads[0]))
+  after = cluster.terms(WEIGHTS, _observe(problem, cluster.Placement(jnp.asarray(moved)),
+                                          loads[0]))
   before = cluster.terms(WEIGHTS, obs)
   row = x[h, 1 + m * space.neighbours + k]
   np.testing.assert_allclose(float(row[agent_lib.OFFER_DELTA]),
@@ -57,9 +59,10 @@ def test_sampled_actions_respect_the_mask_and_per_agent_params_differ_per_host(s
     assert leaf.shape[0] == problem.num_hosts
   obs = cluster.observe(problem, placement, loads[0])
   mask = np.asarray(exchange.action_mask(problem, placement, obs, True))
+  outputs = jax.jit(lambda params, key: agent_lib.policy_outputs(
+      config, nets, params, problem, placement, loads[0], WEIGHTS, key=key))
   for seed in range(5):
-    decisions, logp, entropy, value, _ = agent_lib.policy_outputs(
-        config, nets, params, problem, placement, loads[0], WEIGHTS, key=jax.random.key(seed))
+    decisions, logp, entropy, value, _ = outputs(params, jax.random.key(seed))
     action = np.asarray(decisions.action)
     assert mask[np.arange(problem.num_hosts), action].all()
     chex.assert_shape((logp, entropy, value), (problem.num_hosts,))
@@ -72,14 +75,16 @@ def test_initial_policy_is_the_local_search_prior():
   problem, placement, loads = _env(2)
   config = agent_lib.AgentConfig(hidden=16, prior_scale=3.0, prior_latency=0.5)
   nets, params = agent_lib.init_params(config, problem.num_hosts, 0)
-  obs = cluster.observe(problem, placement, loads[0])
-  x = agent_lib.action_features(problem, placement, obs, loads[0], WEIGHTS)
+  obs = _observe(problem, placement, loads[0])
+  x = jax.jit(agent_lib.action_features, static_argnums=4)(problem, placement, obs, loads[0],
+                                                          WEIGHTS)
   logits = agent_lib._logits(config, nets.actor, params.actor, x, agent_lib.OFFER_DELTA)  # pylint: disable=protected-access
   delta = np.asarray(x[..., agent_lib.OFFER_DELTA:agent_lib.OFFER_DELTA + 4])
   want = -3.0 * (delta[..., :3].sum(-1) + 0.5 * delta[..., 3])
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_update_keeps_shapes_and_moves_the_parameters():
   envs = [_env(s) for s in range(4)]
   config = agent_lib.AgentConfig(hidden=16, minibatches=2, epochs=1, reward="difference")

@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,17 +52,22 @@ def test_milp_optimum_equals_brute_force_over_every_placement(seed):
   weights = cluster.Weights(rho_max=0.4)  # tight, so that overload and capacity both bind
   slots = 3
   ids = baselines.running_instances(problem)
-  best = np.inf
+  inventories = []
   for hosts in itertools.product(range(problem.num_hosts), repeat=len(ids)):
-    if max(np.bincount(hosts)) > slots:
-      continue
-    placement = baselines.to_placement(problem, dict(zip(ids.tolist(), hosts)), slots)
-    obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
-    if np.any(np.asarray(obs.host_cpu_request) > np.asarray(problem.host_cpu) + 1e-6) or \
-       np.any(np.asarray(obs.host_mem_request) > np.asarray(problem.host_mem) + 1e-6):
-      continue
+    if max(np.bincount(hosts)) <= slots:
+      placement = baselines.to_placement(problem, dict(zip(ids.tolist(), hosts)), slots)
+      inventories.append(np.asarray(placement.inventory))
+
+  @jax.jit
+  @jax.vmap
+  def linear_cost(inventory):  # the MILP's objective (every term but SLO), inf if infeasible
+    obs = cluster.observe(problem, cluster.Placement(inventory), jnp.ones(problem.num_apps))
     t = cluster.terms(weights, obs)
-    best = min(best, float(t.cost - weights.slo * t.violations))  # the MILP's linear objective
+    fits = (jnp.all(obs.host_cpu_request <= problem.host_cpu + 1e-6) &
+            jnp.all(obs.host_mem_request <= problem.host_mem + 1e-6))
+    return jnp.where(fits, t.cost - weights.slo * t.violations, jnp.inf)
+
+  best = float(jnp.min(linear_cost(jnp.asarray(np.stack(inventories)))))
   placement, report = baselines.milp_optimum(problem, weights, slots)
   assert report["optimal"]
   np.testing.assert_allclose(report["objective"], best, rtol=1e-5)

@@ -20,7 +20,8 @@ def _problem(seed):
   workload = cluster.WorkloadSpec(apps=3, services_per_app=3, instances=18,
                                   cpu_per_replica=(0.3, 1.2), mem_per_replica=(0.5, 2.0))
   return cluster.build_problem(TOPOLOGY, cluster.generate_apps(workload, TOPOLOGY.latency_ms,
-                                                               seed))
+                                                               seed),
+                               replica_slots=4, peer_slots=2)  # one shape: one compilation
 
 
 @functools.partial(jax.jit, static_argnames="allow_scale")
@@ -38,13 +39,17 @@ def _random_round(problem, placement, key, fail_rate, allow_scale):
   return exchange.step(problem, placement, obs, decisions, alive_offer, alive_commit)
 
 
+_step = jax.jit(exchange.step)
+_observe = jax.jit(cluster.observe)
+
+
 def _held(placement):
   inv = np.asarray(placement.inventory)
   return inv[inv >= 0]
 
 
 def _check_capacity(problem, placement):
-  obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
+  obs = _observe(problem, placement, jnp.ones(problem.num_apps))
   assert np.all(np.asarray(obs.host_cpu_request) <= np.asarray(problem.host_cpu) + 1e-5)
   assert np.all(np.asarray(obs.host_mem_request) <= np.asarray(problem.host_mem) + 1e-5)
 
@@ -57,7 +62,7 @@ def test_random_exchanges_keep_capacity_and_exactly_one_owner_per_instance(seed,
   start = np.sort(_held(placement))
   key = jax.random.key(seed)
   moved = 0
-  for _ in range(40):
+  for _ in range(25):
     key, k = jax.random.split(key)
     placement, outcome = _random_round(problem, placement, k, fail_rate, allow_scale=False)
     held = _held(placement)
@@ -65,7 +70,7 @@ def test_random_exchanges_keep_capacity_and_exactly_one_owner_per_instance(seed,
     np.testing.assert_array_equal(np.sort(held), start)  # none lost, none created
     _check_capacity(problem, placement)
     moved += int(np.sum(outcome.committed))
-  assert moved > 20  # the random agents did exchange
+  assert moved > 15  # the random agents did exchange
 
 
 def test_an_agent_failing_mid_exchange_loses_no_instance():
@@ -75,16 +80,16 @@ def test_an_agent_failing_mid_exchange_loses_no_instance():
   aborted = 0
   for _ in range(30):
     key, k1, k2 = jax.random.split(key, 3)
-    obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
-    mask = exchange.action_mask(problem, placement, obs, False)
+    obs = _observe(problem, placement, jnp.ones(problem.num_apps))
+    mask = jax.jit(exchange.action_mask, static_argnums=3)(problem, placement, obs, False)
     mask = mask.at[:, 0].set(~jnp.any(mask[:, 1:], axis=1))  # everyone offers if it can
     action = jax.random.categorical(k1, jnp.where(mask, 0.0, -jnp.inf))
     shape = problem.neighbours.shape
     decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.zeros(shape))
     # every agent takes part in the offers; half of them die before the commit
     alive_commit = jax.random.bernoulli(k2, 0.5, (problem.num_hosts,))
-    new, outcome = exchange.step(problem, placement, obs, decisions,
-                                 jnp.ones(problem.num_hosts, bool), alive_commit)
+    new, outcome = _step(problem, placement, obs, decisions,
+                         jnp.ones(problem.num_hosts, bool), alive_commit)
     before = {int(i): h for h, row in enumerate(np.asarray(placement.inventory))
               for i in row if i >= 0}
     after = {int(i): h for h, row in enumerate(np.asarray(new.inventory)) for i in row if i >= 0}
@@ -118,8 +123,8 @@ def test_receiver_resolves_conflicting_offers_by_its_own_priority():
     priority = np.zeros(shape, np.float32)
     priority[0, np.flatnonzero(nbr[0] == preferred)[0]] = 1.0
     decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.asarray(priority))
-    new, outcome = exchange.step(problem, placement, obs, decisions, jnp.ones(3, bool),
-                                 jnp.ones(3, bool))
+    new, outcome = _step(problem, placement, obs, decisions, jnp.ones(3, bool),
+                         jnp.ones(3, bool))
     np.testing.assert_array_equal(np.asarray(outcome.committed),
                                   [False, preferred == 1, preferred == 2])
     held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
@@ -135,7 +140,7 @@ def test_scaling_stays_within_replica_bounds_and_never_duplicates_an_id():
     placement, _ = _random_round(problem, placement, k, 0.1, allow_scale=True)
     held = _held(placement)
     assert len(held) == len(set(held.tolist()))
-    obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
+    obs = _observe(problem, placement, jnp.ones(problem.num_apps))
     replicas = np.asarray(obs.replicas)
     assert np.all(replicas >= np.asarray(problem.svc_min_replicas))
     assert np.all(replicas <= np.asarray(problem.svc_max_replicas))
