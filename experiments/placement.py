@@ -328,7 +328,8 @@ def run(config, run_ctx) -> dict[str, Any]:
         optimum, report = baselines.milp_optimum(problem, weights, config.slots_per_host,
                                                  config.eval.milp_time_limit_s)
         row[method] = {**evaluate_static(config, problem, optimum, loads, weights),
-                       "optimal": report["optimal"], "seconds": time.perf_counter() - t0}
+                       "optimal": report["optimal"], "mip_gap": report["mip_gap"],
+                       "seconds": time.perf_counter() - t0}
         row["agents_over_milp"] = row["agents"]["final_cost"] / row["milp"]["final_cost"]
     run_ctx.log(seed, **{f"{m}_violations": row[m]["violations"] for m in config.eval.methods},
                 **({"agents_over_milp": row["agents_over_milp"]} if "milp" in row else {}))
@@ -420,20 +421,25 @@ def paper_tables(*results) -> dict[str, str]:
   goal_rows = []
   for result in results:
     s = result["summary"]
+    setting = f"{s['hosts']} hosts, {len(s['seeds'])} seeds"
+    methods = [m for m in ("agents", "prior") if m in s["mean"]]
     if "agents_over_milp" in s:
-      r = s["agents_over_milp"]
-      goal_rows.append((f"{s['hosts']} hosts, {len(s['seeds'])} seeds", "agents / MILP cost",
-                        f"{r['mean']:.3f} (min {r['min']:.3f}, max {r['max']:.3f})",
-                        "<= 1.10 on average", "met" if r["mean"] <= 1.10 else "not met"))
-    if "violations_ratio" in s and "agents_over_milp" not in s:
+      for method in methods:
+        ratios = [r[method]["final_cost"] / r["milp"]["final_cost"] for r in s["per_seed"]]
+        mean = float(np.mean(ratios))
+        goal_rows.append((setting, f"{method} / MILP cost",
+                          f"{mean:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})",
+                          "<= 1.10 on average", "met" if mean <= 1.10 else "not met"))
+    elif "better_kube" in s:
       better = s["better_kube"]
-      hosts_ok = s["mean"]["agents"]["active_hosts"] <= s["mean"][better]["active_hosts"]
-      goal_rows.append((f"{s['hosts']} hosts, {len(s['seeds'])} seeds",
-                        f"{better} violations / agents' (active hosts agents vs {better})",
-                        f"{s['violations_ratio']:.2f} ({s['mean']['agents']['active_hosts']:.1f} "
-                        f"vs {s['mean'][better]['active_hosts']:.1f})",
-                        ">= 2 at equal or fewer hosts",
-                        "met" if s["violations_ratio"] >= 2 and hosts_ok else "not met"))
+      for method in methods:
+        mine, theirs = s["mean"][method], s["mean"][better]
+        ratio = theirs["violations"] / mine["violations"] if mine["violations"] else float("inf")
+        hosts_ok = mine["active_hosts"] <= theirs["active_hosts"]
+        goal_rows.append((setting, f"{better} violations / {method}'s (active hosts {method} vs "
+                          f"{better})", f"{ratio:.2f} ({mine['active_hosts']:.1f} vs "
+                          f"{theirs['active_hosts']:.1f})", ">= 2 at equal or fewer hosts",
+                          "met" if ratio >= 2 and hosts_ok else "not met"))
   tables["goals"] = records.write_markdown_table(("setting", "measure", "value", "goal",
                                                   "status"), goal_rows)
   return tables
