@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
       "scenario": "dynamic",
       "topology": {"clusters": 2, "zones_per_cluster": 2, "racks_per_zone": 5,
                    "hosts_per_rack": 5},
-      "workload": {"apps": 40, "services_per_app": 3, "instances": 250},
+      "workload": {"apps": 40, "instances": 250},
       "weights": {"host": 0.25, "slo": 10.0, "rho_max": 0.3},
       "train": {"racks_per_zone": 1, "apps": 8, "rounds": 48, "iterations": 40},
       "eval": {"seeds": 5, "rounds": 96, "warmup_rounds": 48,

@@ -12,7 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "experiment": "placement",
-      "topology": {"racks_per_zone": 2, "hosts_per_rack": 2},
+      "topology": {"hosts_per_rack": 2},  # 2 racks of 2
       "workload": {"apps": 2, "services_per_app": 2, "instances": 6},
       "agent": {"reward": "difference", "reward_scope": "team", "discount": 0.99,
                 "prior_latency": 0.0, "prior_scale": 32.0},
