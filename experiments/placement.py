@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any
 
@@ -143,7 +144,7 @@ def validate_config(config) -> None:
       cluster.build_topology(topology)
       cluster.check_apps(cluster.generate_apps(workload_spec(config, train), topology.latency_ms,
                                                0, topology.clusters), topology.cpu, topology.mem)
-    if config.train.params_file and not __import__("os").path.exists(config.train.params_file):
+    if config.train.params_file and not os.path.exists(config.train.params_file):
       raise ValueError(f"train.params_file: no file {config.train.params_file!r}")
   except (TypeError, ValueError) as error:
     raise config_lib.ConfigError(f"config: {error}") from None
@@ -266,7 +267,7 @@ def load_params(path, template):
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def evaluate_static(config, problem, placement, loads, weights) -> dict[str, Any]:
+def evaluate_static(problem, placement, loads, weights) -> dict[str, Any]:
   """A fixed placement over the trace: per-round terms, summed / averaged."""
   terms = jax.vmap(lambda load: cluster.terms(weights, cluster.observe(problem, placement,
                                                                        load)))(loads)
@@ -319,15 +320,15 @@ def run(config, run_ctx) -> dict[str, Any]:
                                  jax.random.key(10_000 + seed))
         row[method] = _summarize(jax.device_get(terms), int(migrations))
       if method in ("least_allocated", "most_allocated"):
-        row[method] = evaluate_static(config, problem, baselines.kube_schedule(
+        row[method] = evaluate_static(problem, baselines.kube_schedule(
             problem, method, config.slots_per_host, seed), loads, weights)
       elif method == "random":
-        row[method] = evaluate_static(config, problem, placement, loads, weights)
+        row[method] = evaluate_static(problem, placement, loads, weights)
       elif method == "milp":
         t0 = time.perf_counter()
         optimum, report = baselines.milp_optimum(problem, weights, config.slots_per_host,
                                                  config.eval.milp_time_limit_s)
-        row[method] = {**evaluate_static(config, problem, optimum, loads, weights),
+        row[method] = {**evaluate_static(problem, optimum, loads, weights),
                        "optimal": report["optimal"], "mip_gap": report["mip_gap"],
                        "seconds": time.perf_counter() - t0}
         row["agents_over_milp"] = row["agents"]["final_cost"] / row["milp"]["final_cost"]

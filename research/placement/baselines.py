@@ -24,6 +24,7 @@ Placement functions are numpy and run once per problem (at load, outside jit).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 import scipy.sparse
@@ -53,7 +54,6 @@ def to_placement(problem: cluster.Problem, owner: dict[int, int] | np.ndarray,
       raise cluster.SpecError(f"host {h} would hold more than slots_per_host={slots} instances")
     inventory[h, count[h]] = i
     count[h] += 1
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return cluster.Placement(jnp.asarray(inventory))
 
 

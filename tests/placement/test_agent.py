@@ -1,7 +1,5 @@
 """The agents: local features, masked decisions, shared / per-host parameters, a PPO update."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """The simulator: bad input refused at load, the objective against a plain-numpy reference."""
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
