@@ -62,7 +62,7 @@ def config_schema() -> ml_collections.ConfigDict:
       "profile": {"repeats": 40, "load_workers": 0,   # 0: one busy process per core
                   "gap_ms": 50.0,                     # idle time before each timed call
                   "cache_dir": "runs/edge_profiles"},
-      "budget": {"latency_ms": 12.0, "memory_mb": 256.0, "headroom": 0.9,
+      "budget": {"latency_ms": 25.0, "memory_mb": 256.0, "headroom": 0.9,
                  "memory_fraction": 0.5},
       "runtime": {"band": 0.15, "alpha": 0.3, "on_infeasible": "degrade"},
       "trace": {"frame_period_ms": 50.0,
