@@ -98,7 +98,7 @@ def compile_variants(catalogue: Sequence[Sequence[variants_lib.VariantSpec]],
     for spec in specs:
       if spec.key not in params:
         raise KeyError(f"params: no entry for variant {spec.key!r}")
-      apply, _ = variants_lib.build(spec, image_size, seed=0)
+      apply, _ = variants_lib.abstract(spec, image_size)
       row.append(CompiledStage(spec, jax.jit(apply), params[spec.key]))
     stages.append(row)
   return stages

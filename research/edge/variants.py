@@ -159,21 +159,40 @@ class CNNClassifier(nnx.Module):
     return self.head(h.reshape(h.shape[0], -1))
 
 
-def build(spec: VariantSpec, image_size: int, seed: int) -> tuple[ApplyFn, Params]:
-  """The variant's pure apply function and initial params (an empty dict for `identity`)."""
-  if spec.kind == "identity":
-    return (lambda params, x: x), {}
-  rngs = nnx.Rngs(seed)
-  module = {"residual_cnn": lambda: ResidualCNN(spec.widths, rngs=rngs),
-            "linear": lambda: Linear(image_size, rngs=rngs),
-            "mlp": lambda: MLPClassifier(image_size, spec.widths, rngs=rngs),
-            "cnn": lambda: CNNClassifier(image_size, spec.widths, rngs=rngs)}[spec.kind]()
+def _module(spec: VariantSpec, image_size: int, rngs: nnx.Rngs) -> nnx.Module:
+  return {"residual_cnn": lambda: ResidualCNN(spec.widths, rngs=rngs),
+          "linear": lambda: Linear(image_size, rngs=rngs),
+          "mlp": lambda: MLPClassifier(image_size, spec.widths, rngs=rngs),
+          "cnn": lambda: CNNClassifier(image_size, spec.widths, rngs=rngs)}[spec.kind]()
+
+
+def _functional(module: nnx.Module) -> tuple[ApplyFn, Params]:
   graphdef, params = nnx.split(module, nnx.Param)
 
   def apply(params, x):
     return nnx.merge(graphdef, params)(x)
 
   return apply, params
+
+
+def _identity(params, x):
+  del params
+  return x
+
+
+def build(spec: VariantSpec, image_size: int, seed: int) -> tuple[ApplyFn, Params]:
+  """The variant's pure apply function and initial params (an empty dict for `identity`)."""
+  if spec.kind == "identity":
+    return _identity, {}
+  return _functional(_module(spec, image_size, nnx.Rngs(seed)))
+
+
+def abstract(spec: VariantSpec, image_size: int) -> tuple[ApplyFn, Params]:
+  """The apply function and the params' shapes (jax.ShapeDtypeStruct leaves), without running
+  any initializer: what loading kept params and compiling need."""
+  if spec.kind == "identity":
+    return _identity, {}
+  return _functional(nnx.eval_shape(lambda: _module(spec, image_size, nnx.Rngs(0))))
 
 
 def param_bytes(params: Params) -> int:
