@@ -165,7 +165,7 @@ def metadata(state: RuntimeState, frame_index: int, reselected: bool, measured: 
                   "measured_ms": float(m)}
                  for stage, name, p, m in zip(stage_names, selection.names,
                                               selection.predicted_ms, measured)],
-      "predicted_ms": float(sum(selection.predicted_ms)),
+      "predicted_ms": float(selection.latency_ms),
       "measured_ms": float(sum(measured)), "budget_ms": float(budget.latency_ms),
       "within_budget": bool(sum(measured) <= budget.latency_ms),
       "memory_mb": float(selection.memory_mb),

@@ -2,7 +2,7 @@
 store: it reads clocks and files, nothing else in research/edge does).
 
 A profile is a `selector.VariantProfile`: latency of one frame (p50 and p95 over `repeats`
-timed calls of the compiled variant, idle, and p95 again while a load generator keeps a known
+timed calls of the compiled variant, idle, and again while a load generator keeps a known
 fraction of the CPU busy), peak memory (the parameters plus the compiled program's arguments,
 outputs and temporaries from XLA's memory analysis) and the stage score (from accuracy,
 computed by the caller on held-out data).
@@ -30,7 +30,7 @@ import numpy as np
 
 from research.edge.selector import VariantProfile
 
-FORMAT = "meshwork.edge-profiles/1"
+FORMAT = "meshwork.edge-profiles/2"
 
 
 def machine() -> dict[str, Any]:
@@ -78,7 +78,8 @@ def measure(stage: str, name: str, jitted, params, frame, score: float, repeats:
     loaded = time_calls(call, repeats, gap_s)
     fraction = background()
   return VariantProfile(stage, name, float(np.percentile(idle, 50)),
-                        float(np.percentile(idle, 95)), float(np.percentile(loaded, 95)),
+                        float(np.percentile(idle, 95)), float(np.percentile(loaded, 50)),
+                        float(np.percentile(loaded, 95)),
                         float(min(max(fraction, 0.05), 1.0)),
                         compiled_memory_mb(jitted, params, frame), float(score))
 

@@ -19,11 +19,11 @@ CATALOGUE = (
 # Profiles chosen so that at a 10 ms budget the idle choice is small+large (3 + 5 ms) and under
 # full load identity+small (0.2 + 8 ms).
 PROFILES = (
-    (VariantProfile("denoise", "identity", 0.1, 0.2, 0.2, 1.0, 0.1, math.log(0.95)),
-     VariantProfile("denoise", "small", 2.0, 3.0, 9.0, 1.0, 1.0, 0.0)),
-    (VariantProfile("classify", "tiny", 0.5, 1.0, 2.0, 1.0, 0.1, math.log(0.80)),
-     VariantProfile("classify", "small", 1.0, 2.0, 8.0, 1.0, 0.5, math.log(0.85)),
-     VariantProfile("classify", "large", 4.0, 5.0, 20.0, 1.0, 1.0, math.log(0.90))),
+    (VariantProfile("denoise", "identity", 0.1, 0.2, 0.1, 0.2, 1.0, 0.1, math.log(0.95)),
+     VariantProfile("denoise", "small", 2.0, 3.0, 2.0, 9.0, 1.0, 1.0, 0.0)),
+    (VariantProfile("classify", "tiny", 0.5, 1.0, 0.5, 2.0, 1.0, 0.1, math.log(0.80)),
+     VariantProfile("classify", "small", 1.0, 2.0, 1.0, 8.0, 1.0, 0.5, math.log(0.85)),
+     VariantProfile("classify", "large", 4.0, 5.0, 4.0, 20.0, 1.0, 1.0, math.log(0.90))),
 )
 
 

@@ -18,7 +18,9 @@ def random_profiles(rng, stages, variants):
     row = []
     for v in range(rng.integers(1, variants + 1)):
       p95 = float(rng.uniform(0.1, 10.0))
-      row.append(VariantProfile(f"s{s}", f"v{v}", p95 * 0.8, p95, p95 * rng.uniform(1.0, 4.0),
+      loaded = p95 * rng.uniform(1.0, 4.0)
+      row.append(VariantProfile(f"s{s}", f"v{v}", p95 * rng.uniform(0.3, 1.0), p95,
+                                loaded * rng.uniform(0.3, 1.0), loaded,
                                 float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.1, 50.0)),
                                 float(np.log(rng.uniform(0.5, 1.0)))))
     out.append(row)
@@ -41,22 +43,31 @@ def test_choice_equals_brute_force_on_random_profiles(seed):
   chosen = selector.select(profiles, budget, resources)
   assert chosen.choice == expected
   assert not chosen.degraded
-  assert sum(chosen.predicted_ms) <= budget.headroom * budget.latency_ms + 1e-9
+  assert chosen.latency_ms <= budget.headroom * budget.latency_ms + 1e-9
+  assert chosen.latency_ms <= sum(chosen.predicted_ms) + 1e-9  # never above the p95s' sum
   assert chosen.memory_mb <= selector.memory_limit_mb(budget, resources) + 1e-9
   picked = [profiles[s][i] for s, i in enumerate(chosen.choice)]
   assert chosen.score == pytest.approx(sum(p.score for p in picked))
 
 
+def test_pipeline_p95_is_medians_plus_root_sum_square_of_spreads():
+  stages = [[VariantProfile("a", "x", 3.0, 7.0, 3.0, 7.0, 1.0, 1.0, 0.0)],
+            [VariantProfile("b", "y", 1.0, 4.0, 1.0, 4.0, 1.0, 1.0, 0.0)]]
+  chosen = selector.select(stages, Budget(100.0, 100.0), IDLE)
+  assert chosen.predicted_ms == (7.0, 4.0)
+  assert chosen.latency_ms == pytest.approx(4.0 + 5.0)  # 3 + 1 + sqrt(4^2 + 3^2)
+
+
 def test_ties_break_to_the_faster_pipeline_in_both():
-  row = [VariantProfile("a", "slow", 1, 4.0, 4.0, 1.0, 1.0, -0.1),
-         VariantProfile("a", "fast", 1, 2.0, 2.0, 1.0, 1.0, -0.1)]
+  row = [VariantProfile("a", "slow", 1, 4.0, 1, 4.0, 1.0, 1.0, -0.1),
+         VariantProfile("a", "fast", 1, 2.0, 1, 2.0, 1.0, 1.0, -0.1)]
   chosen = selector.select([row, row], Budget(100.0, 100.0), IDLE)
   assert chosen.choice == (1, 1) == selector.brute_force([row, row], Budget(100.0, 100.0), IDLE)
 
 
 def test_background_load_moves_the_choice_to_a_faster_variant():
-  row = [VariantProfile("c", "small", 1, 2.0, 4.0, 1.0, 1.0, math.log(0.8)),
-         VariantProfile("c", "large", 1, 6.0, 18.0, 1.0, 1.0, math.log(0.9))]
+  row = [VariantProfile("c", "small", 1, 2.0, 1, 4.0, 1.0, 1.0, math.log(0.8)),
+         VariantProfile("c", "large", 1, 6.0, 1, 18.0, 1.0, 1.0, math.log(0.9))]
   budget = Budget(latency_ms=10.0, memory_mb=100.0, headroom=1.0)
   assert selector.select([row], budget, IDLE).names == ("large",)
   loaded = IDLE._replace(cpu_background=0.5)  # large: 6 + 0.5 x 12 = 12 ms > 10
@@ -67,15 +78,15 @@ def test_background_load_moves_the_choice_to_a_faster_variant():
 
 
 def test_free_memory_limits_the_choice():
-  row = [VariantProfile("c", "small", 1, 1.0, 1.0, 1.0, 10.0, math.log(0.8)),
-         VariantProfile("c", "large", 1, 1.0, 1.0, 1.0, 300.0, math.log(0.9))]
+  row = [VariantProfile("c", "small", 1, 1.0, 1, 1.0, 1.0, 10.0, math.log(0.8)),
+         VariantProfile("c", "large", 1, 1.0, 1, 1.0, 1.0, 300.0, math.log(0.9))]
   budget = Budget(latency_ms=10.0, memory_mb=1_000.0, memory_fraction=0.5)
   assert selector.select([row], budget, IDLE).names == ("large",)
   assert selector.select([row], budget, IDLE._replace(memory_available_mb=400)).names == ("small",)
 
 
 def test_impossible_budget_raises_naming_it_or_degrades_visibly():
-  row = [VariantProfile("c", "only", 1, 30.0, 40.0, 1.0, 1.0, math.log(0.9))]
+  row = [VariantProfile("c", "only", 1, 30.0, 1, 40.0, 1.0, 1.0, math.log(0.9))]
   budget = Budget(latency_ms=10.0, memory_mb=100.0)
   with pytest.raises(selector.BudgetError, match=r"fastest \(only\) is predicted at 30.0 ms.*"
                      r"latency_ms=10.*on_infeasible='degrade'"):
@@ -86,7 +97,7 @@ def test_impossible_budget_raises_naming_it_or_degrades_visibly():
 
 
 def test_bad_profiles_are_refused_naming_the_field():
-  bad = VariantProfile("c", "x", 1, float("nan"), 1, 1.0, 1, 0.0)
+  bad = VariantProfile("c", "x", 1, float("nan"), 1, 1, 1.0, 1, 0.0)
   with pytest.raises(ValueError, match="profile c/x: p95_ms=nan"):
     selector.select([[bad]], Budget(10, 10), IDLE)
   with pytest.raises(ValueError, match="on_infeasible='never'"):

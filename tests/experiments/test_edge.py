@@ -59,9 +59,12 @@ def test_trace_pass_runs_frames_at_the_period_and_starts_and_stops_load():
   trace = edge.TracePass(((0.2, 0), (0.2, 1)), period_ms=50.0)
   seen = list(trace)
   assert len(seen) == trace.frames == 8
-  assert [w for _, _, w in seen] == [0] * 4 + [1] * 4
   times = [t for _, t, _ in seen]
-  assert times[-1] == pytest.approx(0.35, abs=0.03)
+  assert all(later > earlier for earlier, later in zip(times, times[1:]))
+  assert 0.35 <= times[-1] < 0.6  # frame 7 is due at 0.35 s (a loaded machine may be late)
+  # Each frame runs in the phase its arrival time falls in.
+  assert [w for _, _, w in seen] == [trace.phases[trace.phase_at(t)][1] for t in times]
+  assert seen[0][2] == 0 and seen[-1][2] == 1
 
 
 @pytest.mark.slow
