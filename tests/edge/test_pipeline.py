@@ -136,3 +136,19 @@ def test_runtime_refuses_profiles_that_do_not_match_the_variants():
   with pytest.raises(ValueError, match="same order"):
     pipeline.EdgeRuntime(_tiny.compiled(), _tiny.PROFILES[::-1], BUDGET,
                          resources.SequenceSource([IDLE]))
+
+
+def test_a_recorded_trace_replays_to_the_same_pipelines():
+  readings = [IDLE, LOADED, LOADED, Resources(0.5, 4_000.0, None), IDLE]
+  first = make_runtime(readings)
+  infos = [first.process(_tiny.frame())[1] for _ in readings]
+  # The metadata's resources are the readings the selections were made for: replaying them
+  # (resources.from_records) makes the same choices frame by frame.
+  recorded = resources.from_records(i["resources"] for i in infos)
+  replay = pipeline.EdgeRuntime(_tiny.compiled(), _tiny.PROFILES, BUDGET,
+                                resources.SequenceSource(recorded, keep_slowdown=True),
+                                clock=_tiny.TickClock())
+  again = [replay.process(_tiny.frame())[1] for _ in readings]
+  assert [i["pipeline_id"] for i in again] == [i["pipeline_id"] for i in infos]
+  with pytest.raises(ValueError, match="recorded resources #0"):
+    resources.from_records([{"cpu_background": 0.1}])
