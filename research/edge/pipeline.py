@@ -22,6 +22,7 @@ selection, and why this pipeline was chosen (or that it is a degraded choice).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -156,7 +157,6 @@ def metadata(state: RuntimeState, frame_index: int, reselected: bool, measured: 
              budget: Budget, stage_names: Sequence[str]) -> dict[str, Any]:
   selection = state.selection
   resources = state.at_selection
-  import math  # pylint: disable=import-outside-toplevel
   return {
       "schema": SCHEMA_ID, "frame": int(frame_index),
       "pipeline_id": pipeline_id(selection.names), "selection": state.selections - 1,

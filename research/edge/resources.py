@@ -45,9 +45,8 @@ class PsutilSource:
 
   def _sample(self):
     own = self._process.cpu_times()
-    # Children of this process are not background load for the pipeline's purposes only when
-    # they are its own workers; an experiment's load generators are children too, so only this
-    # process's own user + system time is subtracted.
+    # Only this process's own user + system time is subtracted: its children (an experiment's
+    # load generators among them) are load like any other process.
     return (self._clock(), _busy_seconds(self._psutil.cpu_times()), own.user + own.system)
 
   def read(self, slowdown: float = 1.0) -> Resources:

@@ -90,11 +90,9 @@ def digit_frames(image_size: int, noise_sigma: float, seed: int,
 
   def make(x, y):
     images = x.reshape(-1, 8, 8)
-    scale = image_size // 8
     # Smooth upsampling (bilinear through jax.image) so the denoisers have structure to keep.
     clean = np.asarray(jax.image.resize(jnp.asarray(images), (len(images), image_size,
                                                                image_size), "bilinear"))
-    del scale
     clean = clean[..., None].astype(np.float32)
     noisy = clean + noise_sigma * rng.standard_normal(clean.shape).astype(np.float32)
     return Frames(clean, noisy.astype(np.float32), y.astype(np.int32))
