@@ -146,37 +146,17 @@ def busy_cpu(workers: int, seconds: float = 600.0):
 
 # ---- variants, scores, profiles -----------------------------------------------------------
 
-def save_params(path, params: dict[str, Any]) -> None:
-  arrays = {}
-  for key, tree in params.items():
-    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      arrays[f"{key}{jax.tree_util.keystr(leaf_path)}"] = np.asarray(leaf)
-  records.atomic_save_npz(path, **arrays)
-
-
 def load_params(path, catalogue, image_size: int) -> dict[str, Any]:
-  """Variants kept by save_params, checked leaf by leaf against the catalogue's architectures."""
-  params = {}
-  with np.load(path) as kept:
-    expected = []
-    for spec in (s for stage in catalogue for s in stage):
-      _, template = variants_lib.abstract(spec, image_size)
-      leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-      values = []
-      for leaf_path, like in leaves:
-        name = f"{spec.key}{jax.tree_util.keystr(leaf_path)}"
-        expected.append(name)
-        if name not in kept.files or kept[name].shape != like.shape:
-          raise config_lib.ConfigError(
-              f"config key 'params_file': {path} has no leaf {name} of shape {like.shape} "
-              f"(data.image_size and the variant catalogue must match the training run)")
-        values.append(jnp.asarray(kept[name]))
-      params[spec.key] = jax.tree_util.tree_unflatten(treedef, values)
-    extra = sorted(set(kept.files) - set(expected))
-    if extra:
-      raise config_lib.ConfigError(f"config key 'params_file': {path} holds leaves no variant "
-                                   f"has: {extra[:4]}")
-  return params
+  """Variants kept by records.save_tree_npz ({variant key: params}), checked leaf by leaf
+  against the catalogue's architectures."""
+  like = {spec.key: variants_lib.abstract(spec, image_size)[1]
+          for stage in catalogue for spec in stage}
+  try:
+    return records.load_tree_npz(path, like)
+  except ValueError as error:
+    raise config_lib.ConfigError(
+        f"config key 'params_file': {error} (data.image_size and the variant catalogue must "
+        "match the training run)") from None
 
 
 def train_variants(config, catalogue, train: variants_lib.Frames, seed: int) -> dict[str, Any]:
@@ -376,7 +356,7 @@ def run(config, run_ctx) -> dict[str, Any]:
     params = train_variants(config, catalogue, train, config.seed)
   train_seconds = time.perf_counter() - start
   if run_ctx.workdir is not None and not config.params_file:
-    save_params(run_ctx.workdir / "variants.npz", params)
+    records.save_tree_npz(run_ctx.workdir / "variants.npz", params)
   compiled = pipeline_lib.compile_variants(catalogue, params, size)
 
   accuracy = combination_accuracy(compiled, val_x, val_y, config.data.frame_size)

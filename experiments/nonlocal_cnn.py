@@ -99,31 +99,9 @@ def params_folder(config) -> Path:
 
 
 def params_file(kind: str, sigma: float) -> str:
-  """The file name a model's params are saved under (save_params) and loaded from (init_params)."""
+  """The file name a model's params are saved under (records.save_tree_npz) and loaded from
+  (init_params, records.load_tree_npz)."""
   return f"{kind}_sigma{sigma:g}.npz"
-
-
-def flat_params(params) -> dict[str, np.ndarray]:
-  """Params as {path: array}, the layout of a saved .npz."""
-  import jax  # pylint: disable=import-outside-toplevel
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def load_params(path, like):
-  """Params saved by `save_params`, in the structure of `like` (same paths and shapes)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-  with np.load(path) as saved:
-    expected = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in leaves}
-    got = {k: saved[k].shape for k in saved.files}
-    differ = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
-    if differ:
-      raise ValueError(f"{path}: saved params do not fit the model ({len(differ)} paths differ "
-                       f"in presence or shape, e.g. {differ[0]}: saved {got.get(differ[0])}, "
-                       f"model {expected.get(differ[0])})")
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(saved[k]) for k in expected])
 
 
 def tiles(image: np.ndarray, tile: int) -> np.ndarray:
@@ -186,7 +164,7 @@ def run(config, run):
                                      abstract=bool(config.init_params), **kwargs)
       params_count[kind] = model.param_count(params)
       if config.init_params:
-        params = load_params(params_folder(config) / params_file(kind, sigma), params)
+        params = records.load_tree_npz(params_folder(config) / params_file(kind, sigma), params)
       tx = train.optimizer(config.learning_rate, config.steps)
       step = train.train_step(apply, tx)
       opt_state = tx.init(params)
@@ -199,7 +177,7 @@ def run(config, run):
         if i % 50 == 0 or i == config.steps - 1:
           run.log(i, sigma=sigma, model=kind, loss=float(loss))
       if config.save_params and run.workdir is not None:
-        records.atomic_save_npz(run.workdir / params_file(kind, sigma), **flat_params(params))
+        records.save_tree_npz(run.workdir / params_file(kind, sigma), params)
       # (c) runs its N^2 self-attention as in training ("auto": the jnp reference on CPU, where
       # the interpreted kernel would walk an N^2 grid of blocks in Python).
       impl = config.eval_impl if kind == "two_stage" else config.impl

@@ -242,29 +242,14 @@ def train_agents(config, run_ctx, weights):
   return nets, best[2], curve, validation, best[1]
 
 
-def save_params(path, params) -> None:
-  """The agents' parameters as .npz, one array per leaf path (written atomically)."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  records.atomic_save_npz(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
-
-
 def load_params(path, template):
-  """Parameters kept by save_params, checked leaf by leaf against `template`."""
-  with np.load(path) as kept:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [jax.tree_util.keystr(k) for k, _ in leaves]
-    if sorted(kept.files) != sorted(names):
-      raise config_lib.ConfigError(
-          f"config key 'train.params_file': {path} holds {sorted(kept.files)}, expected the "
-          f"leaves {sorted(names)} of agent config (hidden, sharing)")
-    values = []
-    for name, (_, like) in zip(names, leaves):
-      if kept[name].shape != like.shape:
-        raise config_lib.ConfigError(
-            f"config key 'train.params_file': {path} leaf {name} has shape {kept[name].shape}, "
-            f"expected {like.shape} (agent.hidden, agent.sharing and the host count must match)")
-      values.append(jnp.asarray(kept[name]))
-  return jax.tree_util.tree_unflatten(treedef, values)
+  """Parameters kept by records.save_tree_npz, checked leaf by leaf against `template`."""
+  try:
+    return records.load_tree_npz(path, template)
+  except ValueError as error:
+    raise config_lib.ConfigError(
+        f"config key 'train.params_file': {error} (agent.hidden, agent.sharing and the host "
+        "count must match)") from None
 
 
 def evaluate_static(problem, placement, loads, weights) -> dict[str, Any]:
@@ -289,7 +274,7 @@ def run(config, run_ctx) -> dict[str, Any]:
   nets, params, curve, validation, selected = train_agents(config, run_ctx, weights)
   train_seconds = time.perf_counter() - start
   if run_ctx.workdir is not None:
-    save_params(run_ctx.workdir / "agents.npz", params)
+    records.save_tree_npz(run_ctx.workdir / "agents.npz", params)
 
   warmup = config.eval.warmup_rounds
 

@@ -9,6 +9,7 @@ import pytest
 from experiments import edge
 from experiments import run as launcher
 from research.common import config as config_lib
+from research.common import records
 from research.edge import pipeline
 
 from tests.edge import _tiny
@@ -35,10 +36,12 @@ def test_bad_config_is_refused_naming_the_key(override, message):
 
 def test_kept_variants_load_back_and_a_mismatch_names_the_leaf(tmp_path):
   params = _tiny.params()
-  edge.save_params(tmp_path / "v.npz", params)
+  records.save_tree_npz(tmp_path / "v.npz", params)
   loaded = edge.load_params(tmp_path / "v.npz", _tiny.CATALOGUE, _tiny.SIZE)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
-  with pytest.raises(config_lib.ConfigError, match=r"no leaf classify/tiny.*of shape \(256, 10\)"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config key 'params_file': .*\['classify/large'\]\['head'\]"
+                           r"\['kernel'\]\.value: saved \(64, 10\), model \(256, 10\)"):
     edge.load_params(tmp_path / "v.npz", _tiny.CATALOGUE, 16)
 
 

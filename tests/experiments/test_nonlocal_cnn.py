@@ -68,14 +68,14 @@ def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
 
 
 def test_saved_params_round_trip(tmp_path):
-  """flat_params -> .npz -> load_params gives the model's params back, in its structure."""
+  """records.save_tree_npz -> .npz -> load_tree_npz gives the model's params back, in its structure."""
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   _, shapes, _ = model.build("two_stage", 0, abstract=True, features=8, depth=2)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-  records.atomic_save_npz(tmp_path / "p.npz", **nonlocal_cnn.flat_params(params))
-  loaded = nonlocal_cnn.load_params(tmp_path / "p.npz", shapes)
+  records.save_tree_npz(tmp_path / "p.npz", params)
+  loaded = records.load_tree_npz(tmp_path / "p.npz", shapes)
   assert jax.tree.structure(loaded) == jax.tree.structure(shapes)
   got, want = jax.tree.leaves(loaded), jax.tree.leaves(params)
   assert len(got) == len(want) > 10
@@ -83,13 +83,12 @@ def test_saved_params_round_trip(tmp_path):
 
 
 def test_saved_params_must_fit_the_model(tmp_path):
-  like = nonlocal_cnn.flat_params({"w": np.zeros((3, 4), np.float32)})
-  records.atomic_save_npz(tmp_path / "p.npz", **like)
+  records.save_tree_npz(tmp_path / "p.npz", {"w": np.zeros((3, 4), np.float32)})
   import jax  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"saved params do not fit the model \(1 paths differ"):
-    nonlocal_cnn.load_params(tmp_path / "p.npz", {"w": jax.ShapeDtypeStruct((3, 5), np.float32)})
-  loaded = nonlocal_cnn.load_params(tmp_path / "p.npz",
-                                    {"w": jax.ShapeDtypeStruct((3, 4), np.float32)})
+    records.load_tree_npz(tmp_path / "p.npz", {"w": jax.ShapeDtypeStruct((3, 5), np.float32)})
+  loaded = records.load_tree_npz(tmp_path / "p.npz",
+                                 {"w": jax.ShapeDtypeStruct((3, 4), np.float32)})
   assert loaded["w"].shape == (3, 4)
 
 
