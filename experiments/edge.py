@@ -30,6 +30,7 @@ validated against the schema and written to outputs.jsonl.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -231,7 +232,6 @@ def profile_all(config, compiled, scores, frame, context) -> tuple[list, str]:
 
 def pareto_statics(profiles) -> list[tuple[int, ...]]:
   """Combinations not dominated (slower idle p95, larger memory and less accurate) by another."""
-  import itertools  # pylint: disable=import-outside-toplevel
   combos = []
   for choice in itertools.product(*(range(len(r)) for r in profiles)):
     ps = [profiles[s][i] for s, i in enumerate(choice)]
