@@ -46,6 +46,7 @@ import numpy as np
 
 from research.common import config as config_lib
 from research.common import records
+from research.common import tree_io
 from research.edge import pipeline as pipeline_lib
 from research.edge import profiles as profiles_lib
 from research.edge import resources as resources_lib
@@ -148,12 +149,12 @@ def busy_cpu(workers: int, seconds: float = 600.0):
 # ---- variants, scores, profiles -----------------------------------------------------------
 
 def load_params(path, catalogue, image_size: int) -> dict[str, Any]:
-  """Variants kept by records.save_tree_npz ({variant key: params}), checked leaf by leaf
+  """Variants kept by tree_io.save_tree_npz ({variant key: params}), checked leaf by leaf
   against the catalogue's architectures."""
   like = {spec.key: variants_lib.abstract(spec, image_size)[1]
           for stage in catalogue for spec in stage}
   try:
-    return records.load_tree_npz(path, like)
+    return tree_io.load_tree_npz(path, like)
   except ValueError as error:
     raise config_lib.ConfigError(
         f"config key 'params_file': {error} (data.image_size and the variant catalogue must "
@@ -356,7 +357,7 @@ def run(config, run_ctx) -> dict[str, Any]:
     params = train_variants(config, catalogue, train, config.seed)
   train_seconds = time.perf_counter() - start
   if run_ctx.workdir is not None and not config.params_file:
-    records.save_tree_npz(run_ctx.workdir / "variants.npz", params)
+    tree_io.save_tree_npz(run_ctx.workdir / "variants.npz", params)
   compiled = pipeline_lib.compile_variants(catalogue, params, size)
 
   accuracy = combination_accuracy(compiled, val_x, val_y, config.data.frame_size)

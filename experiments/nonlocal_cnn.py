@@ -27,6 +27,7 @@ import numpy as np
 
 from research.common import config as config_lib
 from research.common import records
+from research.common import tree_io
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,8 +100,8 @@ def params_folder(config) -> Path:
 
 
 def params_file(kind: str, sigma: float) -> str:
-  """The file name a model's params are saved under (records.save_tree_npz) and loaded from
-  (init_params, records.load_tree_npz)."""
+  """The file name a model's params are saved under (tree_io.save_tree_npz) and loaded from
+  (init_params, tree_io.load_tree_npz)."""
   return f"{kind}_sigma{sigma:g}.npz"
 
 
@@ -164,7 +165,7 @@ def run(config, run):
                                      abstract=bool(config.init_params), **kwargs)
       params_count[kind] = model.param_count(params)
       if config.init_params:
-        params = records.load_tree_npz(params_folder(config) / params_file(kind, sigma), params)
+        params = tree_io.load_tree_npz(params_folder(config) / params_file(kind, sigma), params)
       tx = train.optimizer(config.learning_rate, config.steps)
       step = train.train_step(apply, tx)
       opt_state = tx.init(params)
@@ -177,7 +178,7 @@ def run(config, run):
         if i % 50 == 0 or i == config.steps - 1:
           run.log(i, sigma=sigma, model=kind, loss=float(loss))
       if config.save_params and run.workdir is not None:
-        records.save_tree_npz(run.workdir / params_file(kind, sigma), params)
+        tree_io.save_tree_npz(run.workdir / params_file(kind, sigma), params)
       # (c) runs its N^2 self-attention as in training ("auto": the jnp reference on CPU, where
       # the interpreted kernel would walk an N^2 grid of blocks in Python).
       impl = config.eval_impl if kind == "two_stage" else config.impl

@@ -44,6 +44,7 @@ import numpy as np
 
 from research.common import config as config_lib
 from research.common import records
+from research.common import tree_io
 from research.placement import agent as agent_lib
 from research.placement import baselines
 from research.placement import cluster
@@ -243,9 +244,9 @@ def train_agents(config, run_ctx, weights):
 
 
 def load_params(path, template):
-  """Parameters kept by records.save_tree_npz, checked leaf by leaf against `template`."""
+  """Parameters kept by tree_io.save_tree_npz, checked leaf by leaf against `template`."""
   try:
-    return records.load_tree_npz(path, template)
+    return tree_io.load_tree_npz(path, template)
   except ValueError as error:
     raise config_lib.ConfigError(
         f"config key 'train.params_file': {error} (agent.hidden, agent.sharing and the host "
@@ -274,7 +275,7 @@ def run(config, run_ctx) -> dict[str, Any]:
   nets, params, curve, validation, selected = train_agents(config, run_ctx, weights)
   train_seconds = time.perf_counter() - start
   if run_ctx.workdir is not None:
-    records.save_tree_npz(run_ctx.workdir / "agents.npz", params)
+    tree_io.save_tree_npz(run_ctx.workdir / "agents.npz", params)
 
   warmup = config.eval.warmup_rounds
 

@@ -5,8 +5,7 @@ Everything a run writes goes through here so that the guarantees hold everywhere
   folder and renamed, so a killed run never leaves a half-written file under the final name;
 - metrics are JSON lines appended one whole line per write and flushed; a reader skips a final
   line that a kill cut short (`read_metrics`).
-This module does I/O by design; it has no clocks and no module-level jax import (the FHE
-environment imports it too; the pytree helpers import jax when called).
+This module does I/O by design; it has no clocks and no jax import.
 """
 
 from __future__ import annotations
@@ -94,35 +93,6 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   return atomic_write_bytes(path, buffer.getvalue())
-
-
-def flat_tree(tree: Any) -> dict[str, np.ndarray]:
-  """A pytree as {jax.tree_util.keystr(path): array}, the layout of a saved .npz."""
-  import jax  # pylint: disable=import-outside-toplevel
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def save_tree_npz(path: str | os.PathLike, tree: Any) -> Path:
-  """A pytree of arrays (e.g. model params) as an .npz, one array per leaf path, atomically."""
-  return atomic_save_npz(path, **flat_tree(tree))
-
-
-def load_tree_npz(path: str | os.PathLike, like: Any) -> Any:
-  """Arrays saved by `save_tree_npz`, in the structure of `like` (arrays or ShapeDtypeStructs):
-  every leaf path present with its shape, no other; otherwise a ValueError naming a path."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-  with np.load(path) as saved:
-    expected = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in leaves}
-    got = {k: saved[k].shape for k in saved.files}
-    differ = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
-    if differ:
-      raise ValueError(f"{path}: saved params do not fit the model ({len(differ)} paths differ "
-                       f"in presence or shape, e.g. {differ[0]}: saved {got.get(differ[0])}, "
-                       f"model {expected.get(differ[0])})")
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(saved[k]) for k in expected])
 
 
 def atomic_save_figure(path: str | os.PathLike, figure: Any, dpi: int = 120) -> Path:

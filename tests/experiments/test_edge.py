@@ -9,7 +9,7 @@ import pytest
 from experiments import edge
 from experiments import run as launcher
 from research.common import config as config_lib
-from research.common import records
+from research.common import tree_io
 from research.edge import pipeline
 
 from tests.edge import _tiny
@@ -36,7 +36,7 @@ def test_bad_config_is_refused_naming_the_key(override, message):
 
 def test_kept_variants_load_back_and_a_mismatch_names_the_leaf(tmp_path):
   params = _tiny.params()
-  records.save_tree_npz(tmp_path / "v.npz", params)
+  tree_io.save_tree_npz(tmp_path / "v.npz", params)
   loaded = edge.load_params(tmp_path / "v.npz", _tiny.CATALOGUE, _tiny.SIZE)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   with pytest.raises(config_lib.ConfigError,

@@ -7,6 +7,7 @@ from experiments import nonlocal_cnn
 from experiments import run as launcher
 from research.common import config as config_lib
 from research.common import records
+from research.common import tree_io
 
 TINY = ["--set", "test_size=64", "--set", "tile=64", "--set", "batch_size=2", "--set",
         "patch_size=16"]
@@ -68,14 +69,14 @@ def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
 
 
 def test_saved_params_round_trip(tmp_path):
-  """records.save_tree_npz -> .npz -> load_tree_npz gives the model's params back, in its structure."""
+  """save_tree_npz -> .npz -> load_tree_npz gives the params back, in their structure."""
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   _, shapes, _ = model.build("two_stage", 0, abstract=True, features=8, depth=2)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-  records.save_tree_npz(tmp_path / "p.npz", params)
-  loaded = records.load_tree_npz(tmp_path / "p.npz", shapes)
+  tree_io.save_tree_npz(tmp_path / "p.npz", params)
+  loaded = tree_io.load_tree_npz(tmp_path / "p.npz", shapes)
   assert jax.tree.structure(loaded) == jax.tree.structure(shapes)
   got, want = jax.tree.leaves(loaded), jax.tree.leaves(params)
   assert len(got) == len(want) > 10
@@ -83,11 +84,11 @@ def test_saved_params_round_trip(tmp_path):
 
 
 def test_saved_params_must_fit_the_model(tmp_path):
-  records.save_tree_npz(tmp_path / "p.npz", {"w": np.zeros((3, 4), np.float32)})
+  tree_io.save_tree_npz(tmp_path / "p.npz", {"w": np.zeros((3, 4), np.float32)})
   import jax  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"saved params do not fit the model \(1 paths differ"):
-    records.load_tree_npz(tmp_path / "p.npz", {"w": jax.ShapeDtypeStruct((3, 5), np.float32)})
-  loaded = records.load_tree_npz(tmp_path / "p.npz",
+    tree_io.load_tree_npz(tmp_path / "p.npz", {"w": jax.ShapeDtypeStruct((3, 5), np.float32)})
+  loaded = tree_io.load_tree_npz(tmp_path / "p.npz",
                                  {"w": jax.ShapeDtypeStruct((3, 4), np.float32)})
   assert loaded["w"].shape == (3, 4)
 
