@@ -216,8 +216,8 @@ def _execute_summary(config, work: Path, reports: dict[str, Any]) -> dict[str, A
   reduced = records.read_json(work / "compare_execute_config.json")
   simulated = {s["iteration"]: s for s in reduced["snapshots"]}
   model = np.load(work / "hospital" / "model.npz")
-  # In weight-quantizer steps: both sides sit on the quantizer's grid, so a whole number up to
-  # the float error of the division (the test's tolerance allows for it).
+  # In weight-quantizer steps (the bias has its own grid, so not always a whole number); 0 when
+  # no bootstrap error hit either run, which a low p_error makes near certain.
   steps_apart = max(
       float(np.max(np.abs(np.append(w, b) - np.append(simulated[int(i)]["weights"],
                                                      simulated[int(i)]["bias"]))))
