@@ -60,6 +60,9 @@ class AgentConfig:
   epochs: int = 4
   minibatches: int = 2
   allow_scale: bool = False
+  # offers one agent accepts per round at most (0: all that fit). Agents decide at once, so
+  # several senders can pick one receiver in the same round; a cap stops them piling load on it
+  max_accepts: int = 2
   # "level": minus the local cost after the round (the dynamic objective, a sum over rounds);
   # "difference": minus its change in the round (sums to the change from start to end, the
   # static objective; far less variance, as the cost level no action of this round set drops
@@ -80,6 +83,8 @@ class AgentConfig:
     if self.reward_scope not in REWARD_SCOPES:
       raise ValueError(f"agent.reward_scope: got {self.reward_scope!r}, expected one of "
                        f"{REWARD_SCOPES}")
+    if self.max_accepts < 0:
+      raise ValueError(f"agent.max_accepts: got {self.max_accepts}, expected >= 0 (0: no cap)")
     if self.sharing not in SHARING:
       raise ValueError(f"agent.sharing: got {self.sharing!r}, expected one of {SHARING}")
 
@@ -341,7 +346,8 @@ def play_round(config, nets, params, problem, placement, load, weights, key, gre
   alive_commit = jnp.ones(num_h, bool) if alive_commit is None else alive_commit
   decisions, logp, _, value, obs = policy_outputs(config, nets, params, problem, placement,
                                                   load, weights, key=key, greedy=greedy)
-  new, outcome = exchange.step(problem, placement, obs, decisions, alive_offer, alive_commit)
+  new, outcome = exchange.step(problem, placement, obs, decisions, alive_offer, alive_commit,
+                               config.max_accepts)
   after = cluster.observe(problem, new, load)
   host_cost = (cluster.host_costs(problem, weights, after) +
                weights.migration * outcome.committed)

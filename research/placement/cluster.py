@@ -8,9 +8,10 @@ The model (everything here is data or a pure function; the simulator steps live 
   latency is O(1) at any scale. Several clusters are several distributed systems: their hosts
   are joined only through gateway links (`cluster_links`), at inter-cluster latency.
 - Each host runs one agent. An agent talks only to its neighbours (`Problem.neighbours`, a
-  symmetric graph of fixed padded degree: a ring in each rack, the same position in the next
-  rack and zone, gateways between linked clusters). It must be connected: instances travel
-  between any two hosts by successive exchanges.
+  symmetric graph of fixed padded degree: every host of its rack (or a ring in the rack,
+  `rack_links`), the same position in the next rack and zone, gateways between linked
+  clusters). It must be connected: instances travel between any two hosts by successive
+  exchanges.
 - An application is a service graph: services with replicas (instances), and calls between
   services (`per_request` calls of the callee per request of the app). A replica reserves its
   service's `cpu_request` and `mem_request` on its host (the capacity that is never exceeded,
@@ -48,6 +49,9 @@ EPS = 0.05  # the least 1 - rho a queue sees: a saturated host multiplies servic
 # -- specs (what a config describes) ------------------------------------------------------------
 
 
+RACK_LINKS = ("clique", "ring")
+
+
 @dataclasses.dataclass(frozen=True)
 class TopologySpec:
   """Identical hosts in a regular hierarchy; latencies (ms, one way) per level of `LEVELS`."""
@@ -62,6 +66,9 @@ class TopologySpec:
   # Pairs of clusters joined by gateway hosts (the first host of each rack); None: a ring over
   # the clusters (0-1, 1-2, ...). A cluster no link reaches makes the topology disconnected.
   cluster_links: tuple[tuple[int, int], ...] | None = None
+  # The neighbours inside a rack: "clique", every host of the rack (one top-of-rack switch
+  # joins them); "ring", the two next to it (a constant degree whatever the rack size).
+  rack_links: str = "clique"
 
   @property
   def num_hosts(self) -> int:
@@ -159,6 +166,8 @@ def build_topology(spec: TopologySpec) -> dict[str, np.ndarray]:
   for field in ("cpu", "mem"):
     if not getattr(spec, field) > 0:
       raise SpecError(f"topology.{field}: got {getattr(spec, field)}, expected > 0")
+  if spec.rack_links not in RACK_LINKS:
+    raise SpecError(f"topology.rack_links: got {spec.rack_links!r}, expected one of {RACK_LINKS}")
   latency = tuple(float(x) for x in spec.latency_ms)
   if len(latency) != len(LEVELS) or any(x < 0 for x in latency) or list(latency) != sorted(latency):
     raise SpecError(f"topology.latency_ms: got {spec.latency_ms}, expected {len(LEVELS)} "
@@ -176,7 +185,8 @@ def build_topology(spec: TopologySpec) -> dict[str, np.ndarray]:
       for ri in range(r):
         for p in range(n):
           h = index[ci, zi, ri, p]
-          link(h, index[ci, zi, ri, (p + 1) % n])  # ring in the rack
+          for q in (range(n) if spec.rack_links == "clique" else ((p + 1) % n,)):
+            link(h, index[ci, zi, ri, q])  # in the rack
           link(h, index[ci, zi, (ri + 1) % r, p])  # same position, next rack of the zone
           link(h, index[ci, (zi + 1) % z, ri, p])  # same position, next zone of the cluster
   links = (tuple((i, i + 1) for i in range(c - 1)) + (((c - 1, 0),) if c > 2 else ())

@@ -9,9 +9,11 @@ inventory, its instances' call partners and its neighbours' published load). One
    running instance id, may scale it, so two agents never scale one service in one round.
 2. Each receiver looks at its inbox (at most one offer per neighbour), orders the offers by its
    own priority and accepts, in that order, those it wants and that fit: CPU and memory
-   requests and inventory slots left after its own scale-up. Conflicts (several senders, one
-   receiver) are thus resolved by the receiver alone, with no arbiter; an instance is offered
-   only by its holder, so it can never be accepted twice.
+   requests and inventory slots left after its own scale-up, and at most `max_accepts` of them
+   (agents decide at once, so without a cap several senders can pile load on one receiver in
+   one round). Conflicts (several senders, one receiver) are thus resolved by the receiver
+   alone, with no arbiter; an instance is offered only by its holder, so it can never be
+   accepted twice.
 3. Commit: an accepted transfer happens only if sender and receiver are both alive at commit
    (`alive_commit`); otherwise it aborts and the instance stays with its sender. Ownership moves
    in one step (removed from the sender's inventory and added to the receiver's together), so an
@@ -141,11 +143,12 @@ def offered_instance(problem: cluster.Problem, placement: cluster.Placement,
 
 
 def step(problem: cluster.Problem, placement: cluster.Placement, obs: cluster.Observed,
-         decisions: Decisions, alive_offer: jax.Array, alive_commit: jax.Array
-         ) -> tuple[cluster.Placement, Outcome]:
+         decisions: Decisions, alive_offer: jax.Array, alive_commit: jax.Array,
+         max_accepts: int = 0) -> tuple[cluster.Placement, Outcome]:
   """One round of the protocol (module docstring). `obs` is `observe` of `placement`;
   `alive_offer` (H,) says who takes part (a dead agent sends and accepts nothing),
-  `alive_commit` (H,) who is still alive when the accepted transfers commit. Actions outside
+  `alive_commit` (H,) who is still alive when the accepted transfers commit; `max_accepts` > 0
+  caps the offers one receiver accepts in a round (0: as many as fit). Actions outside
   `action_mask` are the caller's error: offers are still rechecked by the receiver."""
   inv = placement.inventory
   num_h, num_m = inv.shape
@@ -186,16 +189,17 @@ def step(problem: cluster.Problem, placement: cluster.Placement, obs: cluster.Ob
   wants = arrived & decisions.accept
 
   def take(carry, k):
-    cpu, mem, slots = carry
+    cpu, mem, slots, room = carry
     j = order[:, k]
     ok = (wants[hosts, j] & (in_cpu[hosts, j] <= cpu + 1e-6) & (in_mem[hosts, j] <= mem + 1e-6)
-          & (slots > 0))
+          & (slots > 0) & (room > 0))
+    taken = ok.astype(jnp.int32)
     return ((cpu - jnp.where(ok, in_cpu[hosts, j], 0.0),
-             mem - jnp.where(ok, in_mem[hosts, j], 0.0), slots - ok.astype(jnp.int32)),
-            (j, ok))
+             mem - jnp.where(ok, in_mem[hosts, j], 0.0), slots - taken, room - taken), (j, ok))
 
-  _, (js, oks) = jax.lax.scan(take, (free_cpu, free_mem, free_slots),
-                              jnp.arange(problem.neighbours.shape[1]))
+  num_k = problem.neighbours.shape[1]
+  room = jnp.full(num_h, max_accepts if max_accepts > 0 else num_k, jnp.int32)
+  _, (js, oks) = jax.lax.scan(take, (free_cpu, free_mem, free_slots, room), jnp.arange(num_k))
   accepted_in = jnp.zeros_like(arrived).at[hosts[None, :], js].set(oks)  # (H, K)
 
   # the sender learns whether its offer was accepted: find itself in the receiver's inbox

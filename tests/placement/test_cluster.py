@@ -45,13 +45,27 @@ def test_a_disconnected_topology_is_refused_naming_the_unreachable_clusters():
   cluster.build_topology(dataclasses.replace(spec, cluster_links=((0, 1), (1, 2))))
 
 
-def test_neighbour_graph_is_symmetric_without_self_or_duplicate_links():
-  n = np.asarray(cluster.build_topology(TOPOLOGY)["neighbours"])
+@pytest.mark.parametrize("rack_links", cluster.RACK_LINKS)
+def test_neighbour_graph_is_symmetric_without_self_or_duplicate_links(rack_links):
+  spec = dataclasses.replace(TOPOLOGY, hosts_per_rack=5, rack_links=rack_links)
+  built = cluster.build_topology(spec)
+  n, rack = np.asarray(built["neighbours"]), np.asarray(built["host_rack"])
   for h, row in enumerate(n):
     peers = row[row >= 0].tolist()
     assert h not in peers and len(peers) == len(set(peers))
     for p in peers:
       assert h in n[p].tolist()
+    in_rack = sorted(p for p in peers if rack[p] == rack[h])
+    position = h % 5
+    expected = ([g for g in range(h - position, h - position + 5) if g != h]
+                if rack_links == "clique" else
+                sorted({h - position + (position + 1) % 5, h - position + (position - 1) % 5}))
+    assert in_rack == expected
+
+
+def test_an_unknown_rack_link_kind_is_refused_naming_the_field():
+  with pytest.raises(cluster.SpecError, match=r"topology.rack_links: got 'mesh'"):
+    cluster.build_topology(dataclasses.replace(TOPOLOGY, rack_links="mesh"))
 
 
 def test_latency_is_the_lowest_shared_level():

@@ -24,8 +24,8 @@ def _problem(seed):
                                replica_slots=4, peer_slots=2)  # one shape: one compilation
 
 
-@functools.partial(jax.jit, static_argnames="allow_scale")
-def _random_round(problem, placement, key, fail_rate, allow_scale):
+@functools.partial(jax.jit, static_argnames=("allow_scale", "max_accepts"))
+def _random_round(problem, placement, key, fail_rate, allow_scale, max_accepts=0):
   """Random legal actions, random accept wishes and inbox orders, random failures."""
   obs = cluster.observe(problem, placement, jnp.ones(problem.num_apps))
   mask = exchange.action_mask(problem, placement, obs, allow_scale)
@@ -36,10 +36,11 @@ def _random_round(problem, placement, key, fail_rate, allow_scale):
                                  jax.random.normal(k[2], shape))
   alive_offer = jax.random.uniform(k[3], (problem.num_hosts,)) >= fail_rate
   alive_commit = alive_offer & (jax.random.uniform(k[4], (problem.num_hosts,)) >= fail_rate)
-  return exchange.step(problem, placement, obs, decisions, alive_offer, alive_commit)
+  return exchange.step(problem, placement, obs, decisions, alive_offer, alive_commit,
+                       max_accepts)
 
 
-_step = jax.jit(exchange.step)
+_step = jax.jit(exchange.step, static_argnames="max_accepts")
 _observe = jax.jit(cluster.observe)
 
 
@@ -54,9 +55,10 @@ def _check_capacity(problem, placement):
   assert np.all(np.asarray(obs.host_mem_request) <= np.asarray(problem.host_mem) + 1e-5)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed, max_accepts", [(0, 0), (1, 0), (2, 1)])
 @pytest.mark.parametrize("fail_rate", [0.0, 0.3])
-def test_random_exchanges_keep_capacity_and_exactly_one_owner_per_instance(seed, fail_rate):
+def test_random_exchanges_keep_capacity_and_exactly_one_owner_per_instance(seed, fail_rate,
+                                                                          max_accepts):
   problem = _problem(seed)
   placement = baselines.random_schedule(problem, SLOTS, seed)
   start = np.sort(_held(placement))
@@ -64,7 +66,11 @@ def test_random_exchanges_keep_capacity_and_exactly_one_owner_per_instance(seed,
   moved = 0
   for _ in range(25):
     key, k = jax.random.split(key)
-    placement, outcome = _random_round(problem, placement, k, fail_rate, allow_scale=False)
+    placement, outcome = _random_round(problem, placement, k, fail_rate, allow_scale=False,
+                                       max_accepts=max_accepts)
+    if max_accepts:  # no receiver took more than the cap
+      target = np.asarray(outcome.target)[np.asarray(outcome.accepted)]
+      assert np.bincount(target, minlength=problem.num_hosts).max(initial=0) <= max_accepts
     held = _held(placement)
     assert len(held) == len(set(held.tolist())), "an instance is held by two agents"
     np.testing.assert_array_equal(np.sort(held), start)  # none lost, none created
@@ -129,6 +135,33 @@ def test_receiver_resolves_conflicting_offers_by_its_own_priority():
                                   [False, preferred == 1, preferred == 2])
     held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
     assert held0 == [preferred * num_r]  # only the preferred one fits (2 cores, 1.5 each)
+
+
+def test_a_receiver_accepts_at_most_max_accepts_offers_in_its_own_order():
+  """Hosts 1 and 2 each offer a 0.5-core instance to host 0, which has room for both."""
+  topology = cluster.TopologySpec(racks_per_zone=1, hosts_per_rack=3, cpu=2.0, mem=8.0)
+  svc = lambda n: cluster.ServiceSpec(n, 0.5, 1.0, 1.0, 1.0)
+  app = cluster.AppSpec("a", 100.0, (svc("x"), svc("y"), svc("z")), (("x", "y", 1.0),))
+  problem = cluster.build_problem(topology, [app])
+  num_r = problem.max_replica_slots
+  placement = baselines.to_placement(problem, {num_r: 1, 2 * num_r: 2}, slots=4)
+  obs = cluster.observe(problem, placement, jnp.ones(1))
+  nbr = np.asarray(problem.neighbours)
+  offer_to_0 = lambda h: 1 + int(np.flatnonzero(nbr[h] == 0)[0])  # slot 0 of sender h
+  action = jnp.asarray([0, offer_to_0(1), offer_to_0(2)])
+  shape = problem.neighbours.shape
+  alive = jnp.ones(3, bool)
+  for max_accepts, preferred in ((0, 1), (1, 1), (1, 2), (2, 2)):
+    priority = np.zeros(shape, np.float32)
+    priority[0, np.flatnonzero(nbr[0] == preferred)[0]] = 1.0
+    decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.asarray(priority))
+    new, outcome = _step(problem, placement, obs, decisions, alive, alive,
+                         max_accepts=max_accepts)
+    expected = [False, True, True] if max_accepts != 1 else [False, preferred == 1,
+                                                             preferred == 2]
+    np.testing.assert_array_equal(np.asarray(outcome.committed), expected)
+    held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
+    assert held0 == sorted(h * num_r for h in (1, 2) if expected[h])
 
 
 def test_scaling_stays_within_replica_bounds_and_never_duplicates_an_id():
