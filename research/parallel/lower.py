@@ -75,12 +75,20 @@ def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
   if plan.source.partial or plan.target.partial:
     raise LayoutError("redistribute_fn moves global arrays; a partial-sum layout exists only "
                       "inside a shard_map body (use local_fn there)")
+  from jax.sharding import AxisType, NamedSharding  # pylint: disable=import-outside-toplevel
+
   steps_mesh = plan_mesh(plan, mesh)
   start = plan.steps[0].before if plan.steps else plan.source
   goal = plan.steps[-1].after if plan.steps else plan.target
   body = jax.shard_map(local_fn(plan), mesh=steps_mesh, in_specs=start.to_spec(),
                        out_specs=goal.to_spec(), check_vma=False)
-  return jax.jit(body, out_shardings=plan.target.sharding(mesh))
+  if AxisType.Explicit not in tuple(mesh.axis_types):
+    return jax.jit(body, out_shardings=plan.target.sharding(mesh))
+  # Explicit axes carry the sharding in the array's type, which shard_map checks against
+  # in_specs: name the same placement on the refined mesh first (same devices in the same
+  # order, so no data moves), and name the result's on the caller's mesh after.
+  enter, leave = NamedSharding(steps_mesh, start.to_spec()), plan.target.sharding(mesh)
+  return jax.jit(lambda x: jax.sharding.reshard(body(jax.sharding.reshard(x, enter)), leave))
 
 
 def layout_of(array, mesh: Any) -> Layout:

@@ -55,6 +55,21 @@ def test_random_moves_are_exact_and_match_the_plan(mesh_index, cases):
   assert sum(kinds.values()) > 0  # the draw exercised some collectives
 
 
+@pytest.mark.parametrize("shape, names", [((4,), ("a",)), ((8,), ("a",)), ((2, 4), ("x", "y"))])
+def test_moves_on_explicit_axis_meshes_including_composite_sub_axes(shape, names):
+  """jax.make_mesh's default axes are Explicit: the sharding is in the array's type and
+  shard_map checks it, including when the plan splits an axis of size 4 or 8 into sub-axes."""
+  mesh = make_mesh(shape, names, explicit=True, devices=jax.devices()[:int(np.prod(shape))])
+  first = names[0]
+  check_move(mesh, (16, 8), "float32", Layout.from_spec(mesh, P(first, None), 2),
+             Layout.from_spec(mesh, P(None, None), 2))  # the case that failed: sub-axes of 'a'
+  rng = np.random.default_rng(7)
+  for case in range(3):
+    layouts = all_layouts(mesh, (16, 8, 4))
+    source, target = (layouts[i] for i in rng.integers(len(layouts), size=2))
+    check_move(mesh, (16, 8, 4), DTYPES[case], source, target)
+
+
 def test_known_case_no_all_gather_in_hlo():
   mesh = make_mesh((4, 2), ("x", "y"))
   source = Layout.from_spec(mesh, P("y", None, "x"), 3)
