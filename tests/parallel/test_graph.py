@@ -78,6 +78,12 @@ def test_loss_and_gradients_equal_the_reference(mesh, build, strategy):
   assert found == sliced.collectives(), sliced.summary()
 
 
+def test_the_pass_runs_on_an_explicit_axis_mesh_too():
+  """jax.make_mesh's default axis type: the sharding is part of each array's type."""
+  test_loss_and_gradients_equal_the_reference(make_mesh((2, 4), ("dp", "mp"), explicit=True),
+                                              models.mlp, "mixed")
+
+
 def test_inserted_redistributions(mesh):
   megatron = partitioned(models.mlp, "megatron", mesh)
   assert [r.plan.steps[0].op for r in megatron.redistributions] == [AllReduce(("mp",)),
