@@ -25,9 +25,10 @@ class LayoutError(ValueError):
 
 
 def mesh_axes_of(mesh: Any) -> tuple[tuple[str, int], ...]:
-  """(name, size) pairs in mesh order, from a `jax.sharding.Mesh`, a mapping or pairs."""
-  if hasattr(mesh, "axis_names") and hasattr(mesh, "devices"):
-    return tuple((str(n), int(s)) for n, s in zip(mesh.axis_names, mesh.devices.shape))
+  """(name, size) pairs in mesh order, from a `jax.sharding.Mesh` or `AbstractMesh`, a mapping
+  or pairs."""
+  if hasattr(mesh, "axis_names") and hasattr(mesh, "axis_sizes"):
+    return tuple((str(n), int(s)) for n, s in zip(mesh.axis_names, mesh.axis_sizes))
   items = mesh.items() if isinstance(mesh, Mapping) else mesh
   try:
     return tuple((str(n), int(s)) for n, s in items)

@@ -10,12 +10,13 @@ measure XLA's own resharding.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Callable
 
 from research.parallel import plan as plan_lib
-from research.parallel.layout import Layout, LayoutError
+from research.parallel.layout import Layout, LayoutError, mesh_axes_of
 
 
 def apply_op(block, op: plan_lib.Operator, layout: Layout):
@@ -57,15 +58,17 @@ def local_fn(plan: plan_lib.Plan) -> Callable:
 
 def plan_mesh(plan: plan_lib.Plan, mesh: Any):
   """The mesh the plan's steps act on: `mesh`, or its devices arranged as the refined mesh."""
-  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  from jax.sharding import AbstractMesh, Mesh  # pylint: disable=import-outside-toplevel
 
   axes = plan.steps[0].before.mesh_axes if plan.steps else plan.source.mesh_axes
   if axes == plan.source.mesh_axes:
     return mesh
   names, sizes = zip(*axes)
   types = dict(zip(mesh.axis_names, mesh.axis_types))
-  return Mesh(mesh.devices.reshape(sizes), names,
-              axis_types=tuple(types[n.split(":")[0]] for n in names))
+  types = tuple(types[n.split(":")[0]] for n in names)
+  if isinstance(mesh, AbstractMesh):  # a traced value's mesh (inside jit): no devices named
+    return AbstractMesh(sizes, names, axis_types=types)
+  return Mesh(mesh.devices.reshape(sizes), names, axis_types=types)
 
 
 def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
@@ -75,6 +78,13 @@ def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
   if plan.source.partial or plan.target.partial:
     raise LayoutError("redistribute_fn moves global arrays; a partial-sum layout exists only "
                       "inside a shard_map body (use local_fn there)")
+  return jax.jit(functools.partial(_run_plan, plan, mesh),
+                 out_shardings=plan.target.sharding(mesh))
+
+
+def _run_plan(plan: plan_lib.Plan, mesh: Any, x):
+  """The plan's collectives on a global value `x` (traced or not), as in redistribute_fn."""
+  import jax  # pylint: disable=import-outside-toplevel
   from jax.sharding import AxisType, NamedSharding  # pylint: disable=import-outside-toplevel
 
   steps_mesh = plan_mesh(plan, mesh)
@@ -82,13 +92,65 @@ def redistribute_fn(plan: plan_lib.Plan, mesh: Any) -> Callable:
   goal = plan.steps[-1].after if plan.steps else plan.target
   body = jax.shard_map(local_fn(plan), mesh=steps_mesh, in_specs=start.to_spec(),
                        out_specs=goal.to_spec(), check_vma=False)
-  if AxisType.Explicit not in tuple(mesh.axis_types):
-    return jax.jit(body, out_shardings=plan.target.sharding(mesh))
-  # Explicit axes carry the sharding in the array's type, which shard_map checks against
-  # in_specs: name the same placement on the refined mesh first (same devices in the same
-  # order, so no data moves), and name the result's on the caller's mesh after.
-  enter, leave = NamedSharding(steps_mesh, start.to_spec()), plan.target.sharding(mesh)
-  return jax.jit(lambda x: jax.sharding.reshard(body(jax.sharding.reshard(x, enter)), leave))
+  if AxisType.Explicit in tuple(mesh.axis_types):
+    # Explicit axes carry the sharding in the value's type, which shard_map checks against
+    # in_specs: name the same placement on the refined mesh first (same devices in the same
+    # order, so no data moves), and the result's on the caller's mesh after.
+    x = jax.sharding.reshard(x, NamedSharding(steps_mesh, start.to_spec()))
+    return jax.sharding.reshard(body(x), plan.target.sharding(mesh))
+  return jax.lax.with_sharding_constraint(body(x), plan.target.sharding(mesh))
+
+
+def reshard(x, target, mesh: Any = None, *, source=None,
+            cost_model: plan_lib.CostModel = plan_lib.CostModel()):
+  """`x` moved to the `target` layout (a Layout or a PartitionSpec) by the planned collectives;
+  a drop-in for `jax.sharding.reshard` / `with_sharding_constraint` that works inside `jit` and
+  under `jax.grad` (its transpose is the plan of the reverse move, target -> source).
+
+  The source layout is `source` (a Layout or PartitionSpec) if given, else read from `x`: from
+  its type on an Explicit-axis mesh (also while tracing), or from a concrete array's
+  NamedSharding. `mesh` defaults to the one in x's sharding; a mesh given must be that one.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  typed = spec is not None and any(entry is not None for entry in spec)
+  if not typed and not isinstance(x, jax.core.Tracer):
+    sharding = getattr(x, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    typed = spec is not None
+  if mesh is None:
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None:
+      raise LayoutError("reshard: no mesh given and none in x's sharding (pass mesh=, and "
+                        "source= for a traced value on an Auto-axis mesh)")
+  if source is None:
+    if not typed:
+      raise LayoutError("reshard: x's source layout is unknown inside jit on an Auto-axis mesh; "
+                        "pass source= (a Layout or PartitionSpec)")
+    source = spec
+  as_layout = lambda l: l if isinstance(l, Layout) else Layout.from_spec(mesh, l, x.ndim)
+  source, target = as_layout(source), as_layout(target)
+  for name, layout in (("source", source), ("target", target)):
+    if layout.mesh_axes != mesh_axes_of(mesh):
+      raise LayoutError(f"reshard: {name} layout is on mesh {dict(layout.mesh_axes)}, x's mesh "
+                        f"is {dict(mesh_axes_of(mesh))}")
+  forward = plan_lib.plan_redistribution(x.shape, x.dtype, source, target, cost_model)
+  backward = plan_lib.plan_redistribution(x.shape, x.dtype, target, source, cost_model)
+
+  @jax.custom_vjp
+  def move(value):
+    return _run_plan(forward, mesh, value)
+
+  def move_fwd(value):
+    return move(value), None
+
+  def move_bwd(_, cotangent):
+    return (_run_plan(backward, mesh, cotangent),)
+
+  move.defvjp(move_fwd, move_bwd)
+  return move(x)
 
 
 def layout_of(array, mesh: Any) -> Layout:

@@ -137,3 +137,50 @@ def test_hlo_reader_formats():
       ("all-to-all", 32 / 2), ("all-reduce", 2 * 20 * 7 / 8), ("collective-permute", 24.0), ("collective-permute", 0.0),
       ("collective-permute", 96.0), ("all-gather", 192 * 3 / 4)]
   assert lower.replicates(text, 512) and not lower.replicates(text, 513)  # %a is the largest
+
+
+def _collectives(fn, *args, devices=8):
+  return collections.Counter(k for k, _ in lower.hlo_collectives(lower.compiled_text(fn, *args),
+                                                                 devices))
+
+
+def test_reshard_inside_jit_and_under_grad_runs_the_planned_collectives():
+  mesh = make_mesh((2, 4), ("x", "y"), explicit=True)
+  source, target = P("x", "y"), P("y", None)
+  value = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8)
+  x = jax.device_put(value, jax.sharding.NamedSharding(mesh, source))
+  weight = jax.device_put(value[::-1] / 7, jax.sharding.NamedSharding(mesh, target))
+  forward = plan_lib.plan_redistribution(value.shape, value.dtype, Layout.from_spec(
+      mesh, source, 2), Layout.from_spec(mesh, target, 2))
+  backward = plan_lib.plan_redistribution(value.shape, value.dtype, Layout.from_spec(
+      mesh, target, 2), Layout.from_spec(mesh, source, 2))
+  assert forward.collectives() and backward.collectives()
+
+  moved = jax.jit(lambda a: lower.reshard(a, target) * 2.0)  # the layout read from a's type
+  out = moved(x)
+  np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(value))
+  assert out.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, target), 2)
+  assert _collectives(moved, x) == forward.collectives()
+
+  grad = jax.jit(jax.grad(lambda a, w: jnp.sum(lower.reshard(a, target) * w)))
+  g = grad(x, weight)  # d/da sum(move(a) * w) = w moved back: the reverse plan
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(weight))
+  assert g.sharding.is_equivalent_to(x.sharding, 2)
+  assert _collectives(grad, x, weight) == backward.collectives()
+
+
+def test_reshard_on_an_auto_mesh_takes_the_source_layout_inside_jit():
+  mesh = make_mesh((2, 4), ("x", "y"))
+  value = jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16)
+  x = jax.device_put(value, jax.sharding.NamedSharding(mesh, P(None, ("x", "y"))))
+  out = jax.jit(lambda a: lower.reshard(a, P("y", "x"), mesh, source=P(None, ("x", "y"))))(x)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(value))
+  assert out.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("y", "x")), 2)
+  np.testing.assert_array_equal(np.asarray(lower.reshard(x, P("x", None))), np.asarray(value))
+  with pytest.raises(LayoutError, match="pass source="):
+    jax.jit(lambda a: lower.reshard(a, P("y", "x"), mesh))(x)
+  with pytest.raises(LayoutError, match="'z'"):
+    lower.reshard(x, P("z", None))
+  other = make_mesh((4, 2), ("x", "y"))
+  with pytest.raises(LayoutError, match="mesh"):
+    lower.reshard(x, Layout.from_spec(other, P("x", None), 2))
