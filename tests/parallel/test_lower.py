@@ -181,6 +181,10 @@ def test_reshard_on_an_auto_mesh_takes_the_source_layout_inside_jit():
     jax.jit(lambda a: lower.reshard(a, P("y", "x"), mesh))(x)
   with pytest.raises(LayoutError, match="'z'"):
     lower.reshard(x, P("z", None))
+  odd = jax.device_put(jnp.zeros((6, 16)), jax.sharding.NamedSharding(mesh, P(None, "y")))
+  with pytest.raises(LayoutError, match=r"dimension 0 of shape \(6, 16\) has size 6, not "
+                                        r"divisible by mesh axes \('y',\)"):
+    lower.reshard(odd, P("y", None))
   other = make_mesh((4, 2), ("x", "y"))
   with pytest.raises(LayoutError, match="mesh"):
     lower.reshard(x, Layout.from_spec(other, P("x", None), 2))
