@@ -137,7 +137,6 @@ def reshard(x, target, mesh: Any = None, *, source=None,
       raise LayoutError(f"reshard: {name} layout is on mesh {dict(layout.mesh_axes)}, x's mesh "
                         f"is {dict(mesh_axes_of(mesh))}")
   forward = plan_lib.plan_redistribution(x.shape, x.dtype, source, target, cost_model)
-  backward = plan_lib.plan_redistribution(x.shape, x.dtype, target, source, cost_model)
 
   @jax.custom_vjp
   def move(value):
@@ -146,7 +145,8 @@ def reshard(x, target, mesh: Any = None, *, source=None,
   def move_fwd(value):
     return move(value), None
 
-  def move_bwd(_, cotangent):
+  def move_bwd(_, cotangent):  # planned only when a gradient is taken
+    backward = plan_lib.plan_redistribution(x.shape, x.dtype, target, source, cost_model)
     return (_run_plan(backward, mesh, cotangent),)
 
   move.defvjp(move_fwd, move_bwd)

@@ -185,21 +185,22 @@ def step(problem: cluster.Problem, placement: cluster.Placement, obs: cluster.Ob
   free_cpu = problem.host_cpu - obs.host_cpu_request - up_cpu
   free_mem = problem.host_mem - obs.host_mem_request - up_mem
   free_slots = num_m - obs.host_count - up.astype(jnp.int32)
+  if max_accepts > 0:  # the cap is one more bound on what the receiver can take this round
+    free_slots = jnp.minimum(free_slots, max_accepts)
   order = jnp.argsort(-jnp.where(arrived, decisions.priority, -jnp.inf), axis=1, stable=True)
   wants = arrived & decisions.accept
 
   def take(carry, k):
-    cpu, mem, slots, room = carry
+    cpu, mem, slots = carry
     j = order[:, k]
     ok = (wants[hosts, j] & (in_cpu[hosts, j] <= cpu + 1e-6) & (in_mem[hosts, j] <= mem + 1e-6)
-          & (slots > 0) & (room > 0))
-    taken = ok.astype(jnp.int32)
+          & (slots > 0))
     return ((cpu - jnp.where(ok, in_cpu[hosts, j], 0.0),
-             mem - jnp.where(ok, in_mem[hosts, j], 0.0), slots - taken, room - taken), (j, ok))
+             mem - jnp.where(ok, in_mem[hosts, j], 0.0), slots - ok.astype(jnp.int32)),
+            (j, ok))
 
-  num_k = problem.neighbours.shape[1]
-  room = jnp.full(num_h, max_accepts if max_accepts > 0 else num_k, jnp.int32)
-  _, (js, oks) = jax.lax.scan(take, (free_cpu, free_mem, free_slots, room), jnp.arange(num_k))
+  _, (js, oks) = jax.lax.scan(take, (free_cpu, free_mem, free_slots),
+                              jnp.arange(problem.neighbours.shape[1]))
   accepted_in = jnp.zeros_like(arrived).at[hosts[None, :], js].set(oks)  # (H, K)
 
   # the sender learns whether its offer was accepted: find itself in the receiver's inbox

@@ -111,36 +111,12 @@ def test_an_agent_failing_mid_exchange_loses_no_instance():
   assert aborted > 5
 
 
-def test_receiver_resolves_conflicting_offers_by_its_own_priority():
-  """Hosts 1 and 2 each offer a 1.5-core instance to host 0 (2 cores, empty): one fits."""
+def _two_offers_to_host_0(cpu_request):
+  """Hosts 1 and 2 each offer their one instance (`cpu_request` cores) to host 0 (2 cores,
+  empty). Returns step(max_accepts, preferred) -> (committed, instances host 0 holds), where
+  host 0 ranks the offer of host `preferred` first; and the replica slot count."""
   topology = cluster.TopologySpec(racks_per_zone=1, hosts_per_rack=3, cpu=2.0, mem=8.0)
-  svc = lambda n: cluster.ServiceSpec(n, 1.5, 1.0, 1.0, 1.0)
-  app = cluster.AppSpec("a", 100.0, (svc("x"), svc("y"), svc("z")), (("x", "y", 1.0),))
-  problem = cluster.build_problem(topology, [app])
-  num_r = problem.max_replica_slots
-  placement = baselines.to_placement(problem, {num_r: 1, 2 * num_r: 2}, slots=4)
-  obs = cluster.observe(problem, placement, jnp.ones(1))
-  actions = exchange.actions_of(problem, placement)
-  nbr = np.asarray(problem.neighbours)
-  offer_to_0 = lambda h: 1 + 0 * actions.neighbours + int(np.flatnonzero(nbr[h] == 0)[0])
-  action = jnp.asarray([0, offer_to_0(1), offer_to_0(2)])
-  shape = problem.neighbours.shape
-  for preferred in (1, 2):
-    priority = np.zeros(shape, np.float32)
-    priority[0, np.flatnonzero(nbr[0] == preferred)[0]] = 1.0
-    decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.asarray(priority))
-    new, outcome = _step(problem, placement, obs, decisions, jnp.ones(3, bool),
-                         jnp.ones(3, bool))
-    np.testing.assert_array_equal(np.asarray(outcome.committed),
-                                  [False, preferred == 1, preferred == 2])
-    held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
-    assert held0 == [preferred * num_r]  # only the preferred one fits (2 cores, 1.5 each)
-
-
-def test_a_receiver_accepts_at_most_max_accepts_offers_in_its_own_order():
-  """Hosts 1 and 2 each offer a 0.5-core instance to host 0, which has room for both."""
-  topology = cluster.TopologySpec(racks_per_zone=1, hosts_per_rack=3, cpu=2.0, mem=8.0)
-  svc = lambda n: cluster.ServiceSpec(n, 0.5, 1.0, 1.0, 1.0)
+  svc = lambda n: cluster.ServiceSpec(n, cpu_request, 1.0, 1.0, 1.0)
   app = cluster.AppSpec("a", 100.0, (svc("x"), svc("y"), svc("z")), (("x", "y", 1.0),))
   problem = cluster.build_problem(topology, [app])
   num_r = problem.max_replica_slots
@@ -149,18 +125,35 @@ def test_a_receiver_accepts_at_most_max_accepts_offers_in_its_own_order():
   nbr = np.asarray(problem.neighbours)
   offer_to_0 = lambda h: 1 + int(np.flatnonzero(nbr[h] == 0)[0])  # slot 0 of sender h
   action = jnp.asarray([0, offer_to_0(1), offer_to_0(2)])
-  shape = problem.neighbours.shape
-  alive = jnp.ones(3, bool)
-  for max_accepts, preferred in ((0, 1), (1, 1), (1, 2), (2, 2)):
+  shape, alive = problem.neighbours.shape, jnp.ones(3, bool)
+
+  def step(max_accepts, preferred):
     priority = np.zeros(shape, np.float32)
     priority[0, np.flatnonzero(nbr[0] == preferred)[0]] = 1.0
     decisions = exchange.Decisions(action, jnp.ones(shape, bool), jnp.asarray(priority))
     new, outcome = _step(problem, placement, obs, decisions, alive, alive,
                          max_accepts=max_accepts)
+    held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
+    return np.asarray(outcome.committed), held0
+
+  return step, num_r
+
+
+def test_receiver_resolves_conflicting_offers_by_its_own_priority():
+  step, num_r = _two_offers_to_host_0(1.5)  # only one fits in 2 cores
+  for preferred in (1, 2):
+    committed, held0 = step(0, preferred)
+    np.testing.assert_array_equal(committed, [False, preferred == 1, preferred == 2])
+    assert held0 == [preferred * num_r]
+
+
+def test_a_receiver_accepts_at_most_max_accepts_offers_in_its_own_order():
+  step, num_r = _two_offers_to_host_0(0.5)  # both fit
+  for max_accepts, preferred in ((0, 1), (1, 1), (1, 2), (2, 2)):
+    committed, held0 = step(max_accepts, preferred)
     expected = [False, True, True] if max_accepts != 1 else [False, preferred == 1,
                                                              preferred == 2]
-    np.testing.assert_array_equal(np.asarray(outcome.committed), expected)
-    held0 = sorted(int(i) for i in np.asarray(new.inventory)[0] if i >= 0)
+    np.testing.assert_array_equal(committed, expected)
     assert held0 == sorted(h * num_r for h in (1, 2) if expected[h])
 
 
