@@ -210,7 +210,19 @@ class Layout:
 
   def with_dims(self, dims: Sequence[tuple[str, ...]], partial: Sequence[str] | None = None
                 ) -> "Layout":
-    return Layout(self.mesh_axes, tuple(dims), self.partial if partial is None else tuple(partial))
+    """The same mesh with new dims (tuples of this mesh's axis names, each used once) and
+    partial axes; the planner's edit, so it skips the constructor's checks (its callers keep
+    to these rules) but keeps partial axes in mesh order."""
+    layout = object.__new__(Layout)
+    if partial is None:
+      partial = self.partial
+    elif len(partial) > 1:
+      names = self.axis_names
+      partial = tuple(sorted(set(partial), key=names.index))
+    object.__setattr__(layout, "mesh_axes", self.mesh_axes)
+    object.__setattr__(layout, "dims", tuple(tuple(axes) for axes in dims))
+    object.__setattr__(layout, "partial", tuple(partial))
+    return layout
 
   def __str__(self) -> str:
     return _dims_str(self.dims, self.partial)

@@ -34,6 +34,8 @@ def apply_op(block, op: plan_lib.Operator, layout: Layout):
     return jax.lax.all_gather(block, op.axes, axis=op.dim, tiled=True)
   if isinstance(op, plan_lib.AllToAll):
     return jax.lax.all_to_all(block, op.axes, op.dst_dim, op.src_dim, tiled=True)
+  if isinstance(op, plan_lib.FusedAllToAll):
+    return _fused_all_to_all(block, op, layout)
   if isinstance(op, plan_lib.ReduceScatter):
     return jax.lax.psum_scatter(block, op.axes, scatter_dimension=op.dim, tiled=True)
   if isinstance(op, plan_lib.AllReduce):
@@ -42,6 +44,42 @@ def apply_op(block, op: plan_lib.Operator, layout: Layout):
     pairs = plan_lib.permute_pairs(layout, op.target)
     return jax.lax.ppermute(block, layout.axis_names, perm=pairs)
   raise TypeError(f"unknown redistribution operator {op!r}")
+
+
+def _fused_all_to_all(block, op: plan_lib.FusedAllToAll, layout: Layout):
+  """Several all-to-alls as one over the product of their groups: each destination dimension
+  is cut into its group's pieces, the pieces are stacked in front (one axis of the group's
+  size, the moves' axes major to minor) and exchanged with one `all_to_all`; what arrives
+  from the peer at group coordinate j of a move is its source dimension's j-th part."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  sizes = layout.axis_sizes
+  groups = [math.prod(sizes[a] for a in axes) for axes, _, _ in op.moves]
+  dst = {d: k for k, (_, _, d) in enumerate(op.moves)}
+  split_shape, piece_axes = [], [None] * len(groups)
+  for d, n in enumerate(block.shape):
+    if d in dst:
+      piece_axes[dst[d]] = len(split_shape)
+      split_shape += [groups[dst[d]], n // groups[dst[d]]]
+    else:
+      split_shape.append(n)
+  x = block.reshape(split_shape)
+  x = jax.numpy.moveaxis(x, piece_axes, list(range(len(groups))))
+  rest = x.shape[len(groups):]
+  x = x.reshape((math.prod(groups),) + rest)
+  x = jax.lax.all_to_all(x, op.axes, 0, 0, tiled=True)
+  x = x.reshape(tuple(groups) + rest)
+  # Each received-group axis goes in front of its move's source dimension and merges with it.
+  order, merged = [], []
+  for d in range(len(rest)):
+    k = next((k for k, (_, src, _) in enumerate(op.moves) if src == d), None)
+    if k is not None:
+      order.append(k)
+      merged.append(groups[k] * rest[d])
+    else:
+      merged.append(rest[d])
+    order.append(len(groups) + d)
+  return x.transpose(order).reshape(merged)
 
 
 def local_fn(plan: plan_lib.Plan) -> Callable:

@@ -111,6 +111,37 @@ class AllToAll:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedAllToAll:
+  """Several all-to-alls in one collective over the product of their groups (as Shardy emits):
+  `moves` are (axes, src_dim, dst_dim) with distinct source and destination dimensions, none
+  both. Each device receives (n - 1) / n of its block for the whole group of n devices, fewer
+  bytes than the moves one after another."""
+
+  moves: tuple[tuple[tuple[str, ...], int, int], ...]
+  collective = "all-to-all"
+
+  def __post_init__(self):
+    src = [m[1] for m in self.moves]
+    dst = [m[2] for m in self.moves]
+    if len(self.moves) < 2 or len(set(src)) != len(src) or len(set(dst)) != len(dst) or (
+        set(src) & set(dst)):
+      raise LayoutError(f"fused all-to-all {self.moves}: expected two or more moves with "
+                        "distinct source dims, distinct destination dims, and none both")
+
+  @property
+  def axes(self) -> tuple[str, ...]:
+    return tuple(a for axes, _, _ in self.moves for a in axes)
+
+  def apply(self, layout: Layout) -> Layout:
+    for axes, src, dst in self.moves:
+      layout = AllToAll(axes, src, dst).apply(layout)
+    return layout
+
+  def received_bytes(self, before: int, after: int, n: int) -> float:
+    return before * (n - 1) / n
+
+
+@dataclasses.dataclass(frozen=True)
 class ReduceScatter:
   dim: int
   axes: tuple[str, ...]
@@ -153,7 +184,7 @@ class Permute:
     return float(after)
 
 
-Operator = Slice | AllGather | AllToAll | ReduceScatter | AllReduce | Permute
+Operator = Slice | AllGather | AllToAll | FusedAllToAll | ReduceScatter | AllReduce | Permute
 
 
 def describe(op: Operator) -> str:
@@ -165,6 +196,10 @@ def describe(op: Operator) -> str:
     return f"all-gather(dim {op.dim} over {axes})"
   if isinstance(op, AllToAll):
     return f"all-to-all({axes}: dim {op.src_dim} -> dim {op.dst_dim})"
+  if isinstance(op, FusedAllToAll):
+    return "all-to-all(" + "; ".join(
+        f"{a[0] if len(a) == 1 else '(' + ','.join(a) + ')'}: dim {src} -> dim {dst}"
+        for a, src, dst in op.moves) + ")"
   if isinstance(op, ReduceScatter):
     return f"reduce-scatter(dim {op.dim} over {axes})"
   if isinstance(op, AllReduce):
@@ -197,16 +232,30 @@ class CostModel:
     return cls(tuple(sorted((alpha or {}).items())), tuple(sorted((beta or {}).items())),
                **defaults)
 
+  @property
+  def min_beta(self) -> float:
+    """The smallest seconds per byte of any axis (A*'s heuristic scales the byte bound by it)."""
+    return min([self.default_beta] + [b for _, b in self.beta])
+
+  @property
+  def min_alpha(self) -> float:
+    return min([self.default_alpha] + [a for _, a in self.alpha])
+
   def seconds(self, op: Operator, layout: Layout, received: float) -> float:
     if op.collective is None:
       return 0.0
-    alphas, betas = dict(self.alpha), dict(self.beta)
+    alphas, betas = _as_dicts(self.alpha, self.beta)
     # A sub-axis ('y:0') of a refined mesh costs what its mesh axis ('y') costs.
     axes = [a.split(":")[0] for a in op.axes]
     alpha = max(alphas.get(a, self.default_alpha) for a in axes)
     beta = max(betas.get(a, self.default_beta) for a in axes)
     hops = 1 if isinstance(op, Permute) else _group(layout, op.axes) - 1
     return self.launch + alpha * hops + beta * received
+
+
+@functools.lru_cache(maxsize=64)
+def _as_dicts(alpha, beta):
+  return dict(alpha), dict(beta)
 
 
 # -- plans -----------------------------------------------------------------------------------
@@ -259,7 +308,12 @@ class Plan:
 
 
 def local_bytes(layout: Layout, shape: Sequence[int], dtype: Any) -> int:
-  return math.prod(layout.shard_shape(shape)) * np.dtype(dtype).itemsize
+  return _local_bytes(layout, tuple(int(s) for s in shape), np.dtype(dtype).itemsize)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _local_bytes(layout: Layout, shape: tuple[int, ...], itemsize: int) -> int:
+  return math.prod(layout.shard_shape(shape)) * itemsize
 
 
 def _ordered_subsets(axes: Sequence[str]) -> list[tuple[str, ...]]:
@@ -280,6 +334,7 @@ def neighbours(layout: Layout, shape: tuple[int, ...]) -> list[Operator]:
   def fits(dim: int, axes: tuple[str, ...], current: Layout) -> bool:
     return shape[dim] % (current.shards(dim) * _group(current, axes)) == 0
 
+  moves: list[AllToAll] = []
   for d, axes in enumerate(layout.dims):
     for k in range(1, len(axes) + 1):
       suffix = axes[len(axes) - k:]
@@ -287,7 +342,9 @@ def neighbours(layout: Layout, shape: tuple[int, ...]) -> list[Operator]:
       ops.append(gathered)
       for e in range(rank):
         if e != d and fits(e, suffix, gathered.apply(layout)):
-          ops.append(AllToAll(suffix, d, e))
+          moves.append(AllToAll(suffix, d, e))
+  ops += moves
+  ops += _fused(moves, rank)
   for group in _ordered_subsets(layout.free_axes):
     for e in range(rank):
       if fits(e, group, layout):
@@ -305,6 +362,18 @@ def neighbours(layout: Layout, shape: tuple[int, ...]) -> list[Operator]:
   return ops
 
 
+def _fused(moves: Sequence[AllToAll], rank: int) -> list[FusedAllToAll]:
+  """Every set of two or more all-to-alls that one collective can run together."""
+  fused = []
+  for k in range(2, rank // 2 + 1):
+    for group in itertools.combinations(moves, k):
+      src = [m.src_dim for m in group]
+      dst = [m.dst_dim for m in group]
+      if len(set(src)) == k and len(set(dst)) == k and not set(src) & set(dst):
+        fused.append(FusedAllToAll(tuple((m.axes, m.src_dim, m.dst_dim) for m in group)))
+  return fused
+
+
 @functools.lru_cache(maxsize=256)
 def _same_block_shape(mesh_axes, shape) -> dict[tuple[int, ...], list[Layout]]:
   """Non-partial layouts of `shape` grouped by local block shape (Permute's reach)."""
@@ -319,7 +388,7 @@ def _step(op: Operator, layout: Layout, after_layout: Layout, shape, dtype,
   """`op` taking `layout` to `after_layout` (= op.apply(layout)), costed."""
   before, after = local_bytes(layout, shape, dtype), local_bytes(after_layout, shape, dtype)
   if isinstance(op, Permute):
-    moved = op.received_bytes(before, after, 0) if _permute_pairs_moving(layout, after_layout) else 0.0
+    moved = op.received_bytes(before, after, 0) if _blocks_move(layout, after_layout) else 0.0
   else:
     moved = op.received_bytes(before, after, _group(layout, op.axes))
   return Step(op, layout, after_layout, moved, cost_model.seconds(op, layout, moved),
@@ -365,15 +434,383 @@ def _search(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
   return tuple(reversed(steps))
 
 
+# -- large meshes: settled axes, then A* ------------------------------------------------------
+
+# A move whose unsettled part has at most this many layouts on the refined mesh is searched
+# exactly (A* over every edge; the benchmark's 8-device meshes always are); larger ones on the
+# unrefined mesh over fewer edges, within a budget of expansions.
+EXACT_MAX_LAYOUTS = 200
+# A* expansions before the best plan found so far (at worst gather-then-slice) is returned.
+MAX_EXPANSIONS = 30
+
+
+def count_layouts(num_axes: int, rank: int) -> int:
+  """Non-partial layouts of a rank-`rank` tensor on `num_axes` mesh axes, ignoring divisibility:
+  choose k axes, order them, and cut the order into `rank` (possibly empty) runs."""
+  if rank == 0:
+    return 1
+  return sum(math.comb(num_axes, k) * math.factorial(k) * math.comb(k + rank - 1, rank - 1)
+             for k in range(num_axes + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settled:
+  """What a move leaves alone: per dimension the common major-most axes of source and target,
+  and the partial axes both keep. (Axes free in both stay: a plan may split by one for a while.)"""
+
+  prefix: tuple[tuple[str, ...], ...]
+  partial: tuple[str, ...]
+  mesh_axes: tuple[tuple[str, int], ...]  # the full (refined) mesh
+
+  def lift(self, reduced: Layout) -> Layout:
+    dims = tuple(p + d for p, d in zip(self.prefix, reduced.dims))
+    return Layout(self.mesh_axes, dims, self.partial + reduced.partial)
+
+
+def _settle(shape: tuple[int, ...], source: Layout, target: Layout):
+  """(settled, reduced shape, reduced source, reduced target): the move without the axes it
+  leaves alone. A settled prefix axis splits source and target the same way, so each group of
+  devices it defines runs the same smaller move on its part of the tensor."""
+  prefix = []
+  for src, dst in zip(source.dims, target.dims):
+    k = 0
+    while k < min(len(src), len(dst)) and src[k] == dst[k]:
+      k += 1
+    prefix.append(src[:k])
+  both_partial = tuple(a for a in source.partial if a in target.partial)
+  frozen = {a for p in prefix for a in p} | set(both_partial)
+  moving = tuple((n, size) for n, size in source.mesh_axes if n not in frozen)
+  sizes = source.axis_sizes
+  reduced_shape = tuple(n // math.prod(sizes[a] for a in p) for n, p in zip(shape, prefix))
+
+  def reduce(layout: Layout) -> Layout:
+    return Layout(moving, tuple(axes[len(p):] for axes, p in zip(layout.dims, prefix)),
+                  tuple(a for a in layout.partial if a not in both_partial))
+
+  return (_Settled(tuple(prefix), both_partial, source.mesh_axes), reduced_shape, reduce(source),
+          reduce(target))
+
+
+def _lift_op(op: Operator, settled: _Settled) -> Operator:
+  return Permute(settled.lift(op.target)) if isinstance(op, Permute) else op
+
+
+class _Bound:
+  """`lower_bound_bytes` against one target on a mesh given by its axes, vectorized over the
+  devices in numpy (no jax mesh), so A* can evaluate it at every state."""
+
+  def __init__(self, target: Layout, shape: tuple[int, ...], itemsize: int):
+    self.names = target.axis_names
+    self.sizes = target.axis_sizes
+    sizes = [s for _, s in target.mesh_axes]
+    self.coords = np.indices(sizes).reshape(len(sizes), -1)  # (axes, devices)
+    self.shape = np.asarray(shape)
+    self.itemsize = itemsize
+    self.target_start, self.target_len = self._intervals(target)
+    self.target_end = self.target_start + self.target_len[:, None]
+    self.volume = int(np.prod(self.target_len))
+    self.cache: dict[Layout, float] = {}
+
+  def _intervals(self, layout: Layout):
+    """Per dimension and device, the first index and the length of the device's block."""
+    weights = np.zeros((layout.rank, len(self.names)), np.int64)
+    shards = np.ones(layout.rank, np.int64)
+    for d, axes in enumerate(layout.dims):
+      stride = 1
+      for a in reversed(axes):
+        weights[d, self.names.index(a)] = stride
+        stride *= self.sizes[a]
+      shards[d] = stride
+    length = self.shape // shards
+    return (weights @ self.coords) * length[:, None], length
+
+  def __call__(self, layout: Layout) -> float:
+    value = self.cache.get(layout)
+    if value is None:
+      if layout.partial:
+        value = float(self.volume * self.itemsize)
+      else:
+        start, length = self._intervals(layout)
+        overlap = np.minimum(self.target_end, start + length[:, None]) - np.maximum(
+            self.target_start, start)
+        held = np.prod(np.maximum(overlap, 0), axis=0)
+        value = float((self.volume - held.min()) * self.itemsize)
+      self.cache[layout] = value
+    return value
+
+
+def _relabel(layout: Layout, mapping: Mapping[str, str]) -> Layout:
+  return layout.with_dims(tuple(tuple(mapping.get(a, a) for a in axes) for axes in layout.dims))
+
+
+def _fast_neighbours(layout: Layout, shape: tuple[int, ...], target: Layout,
+                     relabel_only: bool = False) -> list[Operator]:
+  """`neighbours` with the exponential families cut down: slices of one free axis or of the run
+  of free axes the target appends next to a dimension; reductions of one partial axis or of all;
+  permutes that swap two equal-size axes or relabel axes to the target's at the same positions."""
+  ops: list[Operator] = []
+  rank = layout.rank
+  sizes = layout.axis_sizes
+
+  def fits(dim, axes, current):
+    return shape[dim] % (current.shards(dim) * _group(current, axes)) == 0
+
+  moves = []
+  for d, axes in enumerate(() if relabel_only else layout.dims):
+    for k in range(1, len(axes) + 1):
+      suffix = axes[len(axes) - k:]
+      gathered = AllGather(d, suffix)
+      ops.append(gathered)
+      for e in range(rank):
+        if e != d and fits(e, suffix, gathered.apply(layout)):
+          moves.append(AllToAll(suffix, d, e))
+  ops += moves
+  ops += _fused(moves, rank)
+
+  def wanted_runs(available):
+    """Per dim, the run of `available` axes the target appends next (if the dim is a prefix)."""
+    for e, (have, want) in enumerate(zip(layout.dims, target.dims)):
+      if want[:len(have)] != have:
+        continue
+      run = []
+      for a in want[len(have):]:
+        if a not in available:
+          break
+        run.append(a)
+      if len(run) > 1:
+        yield e, tuple(run)
+
+  free = () if relabel_only else layout.free_axes
+  for a in free:
+    for e in range(rank):
+      if fits(e, (a,), layout):
+        ops.append(Slice(e, (a,)))
+  for e, run in wanted_runs(set(free)):
+    if fits(e, run, layout):
+      ops.append(Slice(e, run))
+  if layout.partial and not relabel_only:
+    groups = {(a,) for a in layout.partial} | {layout.partial}
+    for group in groups:
+      ops.append(AllReduce(group))
+      for e in range(rank):
+        if fits(e, group, layout):
+          ops.append(ReduceScatter(e, group))
+    for e, run in wanted_runs(set(layout.partial)):
+      if fits(e, run, layout):
+        ops.append(ReduceScatter(e, run))
+    return ops
+  names = layout.axis_names
+  used = set(layout.used_axes)
+  others = set()
+  for i, a in enumerate(() if relabel_only else names):
+    for b in names[i + 1:]:
+      if sizes[a] == sizes[b] and (a in used or b in used):
+        others.add(_relabel(layout, {a: b, b: a}))
+  mapping: dict[str, str] = {}
+  for have, want in zip(layout.dims, target.dims):
+    for a, b in zip(have, want):
+      if sizes[a] == sizes[b] and a not in mapping and b not in mapping.values():
+        mapping[a] = b
+  if mapping:
+    images = set(mapping.values())
+    spare = [b for b in names if b not in images]
+    for a in names:
+      if a not in mapping:
+        same = [b for b in spare if sizes[b] == sizes[a]]
+        pick = a if a in same else same[0]
+        mapping[a] = pick
+        spare.remove(pick)
+    others.add(_relabel(layout, mapping))
+  ops += [Permute(other) for other in others if other != layout]
+  return ops
+
+
+def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
+            cost_model: CostModel) -> tuple[Step, ...]:
+  """Shardy's order, as one plan: reduce partial sums (scattering them where the target splits
+  next), then repeat: slice each dimension on toward the target by free axes, move a dimension's
+  surplus minor-most axes by all-to-all (fused where several can go at once) to the dimension
+  that takes them next, or else all-gather one dimension's surplus."""
+  steps: list[Step] = []
+  layout = source
+
+  def push(op):
+    nonlocal layout
+    after = op.apply(layout)
+    steps.append(_step(op, layout, after, shape, dtype, cost_model))
+    layout = after
+
+  def is_prefix(e):
+    return target.dims[e][:len(layout.dims[e])] == layout.dims[e]
+
+  def fits(dim, axes):
+    return shape[dim] % (layout.shards(dim) * _group(layout, axes)) == 0
+
+  def next_run(e, available):
+    run = []
+    for a in target.dims[e][len(layout.dims[e]):]:
+      if a not in available:
+        break
+      run.append(a)
+    return tuple(run)
+
+  extra = [a for a in layout.partial if a not in target.partial]
+  for e in range(layout.rank):
+    run = next_run(e, set(extra)) if is_prefix(e) else ()
+    if run and fits(e, run):
+      push(ReduceScatter(e, run))
+      extra = [a for a in extra if a not in run]
+  if extra:
+    push(AllReduce(tuple(extra)))
+  for _ in range(4 * (len(layout.axis_names) + 1)):
+    for e in range(layout.rank):
+      run = next_run(e, set(layout.free_axes)) if is_prefix(e) else ()
+      if run and fits(e, run):
+        push(Slice(e, run))
+    if layout == target:
+      return tuple(steps)
+    moves, src_used, dst_used = [], set(), set()
+    for d in range(layout.rank):
+      if is_prefix(d) or d in dst_used:
+        continue
+      have, want = layout.dims[d], target.dims[d]
+      common = 0
+      while common < min(len(have), len(want)) and have[common] == want[common]:
+        common += 1
+      surplus = have[common:]
+      for k in range(len(surplus), 0, -1):
+        suffix = surplus[len(surplus) - k:]
+        found = [e for e in range(layout.rank) if e != d and e not in src_used | dst_used and
+                 is_prefix(e) and next_run(e, set(suffix))[:k] == suffix and
+                 shape[e] % (layout.shards(e) * _group(layout, suffix)) == 0]
+        if found:
+          moves.append(AllToAll(suffix, d, found[0]))
+          src_used.add(d)
+          dst_used.add(found[0])
+          break
+    if len(moves) > 1:
+      push(FusedAllToAll(tuple((m.axes, m.src_dim, m.dst_dim) for m in moves)))
+    elif moves:
+      push(moves[0])
+    else:
+      for d in range(layout.rank):
+        if not is_prefix(d):
+          have, want = layout.dims[d], target.dims[d]
+          common = 0
+          while common < min(len(have), len(want)) and have[common] == want[common]:
+            common += 1
+          push(AllGather(d, have[common:]))
+          break
+  raise PlanError(f"greedy plan from {source} to {target} did not converge")  # a bug if seen
+
+
+def _cost(steps: Sequence[Step]) -> tuple[float, float, int]:
+  return (sum(s.seconds for s in steps), sum(s.received_bytes for s in steps), len(steps))
+
+
+def _upper_plan(shape, dtype, source, target, cost_model, max_bytes_per_device):
+  """The cheapest of gather-then-slice, the greedy plan and the greedy plan after one permute
+  that relabels axes to the target's, among those under the cap (None if none is)."""
+  candidates = [gather_then_slice_plan(shape, dtype, source, target, cost_model).steps,
+                _greedy(shape, dtype, source, target, cost_model)]
+  if not source.partial:
+    for op in _fast_neighbours(source, shape, target, relabel_only=True):
+      first = _step(op, source, op.target, shape, dtype, cost_model)
+      candidates.append((first,) + _greedy(shape, dtype, op.target, target, cost_model))
+  ok = [c for c in candidates if max_bytes_per_device is None or
+        all(s.peak_bytes <= max_bytes_per_device for s in c)]
+  return min(ok, key=_cost) if ok else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _search_astar(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
+                  cost_model: CostModel, max_bytes_per_device: int | None,
+                  exact: bool = False, max_expansions: int | None = None
+                  ) -> tuple[Step, ...] | None:
+  """A* from source to target over `_fast_neighbours`, with the exact bound as heuristic
+  (admissible and consistent: a device's missing bytes fall by at most what it receives), and
+  gather-then-slice's cost as the bound past which states are dropped."""
+  itemsize = np.dtype(dtype).itemsize
+  bound = _Bound(target, shape, itemsize)
+  beta = cost_model.min_beta
+
+  # A move still missing bytes needs at least one more collective: its launch and one hop.
+  first = cost_model.launch + cost_model.min_alpha
+
+  def h(layout):
+    b = bound(layout)
+    return (beta * b + first if b > 0 else 0.0), b
+
+  fallback = _upper_plan(shape, dtype, source, target, cost_model, max_bytes_per_device)
+  best_cost = _cost(fallback) if fallback is not None else (math.inf, math.inf, math.inf)
+  if max_expansions is None:
+    max_expansions = math.inf if exact else MAX_EXPANSIONS
+  edges = ((lambda layout: neighbours(layout, shape)) if exact else
+           (lambda layout: _fast_neighbours(layout, shape, target)))
+  tie = itertools.count()
+  best = {source: (0.0, 0.0, 0)}
+  previous: dict[Layout, Step] = {}
+  hs, hb = h(source)
+  heap = [(hs, hb, 0, next(tie), source)]
+  done = set()
+  expansions = 0
+  while heap and expansions < max_expansions:
+    _, _, _, _, layout = heapq.heappop(heap)
+    if layout in done:
+      continue
+    done.add(layout)
+    expansions += 1
+    if layout == target:
+      return _path(previous, source, target)
+    seconds, received, count = best[layout]
+    for op in edges(layout):
+      after_layout = op.apply(layout)
+      if after_layout in done or not set(target.partial) <= set(after_layout.partial):
+        continue
+      step = _step(op, layout, after_layout, shape, dtype, cost_model)
+      if max_bytes_per_device is not None and step.peak_bytes > max_bytes_per_device:
+        continue
+      cost = (seconds + step.seconds, received + step.received_bytes, count + 1)
+      if after_layout in best and cost >= best[after_layout]:
+        continue
+      hs, hb = h(after_layout)
+      estimate = (cost[0] + hs, cost[1] + hb, cost[2])
+      if estimate >= best_cost:  # cannot beat the plan in hand
+        continue
+      best[after_layout] = cost
+      previous[after_layout] = step
+      if after_layout == target:  # a better complete plan: keep it in case the budget ends
+        best_cost, fallback = cost, _path(previous, source, target)
+      heapq.heappush(heap, (*estimate, next(tie), after_layout))
+  return fallback
+
+
+def _path(previous: Mapping[Layout, Step], source: Layout, target: Layout) -> tuple[Step, ...]:
+  steps, layout = [], target
+  while layout != source:
+    steps.append(previous[layout])
+    layout = steps[-1].before
+  return tuple(reversed(steps))
+
+
 def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target: Layout,
                         cost_model: CostModel = CostModel(),
-                        max_bytes_per_device: int | None = None, refine: bool = True) -> Plan:
+                        max_bytes_per_device: int | None = None, refine: bool = True,
+                        method: str = "auto") -> Plan:
   """The cheapest plan under `cost_model` (ties: fewer bytes, then fewer steps).
 
   With `refine` (default) the search runs on the refined mesh, where each mesh axis is split
   into prime-size sub-axes ('y' of 4 -> 'y:0', 'y:1'); the steps then name sub-axes, and the
   executor runs them on the same devices arranged as the refined mesh.
+
+  `method`: "dijkstra" searches every layout of the whole mesh (exact under the model; time
+  grows exponentially with the number of mesh axes); "auto" (default) first sets aside the axes
+  the move leaves alone (`_settle`), then searches exactly when at most `EXACT_MAX_SUBAXES`
+  sub-axes remain and by A* over fewer edges (`_fast_neighbours`) otherwise; "astar" always
+  uses A* there.
   """
+  if method not in ("auto", "dijkstra", "astar"):
+    raise ValueError(f"method: got {method!r}, expected 'auto', 'dijkstra' or 'astar'")
   shape = tuple(int(s) for s in shape)
   dtype = np.dtype(dtype).name
   if source.mesh_axes != target.mesh_axes:
@@ -385,7 +822,28 @@ def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target
     raise PlanError(f"target {target} is partial over axes the source {source} is not: a "
                     "redistribution cannot create partial sums")
   start, goal = (refine_layout(source), refine_layout(target)) if refine else (source, target)
-  steps = _search(shape, dtype, start, goal, cost_model, max_bytes_per_device)
+  if start == goal:
+    steps = ()
+  elif method == "dijkstra":
+    steps = _search(shape, dtype, start, goal, cost_model, max_bytes_per_device)
+  else:
+    settled, small_shape, small_start, small_goal = _settle(shape, start, goal)
+    exact = (method == "auto" and count_layouts(len(small_start.mesh_axes), len(shape))
+             <= EXACT_MAX_LAYOUTS)
+    if not exact and refine:  # too large to search every refined layout: plan on mesh axes
+      start, goal = source, target
+      settled, small_shape, small_start, small_goal = _settle(shape, start, goal)
+    small = _search_astar(small_shape, dtype, small_start, small_goal, cost_model,
+                          max_bytes_per_device, exact)
+    steps = None
+    if small is not None:
+      steps, layout = [], start
+      for s in small:
+        op = _lift_op(s.op, settled)
+        after = settled.lift(s.after)
+        steps.append(_step(op, layout, after, shape, dtype, cost_model))
+        layout = after
+      steps = tuple(steps)
   if steps is None:
     cap = ("" if max_bytes_per_device is None else
            f" under max_bytes_per_device={max_bytes_per_device}")
@@ -438,9 +896,13 @@ def permute_pairs(source: Layout, target: Layout) -> list[tuple[int, int]]:
   return pairs
 
 
-@functools.lru_cache(maxsize=65536)
-def _permute_pairs_moving(source: Layout, target: Layout) -> int:
-  return sum(1 for s, d in permute_pairs(source, target) if s != d)
+def _blocks_move(source: Layout, target: Layout) -> bool:
+  """Whether some device's block differs between two layouts. Mesh axes of size 1 place
+  nothing; over the others, distinct axis sequences of a dimension give some device another
+  block index (set one differing axis's coordinate to 1, the rest to 0)."""
+  sizes = source.axis_sizes
+  strip = lambda layout: tuple(tuple(a for a in axes if sizes[a] > 1) for axes in layout.dims)
+  return strip(source) != strip(target)
 
 
 # -- lower bound -----------------------------------------------------------------------------
