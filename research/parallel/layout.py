@@ -14,7 +14,9 @@ unsplit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 from typing import Any, Mapping, Sequence
 
 from jax.sharding import PartitionSpec
@@ -120,11 +122,12 @@ class Layout:
 
   @property
   def axis_names(self) -> tuple[str, ...]:
-    return tuple(n for n, _ in self.mesh_axes)
+    return _axis_names(self.mesh_axes)
 
   @property
-  def axis_sizes(self) -> dict[str, int]:
-    return dict(self.mesh_axes)
+  def axis_sizes(self) -> Mapping[str, int]:
+    """Axis name -> size (one shared read-only mapping per mesh)."""
+    return _axis_sizes(self.mesh_axes)
 
   @property
   def num_devices(self) -> int:
@@ -228,6 +231,16 @@ class Layout:
     return _dims_str(self.dims, self.partial)
 
 
+@functools.lru_cache(maxsize=1024)
+def _axis_names(mesh_axes) -> tuple[str, ...]:
+  return tuple(n for n, _ in mesh_axes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _axis_sizes(mesh_axes) -> Mapping[str, int]:
+  return types.MappingProxyType(dict(mesh_axes))
+
+
 def _dims_str(dims, partial) -> str:
   parts = []
   for axes in dims:
@@ -297,3 +310,21 @@ def all_layouts(mesh: Any, shape: Sequence[int]) -> list[Layout]:
 
   place(0, [()] * rank)
   return found
+
+
+def random_layout(mesh: Any, shape: Sequence[int], rng) -> Layout:
+  """A random non-partial layout of `shape` on `mesh` (for fuzzing and benchmarks): each mesh
+  axis, in a random order, splits a random dimension at a random depth where the dimension
+  still divides, or stays free; `rng` is a numpy Generator."""
+  mesh_axes = mesh_axes_of(mesh)
+  rank = len(shape)
+  dims: list[list[str]] = [[] for _ in range(rank)]
+  shards = [1] * rank
+  for i in rng.permutation(len(mesh_axes)):
+    name, size = mesh_axes[int(i)]
+    d = int(rng.integers(rank + 1))
+    if d < rank and shape[d] % (shards[d] * size) == 0:
+      dims[d].insert(int(rng.integers(len(dims[d]) + 1)), name)
+      shards[d] *= size
+  return Layout(mesh_axes, tuple(tuple(axes) for axes in dims))
+

@@ -316,6 +316,19 @@ def _local_bytes(layout: Layout, shape: tuple[int, ...], itemsize: int) -> int:
   return math.prod(layout.shard_shape(shape)) * itemsize
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _block_bytes(layout: Layout, shape: tuple[int, ...], itemsize: int) -> int:
+  """`local_bytes` for the planner, whose layouts divide the shape by construction."""
+  sizes = layout.axis_sizes
+  return math.prod(n // math.prod(sizes[a] for a in axes)
+                   for n, axes in zip(shape, layout.dims)) * itemsize
+
+
+@functools.lru_cache(maxsize=64)
+def _itemsize(dtype: Any) -> int:
+  return np.dtype(dtype).itemsize
+
+
 def _ordered_subsets(axes: Sequence[str]) -> list[tuple[str, ...]]:
   """Every non-empty ordered selection of distinct axes (the orders a slice can append)."""
   return [p for k in range(1, len(axes) + 1) for p in itertools.permutations(axes, k)]
@@ -386,7 +399,9 @@ def _same_block_shape(mesh_axes, shape) -> dict[tuple[int, ...], list[Layout]]:
 def _step(op: Operator, layout: Layout, after_layout: Layout, shape, dtype,
           cost_model: CostModel) -> Step:
   """`op` taking `layout` to `after_layout` (= op.apply(layout)), costed."""
-  before, after = local_bytes(layout, shape, dtype), local_bytes(after_layout, shape, dtype)
+  itemsize = _itemsize(dtype)
+  before = _block_bytes(layout, shape, itemsize)
+  after = _block_bytes(after_layout, shape, itemsize)
   if isinstance(op, Permute):
     moved = op.received_bytes(before, after, 0) if _blocks_move(layout, after_layout) else 0.0
   else:
@@ -438,10 +453,10 @@ def _search(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
 
 # A move whose unsettled part has at most this many layouts on the refined mesh is searched
 # exactly (A* over every edge; the benchmark's 8-device meshes always are); larger ones on the
-# unrefined mesh over fewer edges, within a budget of expansions.
+# unrefined mesh over fewer edges, within a budget of evaluated edges.
 EXACT_MAX_LAYOUTS = 200
-# A* expansions before the best plan found so far (at worst gather-then-slice) is returned.
-MAX_EXPANSIONS = 30
+# Edges A* costs before the best plan found so far (at worst gather-then-slice) is returned.
+MAX_EDGES = 800
 
 
 def count_layouts(num_axes: int, rank: int) -> int:
@@ -497,32 +512,40 @@ def _lift_op(op: Operator, settled: _Settled) -> Operator:
 
 class _Bound:
   """`lower_bound_bytes` against one target on a mesh given by its axes, vectorized over the
-  devices in numpy (no jax mesh), so A* can evaluate it at every state."""
+  devices in numpy (no jax mesh), so A* can evaluate it at every state. A device's overlap with
+  its target block is a product over dimensions of interval overlaps, and each factor depends
+  only on that dimension's axes, so the factors are cached per (dimension, axes)."""
 
   def __init__(self, target: Layout, shape: tuple[int, ...], itemsize: int):
     self.names = target.axis_names
     self.sizes = target.axis_sizes
     sizes = [s for _, s in target.mesh_axes]
     self.coords = np.indices(sizes).reshape(len(sizes), -1)  # (axes, devices)
-    self.shape = np.asarray(shape)
+    self.shape = shape
     self.itemsize = itemsize
-    self.target_start, self.target_len = self._intervals(target)
-    self.target_end = self.target_start + self.target_len[:, None]
-    self.volume = int(np.prod(self.target_len))
+    self.target = [self._interval(d, axes) for d, axes in enumerate(target.dims)]
+    self.volume = math.prod(length for _, length in self.target)
+    self.factors: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
     self.cache: dict[Layout, float] = {}
 
-  def _intervals(self, layout: Layout):
-    """Per dimension and device, the first index and the length of the device's block."""
-    weights = np.zeros((layout.rank, len(self.names)), np.int64)
-    shards = np.ones(layout.rank, np.int64)
-    for d, axes in enumerate(layout.dims):
-      stride = 1
-      for a in reversed(axes):
-        weights[d, self.names.index(a)] = stride
-        stride *= self.sizes[a]
-      shards[d] = stride
-    length = self.shape // shards
-    return (weights @ self.coords) * length[:, None], length
+  def _interval(self, d: int, axes: tuple[str, ...]):
+    """Per device, the first index of its block along dimension d, and the block's length."""
+    index = np.zeros(self.coords.shape[1], np.int64)
+    for a in axes:
+      index = index * self.sizes[a] + self.coords[self.names.index(a)]
+    length = self.shape[d] // math.prod(self.sizes[a] for a in axes)
+    return index * length, length
+
+  def _factor(self, d: int, axes: tuple[str, ...]) -> np.ndarray:
+    key = (d, axes)
+    factor = self.factors.get(key)
+    if factor is None:
+      start, length = self._interval(d, axes)
+      t_start, t_length = self.target[d]
+      factor = np.maximum(np.minimum(t_start + t_length, start + length) -
+                          np.maximum(t_start, start), 0)
+      self.factors[key] = factor
+    return factor
 
   def __call__(self, layout: Layout) -> float:
     value = self.cache.get(layout)
@@ -530,11 +553,12 @@ class _Bound:
       if layout.partial:
         value = float(self.volume * self.itemsize)
       else:
-        start, length = self._intervals(layout)
-        overlap = np.minimum(self.target_end, start + length[:, None]) - np.maximum(
-            self.target_start, start)
-        held = np.prod(np.maximum(overlap, 0), axis=0)
-        value = float((self.volume - held.min()) * self.itemsize)
+        held = None
+        for d, axes in enumerate(layout.dims):
+          factor = self._factor(d, axes)
+          held = factor if held is None else held * factor
+        least = int(held.min()) if held is not None else 1
+        value = float((self.volume - least) * self.itemsize)
       self.cache[layout] = value
     return value
 
@@ -725,7 +749,7 @@ def _upper_plan(shape, dtype, source, target, cost_model, max_bytes_per_device):
 @functools.lru_cache(maxsize=65536)
 def _search_astar(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
                   cost_model: CostModel, max_bytes_per_device: int | None,
-                  exact: bool = False, max_expansions: int | None = None
+                  exact: bool = False, max_edges: int | None = None
                   ) -> tuple[Step, ...] | None:
   """A* from source to target over `_fast_neighbours`, with the exact bound as heuristic
   (admissible and consistent: a device's missing bytes fall by at most what it receives), and
@@ -743,8 +767,8 @@ def _search_astar(shape: tuple[int, ...], dtype: str, source: Layout, target: La
 
   fallback = _upper_plan(shape, dtype, source, target, cost_model, max_bytes_per_device)
   best_cost = _cost(fallback) if fallback is not None else (math.inf, math.inf, math.inf)
-  if max_expansions is None:
-    max_expansions = math.inf if exact else MAX_EXPANSIONS
+  if max_edges is None:
+    max_edges = math.inf if exact else MAX_EDGES
   edges = ((lambda layout: neighbours(layout, shape)) if exact else
            (lambda layout: _fast_neighbours(layout, shape, target)))
   tie = itertools.count()
@@ -753,13 +777,12 @@ def _search_astar(shape: tuple[int, ...], dtype: str, source: Layout, target: La
   hs, hb = h(source)
   heap = [(hs, hb, 0, next(tie), source)]
   done = set()
-  expansions = 0
-  while heap and expansions < max_expansions:
+  edges_costed = 0
+  while heap and edges_costed < max_edges:
     _, _, _, _, layout = heapq.heappop(heap)
     if layout in done:
       continue
     done.add(layout)
-    expansions += 1
     if layout == target:
       return _path(previous, source, target)
     seconds, received, count = best[layout]
@@ -768,6 +791,7 @@ def _search_astar(shape: tuple[int, ...], dtype: str, source: Layout, target: La
       if after_layout in done or not set(target.partial) <= set(after_layout.partial):
         continue
       step = _step(op, layout, after_layout, shape, dtype, cost_model)
+      edges_costed += 1
       if max_bytes_per_device is not None and step.peak_bytes > max_bytes_per_device:
         continue
       cost = (seconds + step.seconds, received + step.received_bytes, count + 1)
@@ -793,6 +817,12 @@ def _path(previous: Mapping[Layout, Step], source: Layout, target: Layout) -> tu
   return tuple(reversed(steps))
 
 
+def clear_caches() -> None:
+  """Forget memoized plans and block tables (to time planning from cold)."""
+  for cached in (_search, _search_astar, _same_block_shape, _local_bytes, _block_bytes):
+    cached.cache_clear()
+
+
 def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target: Layout,
                         cost_model: CostModel = CostModel(),
                         max_bytes_per_device: int | None = None, refine: bool = True,
@@ -803,11 +833,15 @@ def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target
   into prime-size sub-axes ('y' of 4 -> 'y:0', 'y:1'); the steps then name sub-axes, and the
   executor runs them on the same devices arranged as the refined mesh.
 
-  `method`: "dijkstra" searches every layout of the whole mesh (exact under the model; time
-  grows exponentially with the number of mesh axes); "auto" (default) first sets aside the axes
-  the move leaves alone (`_settle`), then searches exactly when at most `EXACT_MAX_SUBAXES`
-  sub-axes remain and by A* over fewer edges (`_fast_neighbours`) otherwise; "astar" always
-  uses A* there.
+  `method`: "dijkstra" searches every layout of the whole (refined) mesh: exact under the
+  model, but its time grows exponentially with the number of mesh axes. "auto" (default) first
+  sets aside what the move leaves alone (`_settle`: each dimension's common major-most axes and
+  the partial axes both keep); if the rest has at most `EXACT_MAX_LAYOUTS` layouts on the
+  refined mesh, A* over every edge with the exact per-device bound as heuristic finds the same
+  optimum as Dijkstra (every pair of the benchmark's 8-device meshes); otherwise A* runs on the
+  unrefined mesh over fewer edges (`_fast_neighbours`), starts from the best of three quick
+  plans (`_upper_plan`) and stops after `MAX_EDGES` costed edges with the best plan found.
+  "astar" always takes that second path.
   """
   if method not in ("auto", "dijkstra", "astar"):
     raise ValueError(f"method: got {method!r}, expected 'auto', 'dijkstra' or 'astar'")
@@ -909,14 +943,18 @@ def _blocks_move(source: Layout, target: Layout) -> bool:
 
 
 def lower_bound_bytes(shape: Sequence[int], dtype: Any, source: Layout, target: Layout,
-                      mesh: Any) -> float:
+                      mesh: Any = None) -> float:
   """Most bytes any device must receive: its target block less what it already holds.
 
-  Read from `NamedSharding.devices_indices_map` of both layouts on `mesh`. A partial-sum source
-  holds none of the final values, so then each device must receive its whole target block.
+  Read from `NamedSharding.devices_indices_map` of both layouts on `mesh`; without a mesh,
+  computed from the layouts' block placement in numpy (the same number; no devices needed, so
+  meshes of any size). A partial-sum source holds none of the final values, so then each device
+  must receive its whole target block.
   """
   shape = tuple(int(s) for s in shape)
   itemsize = np.dtype(dtype).itemsize
+  if mesh is None:
+    return _Bound(target, shape, itemsize)(source)
   target_map = target.sharding(mesh).devices_indices_map(shape)
   if source.partial:
     return float(max(_volume(idx, shape) for idx in target_map.values()) * itemsize)

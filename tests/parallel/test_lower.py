@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from research.common.mesh import make_mesh
 from research.parallel import lower
 from research.parallel import plan as plan_lib
-from research.parallel.layout import Layout, LayoutError, all_layouts
+from research.parallel.layout import Layout, LayoutError, all_layouts, random_layout
 
 MESHES = [((8,), ("a",)), ((2, 4), ("x", "y")), ((4, 2), ("x", "y")), ((2, 2, 2), ("x", "y", "z"))]
 SHAPES = [(16,), (8, 24), (16, 8, 4), (4, 8, 8)]
@@ -188,3 +188,31 @@ def test_reshard_on_an_auto_mesh_takes_the_source_layout_inside_jit():
   other = make_mesh((4, 2), ("x", "y"))
   with pytest.raises(LayoutError, match="mesh"):
     lower.reshard(x, Layout.from_spec(other, P("x", None), 2))
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+@pytest.mark.parametrize("shape, names", [((8,), ("a",)), ((2, 4), ("x", "y")),
+                                          ((2, 2, 2), ("x", "y", "z"))])
+def test_random_rank_4_moves_on_auto_and_explicit_meshes(shape, names, explicit):
+  mesh = make_mesh(shape, names, explicit=explicit)
+  rng = np.random.default_rng(400 + len(names) + 10 * explicit)
+  for case in range(2):
+    source, target = (random_layout(mesh, (8, 8, 4, 4), rng) for _ in range(2))
+    check_move(mesh, (8, 8, 4, 4), DTYPES[case], source, target)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+def test_fused_all_to_all_is_one_collective_with_xlas_bytes(explicit):
+  mesh = make_mesh((2, 4), ("x", "y"), explicit=explicit)
+  source = Layout.from_spec(mesh, P("x", "y", None, None), 4)
+  target = Layout.from_spec(mesh, P(None, None, "x", "y"), 4)
+  plan = check_move(mesh, (8, 8, 8, 8), "float32", source, target)
+  assert [type(s.op) for s in plan.steps] == [plan_lib.FusedAllToAll]
+  placed = jax.device_put(jnp.zeros((8, 8, 8, 8)), source.sharding(mesh))
+  xla = lower.hlo_collectives(lower.compiled_text(lower.xla_reshard_fn(target, mesh), placed), 8)
+  assert sum(b for _, b in xla) == plan.predicted_bytes  # XLA fuses the same way
+  # Both axes moved on a rank-6 tensor: one all-to-all over the group of all eight devices.
+  three = plan_lib.plan_redistribution(
+      (4, 4, 4, 4, 4, 4), "float32", Layout(mesh, (("x",), ("y",), (), (), (), ())),
+      Layout(mesh, ((), (), (), ("x",), ("y",), ())))
+  assert three.collectives() == {"all-to-all": 1}

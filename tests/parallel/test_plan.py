@@ -6,7 +6,7 @@ from jax.sharding import PartitionSpec as P
 
 from research.common.mesh import make_mesh
 from research.parallel import plan as plan_lib
-from research.parallel.layout import Layout, all_layouts, refine
+from research.parallel.layout import Layout, LayoutError, all_layouts, random_layout, refine
 
 MESHES = [((8,), ("a",)), ((2, 4), ("x", "y")), ((4, 2), ("x", "y")), ((2, 2, 2), ("x", "y", "z"))]
 
@@ -117,3 +117,98 @@ def test_cost_model_changes_the_choice_and_cap_is_respected():
   dst = Layout.from_spec(axes, P(None, "y"), 2)
   assert plan_lib.plan_redistribution(shape, "float32", src, dst, slow_x).steps[0].op == \
       plan_lib.AllGather(1, ("x",))
+
+
+# -- large meshes: the fast path -------------------------------------------------------------
+
+LARGE = [(("a", 4), ("b", 4), ("c", 4), ("d", 4)),                         # 256 devices, 4 axes
+         (("a", 2), ("b", 2), ("c", 2), ("d", 2), ("e", 4), ("f", 4)),     # 256 devices, 6 axes
+         (("x", 16), ("y", 16))]                                           # 256 devices, 2 axes
+
+
+@pytest.mark.parametrize("num_axes, rank", [(3, 1), (3, 2), (3, 3), (4, 2), (2, 4)])
+def test_count_layouts_counts_every_layout(num_axes, rank):
+  mesh_axes = tuple((f"m{i}", 2) for i in range(num_axes))
+  assert plan_lib.count_layouts(num_axes, rank) == len(all_layouts(mesh_axes, (64,) * rank))
+
+
+@pytest.mark.parametrize("mesh_index", range(4))
+def test_auto_finds_dijkstras_optimum_on_small_meshes(mesh_index):
+  """On 8-device meshes "auto" is exact (settled axes set aside, A* over every edge): the same
+  (seconds, bytes, steps) as Dijkstra over the whole refined mesh, under both cost models."""
+  mesh_axes = tuple(zip(MESHES[mesh_index][1], MESHES[mesh_index][0]))
+  rng = np.random.default_rng(200 + mesh_index)
+  bytes_only = plan_lib.CostModel(default_alpha=0.0, default_beta=1.0, launch=0.0)
+  for _ in range(12):
+    shape = [(16, 8), (8, 16, 8), (16,), (8, 8, 8, 8)][int(rng.integers(4))]
+    source, target = (random_layout(mesh_axes, shape, rng) for _ in range(2))
+    for model in (plan_lib.CostModel(), bytes_only):
+      auto = plan_lib.plan_redistribution(shape, "float32", source, target, model)
+      exact = plan_lib.plan_redistribution(shape, "float32", source, target, model,
+                                           method="dijkstra")
+      assert (auto.predicted_seconds, auto.predicted_bytes) == pytest.approx(
+          (exact.predicted_seconds, exact.predicted_bytes), rel=1e-12), auto.summary()
+
+
+@pytest.mark.parametrize("mesh_axes", LARGE, ids=["4x4x4x4", "2x2x2x2x4x4", "16x16"])
+def test_large_mesh_plans_chain_to_the_target_within_the_bounds(mesh_axes):
+  rng = np.random.default_rng(len(mesh_axes))
+  for _ in range(10):
+    shape = (256,) * int(rng.integers(1, 5))
+    source, target = (random_layout(mesh_axes, shape, rng) for _ in range(2))
+    plan = plan_lib.plan_redistribution(shape, "float32", source, target)
+    layout = refine(source) if plan.steps and plan.steps[0].before != source else source
+    for step in plan.steps:
+      assert step.before == layout and step.op.apply(layout) == step.after
+      layout = step.after
+    assert layout in (source, refine(target), target) if plan.steps else source == target
+    assert plan.predicted_bytes >= plan_lib.lower_bound_bytes(shape, "float32", source,
+                                                              target) - 1e-9
+    naive = plan_lib.gather_then_slice_plan(shape, "float32", source, target)
+    assert plan.predicted_seconds <= naive.predicted_seconds * (1 + 1e-12), plan.summary()
+
+
+def test_settled_axes_are_left_alone():
+  mesh_axes = LARGE[0]
+  source = Layout(mesh_axes, (("a", "b"), ("c",), ()))
+  target = Layout(mesh_axes, (("a", "c"), (), ("b",)))
+  plan = plan_lib.plan_redistribution((64, 64, 64), "float32", source, target)
+  assert plan.steps and all(not a.startswith("a") for s in plan.steps for a in s.op.axes
+                            if not isinstance(s.op, plan_lib.Permute)), plan.summary()
+  assert all(s.after.dims[0][:1] in (("a",), ("a:0",)) for s in plan.steps), plan.summary()
+
+
+@pytest.mark.parametrize("mesh_index", range(4))
+def test_bound_without_a_mesh_equals_the_devices_indices_map(mesh_index):
+  mesh = make_mesh(*MESHES[mesh_index])
+  rng = np.random.default_rng(300 + mesh_index)
+  for _ in range(10):
+    shape = [(16, 8), (8, 16, 8), (16,)][int(rng.integers(3))]
+    source, target = (random_layout(mesh, shape, rng) for _ in range(2))
+    assert plan_lib.lower_bound_bytes(shape, "float32", source, target) == \
+        plan_lib.lower_bound_bytes(shape, "float32", source, target, mesh)
+
+
+def test_two_moves_fuse_into_one_all_to_all_at_the_bound():
+  axes = (("x", 2), ("y", 4))
+  source = Layout.from_spec(axes, P("x", "y", None, None), 4)
+  target = Layout.from_spec(axes, P(None, None, "x", "y"), 4)
+  for model in (plan_lib.CostModel(),
+                plan_lib.CostModel(default_alpha=0.0, default_beta=1.0, launch=0.0)):
+    plan = plan_lib.plan_redistribution((8, 8, 8, 8), "float32", source, target, model)
+    assert [type(s.op) for s in plan.steps] == [plan_lib.FusedAllToAll], plan.summary()
+    local = 8 ** 4 * 4 // 8
+    assert plan.predicted_bytes == local * 7 / 8  # one group of 8: less than 1/2 + 3/4 apart
+    assert plan.predicted_bytes == plan_lib.lower_bound_bytes((8, 8, 8, 8), "float32", source,
+                                                              target)
+  with pytest.raises(LayoutError, match="distinct source dims"):
+    plan_lib.FusedAllToAll(((("x",), 0, 2), (("y",), 0, 3)))
+  with pytest.raises(LayoutError, match="two or more moves"):
+    plan_lib.FusedAllToAll(((("x",), 0, 2),))
+
+
+def test_planner_rejects_an_unknown_method():
+  axes = (("x", 2),)
+  with pytest.raises(ValueError, match="method: got 'bfs'"):
+    plan_lib.plan_redistribution((4,), "float32", Layout(axes, ((),)), Layout(axes, (("x",),)),
+                                 method="bfs")
