@@ -49,6 +49,7 @@ SHAPES = {2: (64, 64), 3: (16, 16, 16)}
 TIMED_SHAPES = {2: (1024, 1024), 3: (64, 128, 128)}
 DTYPE = "float32"
 TOL = 1e-6  # bytes: HLO, plan and bound are sums of exact fractions of powers of two
+PLANNER_KEY = "bench_parallel_plan.cpu"
 
 
 def bytes_model():
@@ -247,6 +248,10 @@ def _plan_steps(plan: str) -> str:
 def paper_tables(result: dict) -> dict[str, str]:
   """The page's tables from a kept result (`result["summary"]` is what `main` measured)."""
   summary = result["summary"]
+  if summary.get("planner"):
+    return planner_tables(summary)
+  if summary.get("cost_fit"):
+    return cost_tables(summary)
   sets, overall, timed = summary["sets"], summary["overall"], summary["timed"]
   machine = summary["machine"]
   order = _ordered_sets(sets)
@@ -301,6 +306,384 @@ def paper_tables(result: dict) -> dict[str, str]:
   return tables
 
 
+# -- the planner alone (--planner): plan time vs mesh size, exactness, the fused all-to-all ----
+
+PLAN_MESHES = ((2, 4), (2, 2, 2), (4, 4), (2, 2, 2, 2), (2, 4, 4), (8, 8), (4, 4, 4),
+               (2, 2, 2, 2, 2, 2), (2, 4, 4, 4), (16, 16), (4, 4, 4, 4), (2, 2, 2, 2, 4, 4))
+PLAN_DIM = 1024  # every dimension of the planned tensors (ranks 1 to 4): divides any mesh here
+PLAN_TIME_GOAL_MS = 100.0
+
+
+def plan_times(meshes, pairs_per_mesh: int, seed: int, progress=None) -> list[dict]:
+  """Per mesh, random layout pairs of ranks 1-4 (`layout.random_layout`), each planned from cold
+  caches under the default cost model (timed) and under `bytes_model()` (timed; its bytes set
+  against the exact bound and gather-then-slice)."""
+  from research.parallel import plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from research.parallel.layout import random_layout  # pylint: disable=import-outside-toplevel
+
+  rows = []
+  warm = None  # one untimed plan first: imports and numpy's first calls
+  for sizes in meshes:
+    mesh_axes = tuple((f"m{i}", n) for i, n in enumerate(sizes))
+    rng = np.random.default_rng([seed, *sizes])
+    if warm is None:
+      warm = plan_lib.plan_redistribution((PLAN_DIM,), DTYPE, random_layout(mesh_axes, (
+          PLAN_DIM,), np.random.default_rng(seed)), random_layout(mesh_axes, (PLAN_DIM,), rng))
+    for _ in range(pairs_per_mesh):
+      shape = (PLAN_DIM,) * int(rng.integers(1, 5))
+      source, target = (random_layout(mesh_axes, shape, rng) for _ in range(2))
+      row = {"mesh": list(sizes), "devices": int(np.prod(sizes)), "rank": len(shape),
+             "source": str(source), "target": str(target)}
+      for name, model in (("default", plan_lib.CostModel()), ("bytes", bytes_model())):
+        plan_lib.clear_caches()
+        begin = time.perf_counter()
+        plan = plan_lib.plan_redistribution(shape, DTYPE, source, target, model)
+        row[f"{name}_ms"] = (time.perf_counter() - begin) * 1e3
+        row[f"{name}_search"] = plan.search
+      row["bytes"] = plan.predicted_bytes
+      row["bound"] = plan_lib.lower_bound_bytes(shape, DTYPE, source, target)
+      row["naive"] = plan_lib.gather_then_slice_plan(shape, DTYPE, source, target,
+                                                     bytes_model()).predicted_bytes
+      rows.append(row)
+      if progress:
+        progress()
+  return rows
+
+
+def exactness(seed: int, progress=None) -> dict:
+  """Every ordered layout pair of the byte benchmark's sets (14,404), planned under
+  `bytes_model()` three ways: "auto" (the default), "dijkstra" (the whole refined mesh) and
+  "astar" (the large-mesh path forced): how often each differs from Dijkstra in bytes."""
+  from research.parallel import plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from research.parallel.layout import all_layouts  # pylint: disable=import-outside-toplevel
+
+  counts = collections.Counter()
+  worst = {"auto": 1.0, "astar": 1.0}
+  seconds = collections.Counter()
+  for sizes, names in MESHES:
+    mesh_axes = tuple(zip(names, sizes))
+    for rank, shape in SHAPES.items():
+      layouts = all_layouts(mesh_axes, shape)
+      for source in layouts:
+        for target in layouts:
+          if source == target:
+            continue
+          found = {}
+          for method in ("dijkstra", "auto", "astar"):
+            begin = time.perf_counter()
+            found[method] = plan_lib.plan_redistribution(
+                shape, DTYPE, source, target, bytes_model(), method=method).predicted_bytes
+            seconds[method] += time.perf_counter() - begin
+          counts["pairs"] += 1
+          for method in ("auto", "astar"):
+            ratio = _ratio(found[method], found["dijkstra"])
+            key = ("worse" if found[method] > found["dijkstra"] + TOL else
+                   "better" if found[method] < found["dijkstra"] - TOL else "equal")
+            counts[f"{method}_{key}"] += 1
+            worst[method] = max(worst[method], ratio)
+          if progress:
+            progress()
+  return {"counts": dict(counts), "max_ratio": worst,
+          "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def fused_cases(count: int, seed: int) -> list[dict]:
+  """Rank-4 random pairs on the (2, 4) and (2, 2, 2) meshes whose plan (`bytes_model()`) uses a
+  fused all-to-all, compiled: bytes from both HLOs, ours vs XLA's resharding vs the bound."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.parallel import lower  # pylint: disable=import-outside-toplevel
+  from research.parallel import plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from research.parallel.layout import random_layout  # pylint: disable=import-outside-toplevel
+
+  shape, rows = (8, 8, 8, 8), []
+  for sizes, names in (MESHES[1], MESHES[3]):
+    mesh = mesh_lib.make_mesh(sizes, names)
+    rng = np.random.default_rng([seed, *sizes])
+    for _ in range(400):
+      if sum(tuple(r["mesh"]) == sizes for r in rows) >= count // 2:
+        break
+      source, target = (random_layout(mesh, shape, rng) for _ in range(2))
+      plan = plan_lib.plan_redistribution(shape, DTYPE, source, target, bytes_model())
+      if not any(isinstance(s.op, plan_lib.FusedAllToAll) for s in plan.steps):
+        continue
+      array = np.arange(np.prod(shape), dtype=DTYPE).reshape(shape)
+      placed = jax.device_put(array, source.sharding(mesh))
+      fn = lower.redistribute_fn(plan, mesh)
+      ours = lower.hlo_collectives(lower.compiled_text(fn, placed), mesh.size)
+      xla = lower.hlo_collectives(lower.compiled_text(lower.xla_reshard_fn(target, mesh),
+                                                      placed), mesh.size)
+      rows.append({"mesh": list(sizes), "source": str(source), "target": str(target),
+                   "plan": plan.summary(), "ours": sum(b for _, b in ours),
+                   "predicted": plan.predicted_bytes, "xla": sum(b for _, b in xla),
+                   "bound": plan_lib.lower_bound_bytes(shape, DTYPE, source, target, mesh),
+                   "exact": bool(np.array_equal(np.asarray(fn(placed)), array))})
+  return rows
+
+
+def summarize_plan_times(rows: list[dict]) -> dict:
+  out = {}
+  for sizes in dict.fromkeys(tuple(r["mesh"]) for r in rows):
+    group = [r for r in rows if tuple(r["mesh"]) == sizes]
+    bounded = [r["bytes"] / r["bound"] for r in group if r["bound"] > TOL]
+    naive = [_ratio(r["bytes"], r["naive"]) for r in group if r["naive"] > TOL]
+    entry = {"devices": group[0]["devices"], "axes": len(sizes), "pairs": len(group),
+             "fast_share": sum(r["default_search"] == "fast" for r in group) / len(group),
+             "ours_over_bound": {"median": _quantile(bounded, 0.5),
+                                 "p90": _quantile(bounded, 0.9), "max": max(bounded)},
+             "at_bound": sum(abs(r["bytes"] - r["bound"]) <= TOL for r in group) / len(group),
+             "ours_over_naive_median": _quantile(naive, 0.5)}
+    for model in ("default", "bytes"):
+      times = [r[f"{model}_ms"] for r in group]
+      entry[f"{model}_ms"] = {"p50": _quantile(times, 0.5), "p90": _quantile(times, 0.9),
+                              "p99": _quantile(times, 0.99), "max": max(times)}
+    out[" x ".join(map(str, sizes))] = entry
+  return out
+
+
+def planner_tables(summary: dict) -> dict[str, str]:
+  machine, times = summary["machine"], summary["plan_times"]
+  rows = [(mesh, t["devices"], t["axes"], t["pairs"], f"{t['fast_share']:.2f}",
+           *(f"{t['default_ms'][q]:.1f}" for q in ("p50", "p90", "p99", "max")),
+           f"{t['bytes_ms']['p99']:.1f}",
+           f"{t['ours_over_bound']['median']:.3f}", f"{t['ours_over_bound']['p90']:.3f}",
+           f"{t['ours_over_bound']['max']:.3f}", f"{t['at_bound']:.2f}",
+           f"{t['ours_over_naive_median']:.3f}") for mesh, t in times.items()]
+  head = (f"{machine['processor'] or machine['platform']}, {machine['cpu_count']} cores, "
+          f"Python planner, cold caches per plan; {summary['args']['plan_pairs']} random layout "
+          f"pairs per mesh (ranks 1-4, every dimension {PLAN_DIM}), seed "
+          f"{summary['args']['seed']}; {summary['seconds']:.0f} s in all. Times in ms under the "
+          "default cost model (and p99 under the bytes-only model); bytes under the bytes-only "
+          "model against the exact bound and gather-then-slice.\n\n")
+  tables = {"plan_times": head + records.write_markdown_table(
+      ("mesh", "devices", "axes", "pairs", "share on the fast path", "p50 ms", "p90 ms",
+       "p99 ms", "max ms", "p99 ms (bytes model)", "median ours/bound", "p90 ours/bound",
+       "max ours/bound", "share at the bound", "median ours/gather-then-slice"), rows)}
+  exact = summary["exactness"]
+  c = collections.defaultdict(int, exact["counts"])
+  tables["exactness"] = records.write_markdown_table(
+      ("layout pairs", "auto = Dijkstra", "auto > Dijkstra", "auto < Dijkstra",
+       "fast path forced > Dijkstra", "its max ratio", "seconds: Dijkstra / auto / fast path"),
+      [(c["pairs"], c["auto_equal"], c["auto_worse"], c["auto_better"], c["astar_worse"],
+        f"{exact['max_ratio']['astar']:.3f}",
+        " / ".join(f"{exact['seconds'][m]:.0f}" for m in ("dijkstra", "auto", "astar")))])
+  tables["fused"] = records.write_markdown_table(
+      ("mesh", "source -> target", "our plan", "ours (B, HLO)", "XLA (B, HLO)", "bound (B)",
+       "output exact"),
+      [(tuple(r["mesh"]), f"{r['source']} -> {r['target']}", _plan_steps(r["plan"]),
+        f"{r['ours']:.0f}", f"{r['xla']:.0f}", f"{r['bound']:.0f}", r["exact"])
+       for r in summary["fused"]])
+  return tables
+
+
+def planner_main(args, argv) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  from rich.progress import Progress  # pylint: disable=import-outside-toplevel
+
+  meshes = PLAN_MESHES[:4] if args.quick else PLAN_MESHES
+  pairs = min(args.plan_pairs, 20) if args.quick else args.plan_pairs
+  args.plan_pairs = pairs
+  start = time.perf_counter()
+  with Progress() as progress:
+    task = progress.add_task("plans", total=len(meshes) * pairs)
+    rows = plan_times(meshes, pairs, args.seed, lambda: progress.advance(task))
+    if args.quick:
+      exact = {"counts": {}, "max_ratio": {"auto": 1.0, "astar": 1.0},
+               "seconds": {"dijkstra": 0.0, "auto": 0.0, "astar": 0.0}}
+    else:
+      task = progress.add_task("the 14,404 pairs, three ways", total=14404)
+      exact = exactness(args.seed, lambda: progress.advance(task))
+  fused = fused_cases(4 if args.quick else 16, args.seed)
+  times = summarize_plan_times(rows)
+  goals = {"p99_under_100_ms": {m: t["default_ms"]["p99"] < PLAN_TIME_GOAL_MS and
+                                t["bytes_ms"]["p99"] < PLAN_TIME_GOAL_MS
+                                for m, t in times.items()},
+           "no_byte_loss_on_the_pair_sets": exact["counts"].get("auto_worse", 0) == 0,
+           "fused_at_most_xla": all(r["ours"] <= r["xla"] + TOL for r in fused)}
+  summary = {
+      "planner": True,
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "args": vars(args), "seconds": round(time.perf_counter() - start, 1),
+      "plan_times": times, "exactness": exact, "fused": fused, "goals": goals}
+  run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper, argv)
+  lines = "".join(json.dumps(r) + "\n" for r in rows)
+  records.atomic_write_bytes(run_dir / "plans.jsonl.gz", gzip.compress(lines.encode(), mtime=0))
+  print((run_dir / "tables.md").read_text())
+  print(f"{len(rows)} plans timed, {summary['seconds']} s -> {run_dir}; goals: {goals}")
+  return 0
+
+
+# -- a cost model fitted to this machine (--fit-cost) ----------------------------------------
+
+FIT_GROUPS = (2, 4, 8)
+FIT_BLOCKS = (1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20)  # float32 elements per device
+COST_KEY = "bench_parallel_cost.cpu"
+
+
+def _collective_fn(kind: str, mesh, group_axis: str):
+  """A jitted global function running one collective of `kind` over the mesh's `group_axis`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  n = mesh.shape[group_axis]
+  bodies = {
+      "all-gather": lambda b: jax.lax.all_gather(b, group_axis, axis=0, tiled=True),
+      "all-to-all": lambda b: jax.lax.all_to_all(b, group_axis, 0, 0, tiled=True),
+      "reduce-scatter": lambda b: jax.lax.psum_scatter(b, group_axis, scatter_dimension=0,
+                                                       tiled=True),
+      "all-reduce": lambda b: jax.lax.psum(b, group_axis),
+      "collective-permute": lambda b: jax.lax.ppermute(
+          b, group_axis, [(i, (i + 1) % n) for i in range(n)]),
+  }
+  bodies["none"] = lambda b: b  # the program around a collective: dispatch
+  spec = P(tuple(mesh.axis_names))
+  return jax.jit(jax.shard_map(bodies[kind], mesh=mesh, in_specs=spec, out_specs=spec,
+                               check_vma=False))
+
+
+def _baseline_seconds(array, repeats: int) -> float:
+  """A jitted program on `array`'s sharding with no collective (the shard_map of the identity):
+  the part of a measured time that is dispatch, not communication."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import _timing  # pylint: disable=import-outside-toplevel
+  sharding = array.sharding
+  fn = jax.jit(jax.shard_map(lambda b: b, mesh=sharding.mesh, in_specs=sharding.spec,
+                             out_specs=sharding.spec, check_vma=False))
+  return _timing.median_seconds(fn, array, repeats=repeats, warmup=2)
+
+
+def measure_collectives(repeats: int, progress=None) -> list[dict]:
+  """Median seconds of each collective kind over groups of 2, 4 and 8 of the 8 CPU devices and
+  local blocks of 4 KiB to 4 MiB, less the dispatch of a jitted program (the identity program
+  on the smallest block, `_baseline_seconds`; its own time grows with the buffer it writes, as
+  a collective's does, so only the smallest is taken off); bytes received per device as the
+  planner counts them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import _timing  # pylint: disable=import-outside-toplevel
+
+  received = {"all-gather": lambda b, n: b * (n - 1), "all-to-all": lambda b, n: b * (n - 1) / n,
+              "reduce-scatter": lambda b, n: b * (n - 1) / n,
+              "all-reduce": lambda b, n: 2 * b * (n - 1) / n,
+              "collective-permute": lambda b, n: float(b)}
+  samples = []
+  for n in FIT_GROUPS:
+    mesh = mesh_lib.make_mesh((8 // n, n), ("rest", "group"))
+    inputs = {e: jax.device_put(np.ones(8 * e, np.float32), jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(("rest", "group")))) for e in FIT_BLOCKS}
+    baseline = _baseline_seconds(inputs[min(FIT_BLOCKS)], repeats)
+    for kind, bytes_of in received.items():
+      fn = _collective_fn(kind, mesh, "group")
+      for elements, x in inputs.items():
+        total = _timing.median_seconds(fn, x, repeats=repeats, warmup=2)
+        samples.append({"kind": kind, "group": n, "hops": 1 if kind == "collective-permute"
+                        else n - 1, "block_bytes": elements * 4,
+                        "bytes": bytes_of(elements * 4, n), "total_seconds": total,
+                        "baseline_seconds": baseline, "seconds": total - baseline,
+                        "scale": total})
+        if progress:
+          progress()
+  return samples
+
+
+def held_out_moves(cost_model, dispatch: float, count: int, seed: int,
+                   repeats: int) -> list[dict]:
+  """Random layout pairs (ranks 2 and 3, larger shapes) on the 8-device meshes, planned under
+  `cost_model` and under the default model: measured time of each plan's program against the
+  model's prediction plus `dispatch` (seconds)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import _timing  # pylint: disable=import-outside-toplevel
+  from research.parallel import lower  # pylint: disable=import-outside-toplevel
+  from research.parallel import plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from research.parallel.layout import random_layout  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed + 1)  # not the fit's draw
+  rows = []
+  while len(rows) < count:
+    sizes, names = MESHES[int(rng.integers(len(MESHES)))]
+    mesh = mesh_lib.make_mesh(sizes, names)
+    shape = TIMED_SHAPES[int(rng.integers(2, 4))]
+    source, target = (random_layout(mesh, shape, rng) for _ in range(2))
+    fitted = plan_lib.plan_redistribution(shape, DTYPE, source, target, cost_model)
+    if not fitted.collectives():
+      continue
+    default = plan_lib.plan_redistribution(shape, DTYPE, source, target)
+    placed = jax.device_put(np.arange(np.prod(shape), dtype=DTYPE).reshape(shape),
+                            source.sharding(mesh))
+    row = {"mesh": list(sizes), "shape": list(shape), "source": str(source),
+           "target": str(target), "fitted_plan": _plan_steps(fitted.summary()),
+           "default_plan": _plan_steps(default.summary()),
+           "predicted_s": fitted.predicted_seconds,
+           "default_predicted_s": default.predicted_seconds,
+           "plans_differ": [(s.op, s.after) for s in fitted.steps] !=
+                           [(s.op, s.after) for s in default.steps]}
+    row["predicted_s"] += dispatch
+    row["default_predicted_s"] += dispatch
+    row["measured_s"] = _timing.median_seconds(lower.redistribute_fn(fitted, mesh), placed,
+                                               repeats=repeats, warmup=2)
+    row["default_measured_s"] = (row["measured_s"] if not row["plans_differ"] else
+                                 _timing.median_seconds(lower.redistribute_fn(default, mesh),
+                                                        placed, repeats=repeats, warmup=2))
+    rows.append(row)
+  return rows
+
+
+def cost_tables(summary: dict) -> dict[str, str]:
+  machine, fit = summary["machine"], summary["fit"]
+  head = (f"{machine['processor'] or machine['platform']}, {machine['cpu_count']} cores, "
+          f"{machine['devices']} CPU devices, jax {machine['jax']}; median of "
+          f"{summary['args']['repeats']} calls per point; {summary['seconds']:.0f} s in all.\n\n")
+  fit_table = head + records.write_markdown_table(
+      ("collective", "launch (us)", "alpha (us per hop)", "beta (GB/s)", "samples",
+       "median error / program time (fit)"),
+      [(kind, f"{p['launch'] * 1e6:.1f}", f"{p['alpha'] * 1e6:.2f}",
+        f"{1 / p['beta'] / 1e9:.2f}" if p["beta"] > 0 else "inf", p["samples"],
+        f"{p['median_relative_error']:.2f}") for kind, p in fit["kinds"].items()])
+  held = summary["held_out"]
+  errors = [abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in held]
+  default_errors = [abs(r["default_predicted_s"] - r["default_measured_s"]) /
+                    r["default_measured_s"] for r in held]
+  differ = [r for r in held if r["plans_differ"]]
+  ratios = [r["measured_s"] / r["default_measured_s"] for r in differ]
+  held_table = ("Predicted time: the plan's modelled seconds plus the dispatch of one jitted "
+                f"program ({fit['dispatch_seconds'] * 1e6:.0f} us, the identity program on the "
+                "smallest block).\n\n") + \
+      records.write_markdown_table(
+      ("held-out moves", "median relative error, fitted model", "p90", "same, default model",
+       "moves whose plans differ", "median measured time fitted plan / default plan",
+       "min", "max"),
+      [(len(held), f"{_quantile(errors, 0.5):.2f}", f"{_quantile(errors, 0.9):.2f}",
+        f"{_quantile(default_errors, 0.5):.2f}", len(differ),
+        f"{_quantile(ratios, 0.5):.3f}" if ratios else "-",
+        f"{min(ratios):.3f}" if ratios else "-", f"{max(ratios):.3f}" if ratios else "-")])
+  return {"fit": fit_table, "held_out": held_table}
+
+
+def cost_main(args, argv) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  from rich.progress import Progress  # pylint: disable=import-outside-toplevel
+  from research.parallel import plan as plan_lib  # pylint: disable=import-outside-toplevel
+
+  start = time.perf_counter()
+  with Progress() as progress:
+    task = progress.add_task("collectives", total=len(FIT_GROUPS) * 5 * len(FIT_BLOCKS))
+    samples = measure_collectives(args.repeats, lambda: progress.advance(task))
+  fit = plan_lib.fit_cost_model(samples)
+  fit["dispatch_seconds"] = statistics.median(s["baseline_seconds"] for s in samples)
+  held = held_out_moves(plan_lib.CostModel.from_fit(fit), fit["dispatch_seconds"],
+                        8 if args.quick else args.held_out, args.seed, args.repeats)
+  summary = {
+      "cost_fit": True,
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "args": vars(args), "seconds": round(time.perf_counter() - start, 1),
+      "samples": samples, "fit": fit, "held_out": held}
+  run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper, argv)
+  print((run_dir / "tables.md").read_text())
+  return 0
+
+
 def plot(rows: list[dict], path: Path) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -335,13 +718,31 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
                       help="rank 2 on (2, 4) and (2, 2, 2), 30 pairs each, 4 timed")
+  parser.add_argument("--planner", action="store_true",
+                      help="the planner alone: plan time vs mesh size (8-256 devices), auto vs "
+                           "Dijkstra on every pair of the sets above, fused all-to-all cases; "
+                           f"--paper keeps it as {PLANNER_KEY}")
+  parser.add_argument("--plan-pairs", type=int, default=200, help="--planner: pairs per mesh")
+  parser.add_argument("--fit-cost", action="store_true",
+                      help="fit launch / alpha / beta per collective kind to measured "
+                           "collectives on the CPU devices and test the model on held-out "
+                           f"moves; --paper keeps it as {COST_KEY} (CostModel.load reads it)")
+  parser.add_argument("--held-out", type=int, default=40, help="--fit-cost: held-out moves")
   paper.add_paper_argument(parser, default_key="bench_parallel.cpu")
   args = parser.parse_args(argv)
+  if args.planner and args.paper == "bench_parallel.cpu":
+    args.paper = PLANNER_KEY
+  if args.fit_cost and args.paper == "bench_parallel.cpu":
+    args.paper = COST_KEY
   if "device_count" not in os.environ.get("XLA_FLAGS", ""):
     mesh_lib.set_cpu_device_count(8)
   # XLA warns once per pair it reshards by replicating ("involuntary full rematerialization");
   # the JSON records those pairs (xla_replicates), so keep them out of the progress bar.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if args.planner:
+    return planner_main(args, sys.argv[1:] if argv is None else argv)
+  if args.fit_cost:
+    return cost_main(args, sys.argv[1:] if argv is None else argv)
   import jax  # pylint: disable=import-outside-toplevel
   from rich.progress import Progress  # pylint: disable=import-outside-toplevel
 

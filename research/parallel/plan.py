@@ -26,6 +26,12 @@ output buffer) of every step.
 
 `lower_bound_bytes` is exact: per device, the bytes of its target block it does not already hold,
 read from `NamedSharding.devices_indices_map`; the bound is the maximum over devices.
+
+On large meshes Dijkstra over every layout is too slow (the layouts grow factorially with the
+number of sub-axes). `plan_redistribution`'s default ("auto") sets aside what a move leaves
+alone, searches the rest exactly by A* (the bound as heuristic) when it is small, and otherwise
+runs A* on the unrefined mesh over fewer edges within a budget, from the cheapest of a few quick
+plans (`_upper_plan`). `FusedAllToAll` moves several dimension pairs in one collective.
 """
 
 from __future__ import annotations
@@ -218,6 +224,9 @@ class CostModel:
   `alpha` / `beta` are (axis, value) pairs; axes not named use the defaults. The defaults
   (10 us launch, 1 us per hop, 10 GB/s) describe a fast interconnect; only ratios matter. The
   launch cost makes one collective over a group of axes cheaper than one per sub-axis.
+
+  `kinds` are (collective kind, launch, alpha, beta) rows, e.g. fitted from measured collectives
+  (`fit_cost_model`); a kind named there is costed by its own row instead.
   """
 
   alpha: tuple[tuple[str, float], ...] = ()
@@ -225,6 +234,26 @@ class CostModel:
   default_alpha: float = 1e-6
   default_beta: float = 1e-10
   launch: float = 1e-5
+  kinds: tuple[tuple[str, float, float, float], ...] = ()
+
+  @classmethod
+  def load(cls, path) -> "CostModel":
+    """The model kept by `python -m experiments.bench_parallel --fit-cost --paper` (a kept
+    result whose summary holds `fit`), or a JSON file of that `fit` alone."""
+    import json  # pylint: disable=import-outside-toplevel
+    data = json.loads(open(path, encoding="utf-8").read())
+    fit = data.get("summary", data).get("fit", data)
+    return cls.from_fit(fit)
+
+  @classmethod
+  def from_fit(cls, fit: Mapping[str, Any]) -> "CostModel":
+    rows = tuple((kind, float(p["launch"]), float(p["alpha"]), float(p["beta"]))
+                 for kind, p in sorted(fit["kinds"].items()))
+    if not rows:
+      raise ValueError("fit: expected 'kinds' with one row per collective kind")
+    # Defaults for kinds the fit lacks: its slowest row (never cheaper than anything fitted).
+    return cls(launch=max(r[1] for r in rows), default_alpha=max(r[2] for r in rows),
+               default_beta=max(r[3] for r in rows), kinds=rows)
 
   @classmethod
   def per_axis(cls, alpha: Mapping[str, float] | None = None,
@@ -235,22 +264,56 @@ class CostModel:
   @property
   def min_beta(self) -> float:
     """The smallest seconds per byte of any axis (A*'s heuristic scales the byte bound by it)."""
-    return min([self.default_beta] + [b for _, b in self.beta])
+    return min([self.default_beta] + [b for _, b in self.beta] + [k[3] for k in self.kinds])
 
   @property
   def min_alpha(self) -> float:
-    return min([self.default_alpha] + [a for _, a in self.alpha])
+    return min([self.default_alpha] + [a for _, a in self.alpha] + [k[2] for k in self.kinds])
+
+  @property
+  def min_launch(self) -> float:
+    return min([self.launch] + [k[1] for k in self.kinds])
 
   def seconds(self, op: Operator, layout: Layout, received: float) -> float:
     if op.collective is None:
       return 0.0
+    hops = 1 if isinstance(op, Permute) else _group(layout, op.axes) - 1
+    for kind, launch, alpha, beta in self.kinds:
+      if kind == op.collective:
+        return launch + alpha * hops + beta * received
     alphas, betas = _as_dicts(self.alpha, self.beta)
     # A sub-axis ('y:0') of a refined mesh costs what its mesh axis ('y') costs.
     axes = [a.split(":")[0] for a in op.axes]
     alpha = max(alphas.get(a, self.default_alpha) for a in axes)
     beta = max(betas.get(a, self.default_beta) for a in axes)
-    hops = 1 if isinstance(op, Permute) else _group(layout, op.axes) - 1
     return self.launch + alpha * hops + beta * received
+
+
+def fit_cost_model(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Per collective kind, launch + alpha * hops + beta * bytes fitted to measured `samples`
+  (dicts with kind, hops, bytes received per device, seconds; optionally `scale`, the time the
+  error is relative to, else seconds) by non-negative least squares on relative error.
+  Returns the `fit` mapping that `CostModel.from_fit` reads: per kind the three parameters, the
+  samples used and the median relative error on them."""
+  from scipy.optimize import nnls  # pylint: disable=import-outside-toplevel
+
+  kinds: dict[str, Any] = {}
+  for kind in sorted({s["kind"] for s in samples}):
+    rows = [s for s in samples if s["kind"] == kind]
+    if len(rows) < 3:
+      raise ValueError(f"samples: kind {kind!r} has {len(rows)} samples, expected at least 3")
+    design = np.array([[1.0, r["hops"], r["bytes"]] for r in rows])
+    seconds = np.array([r["seconds"] for r in rows])
+    weights = 1.0 / np.array([r.get("scale", r["seconds"]) for r in rows])
+    scale = np.abs(design).max(axis=0)
+    scale[scale == 0] = 1.0
+    params, _ = nnls(design / scale * weights[:, None], seconds * weights)
+    params = params / scale
+    error = np.abs(design @ params - seconds) * weights
+    kinds[kind] = {"launch": float(params[0]), "alpha": float(params[1]),
+                   "beta": float(params[2]), "samples": len(rows),
+                   "median_relative_error": float(np.median(error))}
+  return {"kinds": kinds}
 
 
 @functools.lru_cache(maxsize=64)
@@ -278,6 +341,7 @@ class Plan:
   source: Layout
   target: Layout
   steps: tuple[Step, ...]
+  search: str = ""  # how it was found: "dijkstra", "exact" (A*, every edge) or "fast"
 
   @property
   def predicted_bytes(self) -> float:
@@ -456,7 +520,7 @@ def _search(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
 # unrefined mesh over fewer edges, within a budget of evaluated edges.
 EXACT_MAX_LAYOUTS = 200
 # Edges A* costs before the best plan found so far (at worst gather-then-slice) is returned.
-MAX_EDGES = 800
+MAX_EDGES = 500
 
 
 def count_layouts(num_axes: int, rank: int) -> int:
@@ -645,8 +709,17 @@ def _fast_neighbours(layout: Layout, shape: tuple[int, ...], target: Layout,
         mapping[a] = pick
         spare.remove(pick)
     others.add(_relabel(layout, mapping))
+  if all(layout.shards(d) == target.shards(d) for d in range(rank)):
+    others.add(target)  # the same block shape: one permute finishes the move
   ops += [Permute(other) for other in others if other != layout]
   return ops
+
+
+def _one_collective(moves: Sequence[AllToAll]) -> AllToAll | FusedAllToAll:
+  """All-to-alls on disjoint dimensions as one collective (fused when there are several)."""
+  if len(moves) == 1:
+    return moves[0]
+  return FusedAllToAll(tuple((m.axes, m.src_dim, m.dst_dim) for m in moves))
 
 
 def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
@@ -712,10 +785,8 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
           src_used.add(d)
           dst_used.add(found[0])
           break
-    if len(moves) > 1:
-      push(FusedAllToAll(tuple((m.axes, m.src_dim, m.dst_dim) for m in moves)))
-    elif moves:
-      push(moves[0])
+    if moves:
+      push(_one_collective(moves))
     else:
       for d in range(layout.rank):
         if not is_prefix(d):
@@ -726,6 +797,52 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
           push(AllGather(d, have[common:]))
           break
   raise PlanError(f"greedy plan from {source} to {target} did not converge")  # a bug if seen
+
+
+def _shape_then_permute(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
+                        cost_model: CostModel) -> tuple[Step, ...] | None:
+  """Give every dimension the target's number of shards first, then relabel with one permute:
+  minor-most axes of a dimension whose shard count does not divide the target's move by
+  all-to-all to a dimension that can take them (fused where several go at once) or are
+  gathered; dimensions short of shards slice by free axes (the target's own first). None if
+  the free axes cannot make up the shard counts."""
+  steps: list[Step] = []
+  layout = source
+  want = [target.shards(d) for d in range(target.rank)]
+
+  def push(op):
+    nonlocal layout
+    after = op.apply(layout)
+    steps.append(_step(op, layout, after, shape, dtype, cost_model))
+    layout = after
+
+  for _ in range(len(layout.axis_names) + 1):
+    over = [d for d in range(layout.rank) if want[d] % layout.shards(d)]
+    if not over:
+      break
+    moves, taken = [], set()
+    for d in over:
+      axis = layout.dims[d][-1]
+      n = layout.axis_sizes[axis]
+      for e in range(layout.rank):
+        if e != d and e not in taken and e not in over and want[e] % (layout.shards(e) * n) == 0:
+          moves.append(AllToAll((axis,), d, e))
+          taken |= {d, e}
+          break
+    if moves:
+      push(_one_collective(moves))
+    else:
+      push(AllGather(over[0], layout.dims[over[0]][-1:]))
+  for d in range(layout.rank):
+    preferred = [a for a in target.dims[d] if a in layout.free_axes]
+    for a in preferred + [a for a in layout.free_axes if a not in preferred]:
+      if a in layout.free_axes and want[d] % (layout.shards(d) * layout.axis_sizes[a]) == 0:
+        push(Slice(d, (a,)))
+  if any(layout.shards(d) != want[d] for d in range(layout.rank)):
+    return None
+  if layout != target:
+    push(Permute(target))
+  return tuple(steps)
 
 
 def _cost(steps: Sequence[Step]) -> tuple[float, float, int]:
@@ -741,6 +858,22 @@ def _upper_plan(shape, dtype, source, target, cost_model, max_bytes_per_device):
     for op in _fast_neighbours(source, shape, target, relabel_only=True):
       first = _step(op, source, op.target, shape, dtype, cost_model)
       candidates.append((first,) + _greedy(shape, dtype, op.target, target, cost_model))
+    reshaped = _shape_then_permute(shape, dtype, source, target, cost_model)
+    if reshaped is not None:
+      candidates.append(reshaped)
+    # Slice by the free axes the target uses, where it uses them; if the blocks then have the
+    # target's shape, one permute finishes.
+    steps, layout = [], source
+    for e, axes in enumerate(target.dims):
+      for a in axes:
+        if a in layout.free_axes and shape[e] % (layout.shards(e) * _group(layout, (a,))) == 0:
+          op = Slice(e, (a,))
+          steps.append(_step(op, layout, op.apply(layout), shape, dtype, cost_model))
+          layout = steps[-1].after
+    if layout != target and all(layout.shards(d) == target.shards(d)
+                                for d in range(layout.rank)):
+      steps.append(_step(Permute(target), layout, target, shape, dtype, cost_model))
+      candidates.append(tuple(steps))
   ok = [c for c in candidates if max_bytes_per_device is None or
         all(s.peak_bytes <= max_bytes_per_device for s in c)]
   return min(ok, key=_cost) if ok else None
@@ -759,7 +892,7 @@ def _search_astar(shape: tuple[int, ...], dtype: str, source: Layout, target: La
   beta = cost_model.min_beta
 
   # A move still missing bytes needs at least one more collective: its launch and one hop.
-  first = cost_model.launch + cost_model.min_alpha
+  first = cost_model.min_launch + cost_model.min_alpha
 
   def h(layout):
     b = bound(layout)
@@ -856,6 +989,7 @@ def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target
     raise PlanError(f"target {target} is partial over axes the source {source} is not: a "
                     "redistribution cannot create partial sums")
   start, goal = (refine_layout(source), refine_layout(target)) if refine else (source, target)
+  exact = True
   if start == goal:
     steps = ()
   elif method == "dijkstra":
@@ -882,7 +1016,8 @@ def plan_redistribution(shape: Sequence[int], dtype: Any, source: Layout, target
     cap = ("" if max_bytes_per_device is None else
            f" under max_bytes_per_device={max_bytes_per_device}")
     raise PlanError(f"no redistribution from {source} to {target} for shape {shape}{cap}")
-  return Plan(shape, dtype, source, target, steps)
+  search = "dijkstra" if method == "dijkstra" else "exact" if exact else "fast"
+  return Plan(shape, dtype, source, target, steps, search)
 
 
 def gather_then_slice_plan(shape: Sequence[int], dtype: Any, source: Layout, target: Layout,

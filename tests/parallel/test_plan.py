@@ -1,5 +1,7 @@
 """research/parallel/plan.py: plans are minimal under the model, respect the bound and the cap."""
 
+import json
+
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -212,3 +214,59 @@ def test_planner_rejects_an_unknown_method():
   with pytest.raises(ValueError, match="method: got 'bfs'"):
     plan_lib.plan_redistribution((4,), "float32", Layout(axes, ((),)), Layout(axes, (("x",),)),
                                  method="bfs")
+
+
+# -- a fitted cost model ---------------------------------------------------------------------
+
+
+def _samples(params, noise=0.0, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for kind, (launch, alpha, beta) in params.items():
+    for hops in (1, 3, 7):
+      for size in (4e3, 3e4, 2.6e5, 1e6):
+        seconds = launch + alpha * hops + beta * size
+        rows.append({"kind": kind, "hops": hops, "bytes": size,
+                     "seconds": seconds * (1 + noise * rng.standard_normal())})
+  return rows
+
+
+def test_fit_recovers_the_parameters_and_the_model_costs_by_kind(tmp_path):
+  params = {"all-gather": (2e-5, 3e-6, 1e-9), "collective-permute": (5e-5, 0.0, 4e-9),
+            "all-to-all": (1e-5, 8e-6, 2e-9)}
+  fit = plan_lib.fit_cost_model(_samples(params))
+  for kind, (launch, alpha, beta) in params.items():
+    got = fit["kinds"][kind]
+    np.testing.assert_allclose([got["launch"], got["alpha"], got["beta"]], [launch, alpha, beta],
+                               rtol=1e-6, atol=1e-12)
+    assert got["median_relative_error"] < 1e-6
+  model = plan_lib.CostModel.from_fit(fit)
+  axes = (("x", 2), ("y", 4))
+  layout = Layout.from_spec(axes, P(None, "y"), 2)
+  gather = plan_lib.AllGather(1, ("y",))
+  assert model.seconds(gather, layout, 1000.0) == pytest.approx(2e-5 + 3 * 3e-6 + 1e-6)
+  # A kind the fit lacks costs the slowest fitted row's parameters.
+  assert model.seconds(plan_lib.AllReduce(("x",)), Layout(axes, ((), ()), ("x",)), 0.0) == \
+      pytest.approx(5e-5 + 8e-6)
+  path = tmp_path / "kept.json"
+  path.write_text(json.dumps({"summary": {"fit": fit}}))
+  assert plan_lib.CostModel.load(path) == model
+  with pytest.raises(ValueError, match="kind 'all-reduce' has 2 samples"):
+    plan_lib.fit_cost_model(_samples(params) + [{"kind": "all-reduce", "hops": 1, "bytes": 1.0,
+                                                 "seconds": 1e-5}] * 2)
+
+
+def test_a_fitted_model_changes_the_plan_where_permutes_are_slow():
+  # P(None, 'y') -> P(None, 'x') on (2, 4): a permute and a half-axis gather under the bytes
+  # model (test_refined_mesh_moves_half_an_axis); with permutes 100x slower per byte, a gather
+  # over 'y' and a slice.
+  axes = (("x", 2), ("y", 4))
+  source, target = Layout.from_spec(axes, P(None, "y"), 2), Layout.from_spec(axes, P(None, "x"), 2)
+  slow_permute = plan_lib.CostModel.from_fit(plan_lib.fit_cost_model(_samples(
+      {"all-gather": (0.0, 0.0, 1e-9), "collective-permute": (0.0, 0.0, 1e-7)})))
+  plan = plan_lib.plan_redistribution((64, 64), "float32", source, target, slow_permute)
+  assert plan.collectives() == {"all-gather": 1}, plan.summary()
+  even = plan_lib.CostModel.from_fit(plan_lib.fit_cost_model(_samples(
+      {"all-gather": (0.0, 0.0, 1e-9), "collective-permute": (0.0, 0.0, 1e-9)})))
+  plan = plan_lib.plan_redistribution((64, 64), "float32", source, target, even)
+  assert plan.collectives() == {"collective-permute": 1, "all-gather": 1}, plan.summary()
