@@ -252,6 +252,8 @@ def paper_tables(result: dict) -> dict[str, str]:
     return planner_tables(summary)
   if summary.get("cost_fit"):
     return cost_tables(summary)
+  if summary.get("model_pass"):
+    return model_tables(summary)
   sets, overall, timed = summary["sets"], summary["overall"], summary["timed"]
   machine = summary["machine"]
   order = _ordered_sets(sets)
@@ -684,6 +686,118 @@ def cost_main(args, argv) -> int:
   return 0
 
 
+# -- the pass over plain jax programs (--model-pass) -----------------------------------------
+
+MODEL_KEY = "bench_parallel_model.cpu"
+
+
+def _model_case(which: str):
+  """(model, inputs, labels, input names, label names) of one benchmark model."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from research.parallel import nnx_models  # pylint: disable=import-outside-toplevel
+
+  key, labels_key = jax.random.key(0), jax.random.key(1)
+  if which == "mlp":
+    return (nnx_models.MLP(rngs=nnx.Rngs(0)), jax.random.normal(key, (64, 64)),
+            jax.random.randint(labels_key, (64,), 0, 10), ("batch", "embed"), ("batch",))
+  if which == "transformer_block":
+    return (nnx_models.BlockClassifier(rngs=nnx.Rngs(0)), jax.random.normal(key, (8, 16, 64)),
+            jax.random.randint(labels_key, (8, 16), 0, 16), ("batch", "length", "embed"),
+            ("batch", "length"))
+  tokens = jax.random.randint(key, (16, 33), 0, 64)
+  return (nnx_models.LM(rngs=nnx.Rngs(0)), tokens[:, :-1], tokens[:, 1:],
+          ("batch", "length"), ("batch", "length"))
+
+
+def model_pass(which: str, steps: int, repeats: int) -> dict:
+  """One model's train step (gradients and an Adam update) through the pass on a (2, 4) mesh
+  ('dp', 'mp') under `nnx_models.RULES`, against XLA's partitioner given the same input
+  shardings (`jax.jit(step, in_shardings=...)`) and one device: collective bytes per step from
+  both compiled programs, step time, and the loss step by step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from experiments import _timing  # pylint: disable=import-outside-toplevel
+  from research.parallel import jaxpr_pass  # pylint: disable=import-outside-toplevel
+  from research.parallel import lower  # pylint: disable=import-outside-toplevel
+  from research.parallel import nnx_models  # pylint: disable=import-outside-toplevel
+
+  model, inputs, labels, input_names, label_names = _model_case(which)
+  graphdef, template, params, names = nnx_models.split(model)
+  optimizer = optax.adam(0.01)
+  opt_state = optimizer.init(params)
+  step = nnx_models.train_step_fn(graphdef, template, optimizer)
+  mesh = mesh_lib.make_mesh((2, 4), ("dp", "mp"))
+  logical = nnx_models.step_logical(optimizer, opt_state, names, input_names, label_names)
+  ours = jaxpr_pass.shard(step, mesh, nnx_models.RULES, logical, params, opt_state, inputs,
+                          labels)
+  xla = jax.jit(step, in_shardings=ours.in_shardings)
+  one = jax.jit(step)
+  args = jax.device_put((params, opt_state, inputs, labels), ours.in_shardings)
+  row = {"model": which, "parameters": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+         "planned_moves": len(ours.program.moves()),
+         "planned_bytes": ours.program.predicted_bytes()}
+  for name, text in (("ours", ours.fn.lower(*args).compile().as_text()),
+                     ("xla", xla.lower(*args).compile().as_text())):
+    found = lower.hlo_collectives(text, 8)
+    row[f"{name}_bytes"] = sum(b for _, b in found)
+    row[f"{name}_collectives"] = dict(collections.Counter(k for k, _ in found))
+  ours_state, xla_state, one_state = args[:2], args[:2], (params, opt_state)
+  losses = []
+  for _ in range(steps):
+    *ours_state, a = ours.fn(*ours_state, inputs, labels)
+    *xla_state, b = xla(*xla_state, *args[2:])
+    *one_state, c = one(*one_state, inputs, labels)
+    losses.append((float(a), float(b), float(c)))
+  row["losses"] = losses
+  row["max_rel_diff_vs_one_device"] = max(abs(a - c) / abs(c) for a, _, c in losses)
+  times = collections.defaultdict(list)
+  for _ in range(3):  # interleaved rounds
+    times["ours"].append(_timing.median_seconds(ours.fn, *args, repeats=repeats))
+    times["xla"].append(_timing.median_seconds(xla, *args, repeats=repeats))
+  row["ours_s"] = statistics.median(times["ours"])
+  row["xla_s"] = statistics.median(times["xla"])
+  return row
+
+
+def model_tables(summary: dict) -> dict[str, str]:
+  machine = summary["machine"]
+  head = (f"{machine['processor'] or machine['platform']}, {machine['cpu_count']} cores, "
+          f"{machine['devices']} CPU devices, jax {machine['jax']}; (2, 4) mesh ('dp', 'mp'), "
+          f"rules {summary['rules']}; Adam 0.01, {summary['args']['steps']} steps; step time "
+          f"median of 3 interleaved rounds of {summary['args']['repeats']} calls.\n\n")
+  kinds = lambda c: ", ".join(f"{k} x{n}" for k, n in sorted(c.items())) or "none"
+  return {"models": head + records.write_markdown_table(
+      ("model", "parameters", "planned moves", "planned bytes / device", "collective bytes / "
+       "device: pass", "XLA partitioner", "collectives: pass", "XLA partitioner",
+       "step time pass / XLA", "max rel. loss diff vs one device"),
+      [(r["model"], r["parameters"], r["planned_moves"], f"{r['planned_bytes']:.0f}",
+        f"{r['ours_bytes']:.0f}", f"{r['xla_bytes']:.0f}", kinds(r["ours_collectives"]),
+        kinds(r["xla_collectives"]), f"{r['ours_s'] / r['xla_s']:.2f}",
+        f"{r['max_rel_diff_vs_one_device']:.1e}") for r in summary["models"]])}
+
+
+def model_main(args, argv) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.parallel import nnx_models  # pylint: disable=import-outside-toplevel
+
+  start = time.perf_counter()
+  models = []
+  for which in ("mlp", "transformer_block", "lm"):
+    print(f"model pass: {which}", flush=True)
+    models.append(model_pass(which, args.steps, args.repeats))
+  summary = {
+      "model_pass": True,
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "args": vars(args), "rules": [list(r) for r in nnx_models.RULES],
+      "seconds": round(time.perf_counter() - start, 1), "models": models}
+  run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper, argv)
+  print((run_dir / "tables.md").read_text())
+  return 0
+
+
 def plot(rows: list[dict], path: Path) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -728,12 +842,18 @@ def main(argv=None) -> int:
                            "collectives on the CPU devices and test the model on held-out "
                            f"moves; --paper keeps it as {COST_KEY} (CostModel.load reads it)")
   parser.add_argument("--held-out", type=int, default=40, help="--fit-cost: held-out moves")
+  parser.add_argument("--model-pass", action="store_true",
+                      help="the jaxpr pass on nnx train steps (MLP, transformer block, LM) vs "
+                           f"XLA's partitioner; --paper keeps it as {MODEL_KEY}")
+  parser.add_argument("--steps", type=int, default=5, help="--model-pass: training steps")
   paper.add_paper_argument(parser, default_key="bench_parallel.cpu")
   args = parser.parse_args(argv)
   if args.planner and args.paper == "bench_parallel.cpu":
     args.paper = PLANNER_KEY
   if args.fit_cost and args.paper == "bench_parallel.cpu":
     args.paper = COST_KEY
+  if args.model_pass and args.paper == "bench_parallel.cpu":
+    args.paper = MODEL_KEY
   if "device_count" not in os.environ.get("XLA_FLAGS", ""):
     mesh_lib.set_cpu_device_count(8)
   # XLA warns once per pair it reshards by replicating ("involuntary full rematerialization");
@@ -743,6 +863,8 @@ def main(argv=None) -> int:
     return planner_main(args, sys.argv[1:] if argv is None else argv)
   if args.fit_cost:
     return cost_main(args, sys.argv[1:] if argv is None else argv)
+  if args.model_pass:
+    return model_main(args, sys.argv[1:] if argv is None else argv)
   import jax  # pylint: disable=import-outside-toplevel
   from rich.progress import Progress  # pylint: disable=import-outside-toplevel
 
