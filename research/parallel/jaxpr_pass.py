@@ -14,8 +14,9 @@ that is still free and divides the dimension wins), and walks the equations:
 - reductions drop the reduced dimensions; `broadcast_in_dim`, `transpose`, `reshape` (axes on
   the major dimension of a merged or split group carry over) and `squeeze` map dimensions;
 - nested `jit` and custom-derivative calls are walked inside; any other equation (gather,
-  scatter, ...) runs on its operands as they are, and its results keep the layout of an operand
-  of the same shape, or the leading (batch-like) axes of one with the same first size.
+  scatter, ...) runs on its operands as they are, and each result takes the most sharded of an
+  operand's layout of its shape and the leading (batch-like) axes of an operand with its first
+  size.
 
 Where an operand's layout differs from what its equation wants, the program runs
 `lower.reshard` (the planned collectives in a shard_map) on it; every result is constrained to
@@ -236,18 +237,15 @@ def _rule(eqn, arrive: list[Layout | None], mesh_axes):
     best = _valid(mesh_axes, dims, arrays[0])
     return ([best if s else h for h, s in zip(have, shapes)],
             [best if s else replicated(s) for s in out_shapes])
-  # Anything else runs where its operands are (XLA partitions it); a result keeps the layout
-  # of an operand of its shape, else the batch-like leading axes of one with its first size.
+  # Anything else runs where its operands are (XLA partitions it); a result takes the most
+  # sharded of: an operand's layout of its shape, the batch-like leading axes of an operand
+  # with its first size (a scatter's updates, a gather's indices).
   outs = []
   for shape in out_shapes:
-    same = [h for h, s in zip(have, shapes) if s == shape and s]
-    lead = [h for h, s in zip(have, shapes) if s and shape and s[0] == shape[0] and h.dims[0]]
-    if same:
-      outs.append(same[0])
-    elif lead:
-      outs.append(_valid(mesh_axes, [lead[0].dims[0]] + [()] * (len(shape) - 1), shape))
-    else:
-      outs.append(replicated(shape))
+    options = [h for h, s in zip(have, shapes) if s == shape and s]
+    options += [_valid(mesh_axes, [h.dims[0]] + [()] * (len(shape) - 1), shape)
+                for h, s in zip(have, shapes) if s and shape and s[0] == shape[0]]
+    outs.append(max(options, key=_shards) if options else replicated(shape))
   return have, outs
 
 
