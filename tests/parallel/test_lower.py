@@ -216,3 +216,36 @@ def test_fused_all_to_all_is_one_collective_with_xlas_bytes(explicit):
       (4, 4, 4, 4, 4, 4), "float32", Layout(mesh, (("x",), ("y",), (), (), (), ())),
       Layout(mesh, ((), (), (), ("x",), ("y",), ())))
   assert three.collectives() == {"all-to-all": 1}
+
+
+_SIXTEEN = """
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from research.common.mesh import make_mesh
+from research.parallel.layout import Layout, random_layout
+from tests.parallel.test_lower import check_move
+rng = np.random.default_rng(16)
+for shape, names in (((16,), ("a",)), ((2, 8), ("x", "y"))):
+  for explicit in (False, True):
+    mesh = make_mesh(shape, names, explicit=explicit)
+    check_move(mesh, (32, 16), "float32", Layout.from_spec(mesh, P(names[-1], None), 2),
+               Layout.from_spec(mesh, P(None, names[-1]), 2))
+    for _ in range(2):
+      source, target = (random_layout(mesh, (16, 16, 4), rng) for _ in range(2))
+      check_move(mesh, (16, 16, 4), "float32", source, target)
+print("sixteen ok")
+"""
+
+
+def test_moves_on_meshes_with_an_axis_of_16_in_a_16_device_process():
+  """The test process has 8 CPU devices; a child with 16 runs the same checks (values, target
+  sharding, HLO collectives equal the plan) on an axis of 16 and on (2, 8), Auto and Explicit."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run([sys.executable, "-c", _SIXTEEN], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and "sixteen ok" in result.stdout, result.stderr[-3000:]
