@@ -69,7 +69,11 @@ def assert_bit_equal(final, reference):
 
 
 def test_killed_process_restarts_the_job_from_local_memory_bit_exact(cluster, tmp_path, cache):
-  config = config_with(steps=10, persist_every=0, min_step_seconds=0.05, spare_nodes=0)
+  # A kill is seen as an exit at once; a long heartbeat timeout keeps a loaded machine (a
+  # process silent for 3 s) from fencing a second time and adding restarts the test does not
+  # count (seen once while other jobs shared the two cores).
+  config = config_with(steps=10, persist_every=0, min_step_seconds=0.05, spare_nodes=0,
+                       heartbeat_timeout=30.0)
   step = int(np.random.default_rng(7).integers(3, 8))
   faults = [experiment.Fault("kill_process", step, 1)]
   result, lines = run(cluster, tmp_path, cache, "killed", config, faults)
