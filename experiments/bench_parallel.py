@@ -449,7 +449,9 @@ def planner_tables(summary: dict) -> dict[str, str]:
            f"{t['bytes_ms']['p99']:.1f}",
            f"{t['ours_over_bound']['median']:.3f}", f"{t['ours_over_bound']['p90']:.3f}",
            f"{t['ours_over_bound']['max']:.3f}", f"{t['at_bound']:.2f}",
-           f"{t['ours_over_naive_median']:.3f}") for mesh, t in times.items()]
+           f"{t['ours_over_naive_median']:.3f}")
+          for mesh, t in sorted(times.items(),  # a kept JSON holds the meshes sorted by name
+                                key=lambda item: (item[1]["devices"], item[1]["axes"], item[0]))]
   head = (f"{machine['processor'] or machine['platform']}, {machine['cpu_count']} cores, "
           f"Python planner, cold caches per plan; {summary['args']['plan_pairs']} random layout "
           f"pairs per mesh (ranks 1-4, every dimension {PLAN_DIM}), seed "
