@@ -207,7 +207,7 @@ def _rule(eqn, arrive: list[Layout | None], mesh_axes):
   if name in _REDUCTIONS:
     reduced = set(eqn.params["axes"])
     kept = [axes for d, axes in enumerate(have[0].dims) if d not in reduced]
-    return have[:1] + have[1:], [_valid(mesh_axes, kept, out_shapes[0])]
+    return have, [_valid(mesh_axes, kept, out_shapes[0])]
   if name == "broadcast_in_dim":
     dims = [()] * len(out_shapes[0])
     for i, j in enumerate(eqn.params["broadcast_dimensions"]):
