@@ -316,6 +316,14 @@ PLAN_DIM = 1024  # every dimension of the planned tensors (ranks 1 to 4): divide
 PLAN_TIME_GOAL_MS = 100.0
 
 
+def _machine() -> dict:
+  """The machine a result was measured on (every mode's summary names it)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return {"platform": platform.platform(), "processor": platform.processor(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "devices": jax.device_count()}
+
+
 def plan_times(meshes, pairs_per_mesh: int, seed: int, progress=None) -> list[dict]:
   """Per mesh, random layout pairs of ranks 1-4 (`layout.random_layout`), each planned from cold
   caches under the default cost model (timed) and under `bytes_model()` (timed; its bytes set
@@ -480,7 +488,6 @@ def planner_tables(summary: dict) -> dict[str, str]:
 
 
 def planner_main(args, argv) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
   from rich.progress import Progress  # pylint: disable=import-outside-toplevel
 
   meshes = PLAN_MESHES[:4] if args.quick else PLAN_MESHES
@@ -505,9 +512,7 @@ def planner_main(args, argv) -> int:
            "fused_at_most_xla": all(r["ours"] <= r["xla"] + TOL for r in fused)}
   summary = {
       "planner": True,
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "machine": _machine(),
       "args": vars(args), "seconds": round(time.perf_counter() - start, 1),
       "plan_times": times, "exactness": exact, "fused": fused, "goals": goals}
   run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper, argv)
@@ -664,7 +669,6 @@ def cost_tables(summary: dict) -> dict[str, str]:
 
 
 def cost_main(args, argv) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
   from rich.progress import Progress  # pylint: disable=import-outside-toplevel
   from research.parallel import plan as plan_lib  # pylint: disable=import-outside-toplevel
 
@@ -678,9 +682,7 @@ def cost_main(args, argv) -> int:
                         8 if args.quick else args.held_out, args.seed, args.repeats)
   summary = {
       "cost_fit": True,
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "machine": _machine(),
       "args": vars(args), "seconds": round(time.perf_counter() - start, 1),
       "samples": samples, "fit": fit, "held_out": held}
   run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper, argv)
@@ -780,7 +782,6 @@ def model_tables(summary: dict) -> dict[str, str]:
 
 
 def model_main(args, argv) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
   from research.parallel import nnx_models  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
@@ -790,9 +791,7 @@ def model_main(args, argv) -> int:
     models.append(model_pass(which, args.steps, args.repeats))
   summary = {
       "model_pass": True,
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "machine": _machine(),
       "args": vars(args), "rules": [list(r) for r in nnx_models.RULES],
       "seconds": round(time.perf_counter() - start, 1), "models": models}
   run_dir = paper.finish_benchmark("bench_parallel", PAPER_PAGE, summary, args.paper, argv)
@@ -867,7 +866,6 @@ def main(argv=None) -> int:
     return cost_main(args, sys.argv[1:] if argv is None else argv)
   if args.model_pass:
     return model_main(args, sys.argv[1:] if argv is None else argv)
-  import jax  # pylint: disable=import-outside-toplevel
   from rich.progress import Progress  # pylint: disable=import-outside-toplevel
 
   meshes, ranks = MESHES, (2, 3)
@@ -907,9 +905,7 @@ def main(argv=None) -> int:
   # The pairs file sits beside the summary: papers/results/ when kept, else the run folder.
   pairs_file = f"{args.paper}.pairs.jsonl.gz" if args.paper else "pairs.jsonl.gz"
   summary = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(), "devices": jax.device_count()},
+      "machine": _machine(),
       "dtype": DTYPE, "shapes": {str(k): v for k, v in SHAPES.items()},
       "timed_shapes": {str(k): v for k, v in TIMED_SHAPES.items()},
       "args": vars(args), "seconds": round(time.perf_counter() - start, 1),

@@ -65,19 +65,10 @@ def logical_layout(mesh: Any, names: Sequence[str | None], shape: Sequence[int],
   if len(names) != len(shape):
     raise LayoutError(f"logical names {tuple(names)} for an array of shape {tuple(shape)}: "
                       "expected one name (or None) per dimension")
-  used: set[str] = set()
-  dims = []
-  for name, size in zip(names, shape):
+  for name in names:
     if name is not None and name not in table:
       raise LayoutError(f"logical axis {name!r} has no rule; rules name {sorted(table)}")
-    axes, shards = [], 1
-    for a in table.get(name, ()) if name is not None else ():
-      if a not in used and size % (shards * sizes[a]) == 0:
-        axes.append(a)
-        shards *= sizes[a]
-    used.update(axes)
-    dims.append(tuple(axes))
-  return Layout(mesh_axes, tuple(dims))
+  return _valid(mesh_axes, [() if name is None else table[name] for name in names], shape)
 
 
 # -- propagation -----------------------------------------------------------------------------

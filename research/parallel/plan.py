@@ -393,6 +393,36 @@ def _itemsize(dtype: Any) -> int:
   return np.dtype(dtype).itemsize
 
 
+def _fits(shape: tuple[int, ...], layout: Layout, dim: int, axes: tuple[str, ...]) -> bool:
+  """Whether `dim` of `shape` still divides after `layout` splits it further by `axes`."""
+  return shape[dim] % (layout.shards(dim) * _group(layout, axes)) == 0
+
+
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+  """How many major-most axes two dimensions' axis sequences share."""
+  k = 0
+  while k < min(len(a), len(b)) and a[k] == b[k]:
+    k += 1
+  return k
+
+
+def _collective_moves(layout: Layout, shape: tuple[int, ...]) -> list[Operator]:
+  """Every all-gather of a dimension's minor-most axes, every all-to-all of them to another
+  dimension that divides, and every fusion of such all-to-alls (both neighbour sets share
+  these)."""
+  ops: list[Operator] = []
+  moves: list[AllToAll] = []
+  for d, axes in enumerate(layout.dims):
+    for k in range(1, len(axes) + 1):
+      suffix = axes[len(axes) - k:]
+      gathered = AllGather(d, suffix)
+      ops.append(gathered)
+      for e in range(layout.rank):
+        if e != d and _fits(shape, gathered.apply(layout), e, suffix):
+          moves.append(AllToAll(suffix, d, e))
+  return ops + moves + _fused(moves, layout.rank)
+
+
 def _ordered_subsets(axes: Sequence[str]) -> list[tuple[str, ...]]:
   """Every non-empty ordered selection of distinct axes (the orders a slice can append)."""
   return [p for k in range(1, len(axes) + 1) for p in itertools.permutations(axes, k)]
@@ -405,32 +435,17 @@ def neighbours(layout: Layout, shape: tuple[int, ...]) -> list[Operator]:
   collective over their product), slices append free axes in any order, partial axes reduce as a
   group or scatter into a dimension, and a permute reaches every layout with the same block shape.
   """
-  ops: list[Operator] = []
+  ops = _collective_moves(layout, shape)
   rank = layout.rank
-
-  def fits(dim: int, axes: tuple[str, ...], current: Layout) -> bool:
-    return shape[dim] % (current.shards(dim) * _group(current, axes)) == 0
-
-  moves: list[AllToAll] = []
-  for d, axes in enumerate(layout.dims):
-    for k in range(1, len(axes) + 1):
-      suffix = axes[len(axes) - k:]
-      gathered = AllGather(d, suffix)
-      ops.append(gathered)
-      for e in range(rank):
-        if e != d and fits(e, suffix, gathered.apply(layout)):
-          moves.append(AllToAll(suffix, d, e))
-  ops += moves
-  ops += _fused(moves, rank)
   for group in _ordered_subsets(layout.free_axes):
     for e in range(rank):
-      if fits(e, group, layout):
+      if _fits(shape, layout, e, group):
         ops.append(Slice(e, group))
   for group in _ordered_subsets(layout.partial):
     if list(group) == sorted(group, key=layout.axis_names.index):  # one order suffices
       ops.append(AllReduce(group))
     for e in range(rank):
-      if fits(e, group, layout):
+      if _fits(shape, layout, e, group):
         ops.append(ReduceScatter(e, group))
   if not layout.partial:
     for other in _same_block_shape(layout.mesh_axes, shape)[layout.shard_shape(shape)]:
@@ -550,12 +565,7 @@ def _settle(shape: tuple[int, ...], source: Layout, target: Layout):
   """(settled, reduced shape, reduced source, reduced target): the move without the axes it
   leaves alone. A settled prefix axis splits source and target the same way, so each group of
   devices it defines runs the same smaller move on its part of the tensor."""
-  prefix = []
-  for src, dst in zip(source.dims, target.dims):
-    k = 0
-    while k < min(len(src), len(dst)) and src[k] == dst[k]:
-      k += 1
-    prefix.append(src[:k])
+  prefix = [src[:_common_prefix(src, dst)] for src, dst in zip(source.dims, target.dims)]
   both_partial = tuple(a for a in source.partial if a in target.partial)
   frozen = {a for p in prefix for a in p} | set(both_partial)
   moving = tuple((n, size) for n, size in source.mesh_axes if n not in frozen)
@@ -631,69 +641,13 @@ def _relabel(layout: Layout, mapping: Mapping[str, str]) -> Layout:
   return layout.with_dims(tuple(tuple(mapping.get(a, a) for a in axes) for axes in layout.dims))
 
 
-def _fast_neighbours(layout: Layout, shape: tuple[int, ...], target: Layout,
-                     relabel_only: bool = False) -> list[Operator]:
-  """`neighbours` with the exponential families cut down: slices of one free axis or of the run
-  of free axes the target appends next to a dimension; reductions of one partial axis or of all;
-  permutes that swap two equal-size axes or relabel axes to the target's at the same positions."""
-  ops: list[Operator] = []
-  rank = layout.rank
+def _relabels(layout: Layout, target: Layout) -> dict[Layout, None]:
+  """Layouts one permute reaches that head for the target: axes relabelled to the target's at
+  the same positions (equal sizes; the rest completed to a bijection), and the target itself
+  when the block shapes already agree. A dict: insertion order keeps plans deterministic."""
   sizes = layout.axis_sizes
-
-  def fits(dim, axes, current):
-    return shape[dim] % (current.shards(dim) * _group(current, axes)) == 0
-
-  moves = []
-  for d, axes in enumerate(() if relabel_only else layout.dims):
-    for k in range(1, len(axes) + 1):
-      suffix = axes[len(axes) - k:]
-      gathered = AllGather(d, suffix)
-      ops.append(gathered)
-      for e in range(rank):
-        if e != d and fits(e, suffix, gathered.apply(layout)):
-          moves.append(AllToAll(suffix, d, e))
-  ops += moves
-  ops += _fused(moves, rank)
-
-  def wanted_runs(available):
-    """Per dim, the run of `available` axes the target appends next (if the dim is a prefix)."""
-    for e, (have, want) in enumerate(zip(layout.dims, target.dims)):
-      if want[:len(have)] != have:
-        continue
-      run = []
-      for a in want[len(have):]:
-        if a not in available:
-          break
-        run.append(a)
-      if len(run) > 1:
-        yield e, tuple(run)
-
-  free = () if relabel_only else layout.free_axes
-  for a in free:
-    for e in range(rank):
-      if fits(e, (a,), layout):
-        ops.append(Slice(e, (a,)))
-  for e, run in wanted_runs(set(free)):
-    if fits(e, run, layout):
-      ops.append(Slice(e, run))
-  if layout.partial and not relabel_only:
-    groups = {(a,) for a in layout.partial} | {layout.partial}
-    for group in groups:
-      ops.append(AllReduce(group))
-      for e in range(rank):
-        if fits(e, group, layout):
-          ops.append(ReduceScatter(e, group))
-    for e, run in wanted_runs(set(layout.partial)):
-      if fits(e, run, layout):
-        ops.append(ReduceScatter(e, run))
-    return ops
   names = layout.axis_names
-  used = set(layout.used_axes)
-  others = set()
-  for i, a in enumerate(() if relabel_only else names):
-    for b in names[i + 1:]:
-      if sizes[a] == sizes[b] and (a in used or b in used):
-        others.add(_relabel(layout, {a: b, b: a}))
+  found: dict[Layout, None] = {}
   mapping: dict[str, str] = {}
   for have, want in zip(layout.dims, target.dims):
     for a, b in zip(have, want):
@@ -708,9 +662,60 @@ def _fast_neighbours(layout: Layout, shape: tuple[int, ...], target: Layout,
         pick = a if a in same else same[0]
         mapping[a] = pick
         spare.remove(pick)
-    others.add(_relabel(layout, mapping))
-  if all(layout.shards(d) == target.shards(d) for d in range(rank)):
-    others.add(target)  # the same block shape: one permute finishes the move
+    found[_relabel(layout, mapping)] = None
+  if all(layout.shards(d) == target.shards(d) for d in range(layout.rank)):
+    found[target] = None  # the same block shape: one permute finishes the move
+  found.pop(layout, None)
+  return found
+
+
+def _fast_neighbours(layout: Layout, shape: tuple[int, ...], target: Layout) -> list[Operator]:
+  """`neighbours` with the exponential families cut down: slices of one free axis or of the run
+  of free axes the target appends next to a dimension; reductions of one partial axis or of all;
+  permutes that swap two equal-size axes or head for the target (`_relabels`)."""
+  ops = _collective_moves(layout, shape)
+  rank = layout.rank
+
+  def wanted_runs(available):
+    """Per dim, the run of `available` axes the target appends next (if the dim is a prefix)."""
+    for e, (have, want) in enumerate(zip(layout.dims, target.dims)):
+      if want[:len(have)] != have:
+        continue
+      run = []
+      for a in want[len(have):]:
+        if a not in available:
+          break
+        run.append(a)
+      if len(run) > 1:
+        yield e, tuple(run)
+
+  free = layout.free_axes
+  for a in free:
+    for e in range(rank):
+      if _fits(shape, layout, e, (a,)):
+        ops.append(Slice(e, (a,)))
+  for e, run in wanted_runs(set(free)):
+    if _fits(shape, layout, e, run):
+      ops.append(Slice(e, run))
+  if layout.partial:
+    for group in dict.fromkeys([(a,) for a in layout.partial] + [layout.partial]):
+      ops.append(AllReduce(group))
+      for e in range(rank):
+        if _fits(shape, layout, e, group):
+          ops.append(ReduceScatter(e, group))
+    for e, run in wanted_runs(set(layout.partial)):
+      if _fits(shape, layout, e, run):
+        ops.append(ReduceScatter(e, run))
+    return ops
+  sizes = layout.axis_sizes
+  names = layout.axis_names
+  used = set(layout.used_axes)
+  others: dict[Layout, None] = {}
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      if sizes[a] == sizes[b] and (a in used or b in used):
+        others[_relabel(layout, {a: b, b: a})] = None
+  others.update(_relabels(layout, target))
   ops += [Permute(other) for other in others if other != layout]
   return ops
 
@@ -740,9 +745,6 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
   def is_prefix(e):
     return target.dims[e][:len(layout.dims[e])] == layout.dims[e]
 
-  def fits(dim, axes):
-    return shape[dim] % (layout.shards(dim) * _group(layout, axes)) == 0
-
   def next_run(e, available):
     run = []
     for a in target.dims[e][len(layout.dims[e]):]:
@@ -754,7 +756,7 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
   extra = [a for a in layout.partial if a not in target.partial]
   for e in range(layout.rank):
     run = next_run(e, set(extra)) if is_prefix(e) else ()
-    if run and fits(e, run):
+    if run and _fits(shape, layout, e, run):
       push(ReduceScatter(e, run))
       extra = [a for a in extra if a not in run]
   if extra:
@@ -762,7 +764,7 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
   for _ in range(4 * (len(layout.axis_names) + 1)):
     for e in range(layout.rank):
       run = next_run(e, set(layout.free_axes)) if is_prefix(e) else ()
-      if run and fits(e, run):
+      if run and _fits(shape, layout, e, run):
         push(Slice(e, run))
     if layout == target:
       return tuple(steps)
@@ -770,16 +772,13 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
     for d in range(layout.rank):
       if is_prefix(d) or d in dst_used:
         continue
-      have, want = layout.dims[d], target.dims[d]
-      common = 0
-      while common < min(len(have), len(want)) and have[common] == want[common]:
-        common += 1
-      surplus = have[common:]
+      have = layout.dims[d]
+      surplus = have[_common_prefix(have, target.dims[d]):]
       for k in range(len(surplus), 0, -1):
         suffix = surplus[len(surplus) - k:]
         found = [e for e in range(layout.rank) if e != d and e not in src_used | dst_used and
                  is_prefix(e) and next_run(e, set(suffix))[:k] == suffix and
-                 shape[e] % (layout.shards(e) * _group(layout, suffix)) == 0]
+                 _fits(shape, layout, e, suffix)]
         if found:
           moves.append(AllToAll(suffix, d, found[0]))
           src_used.add(d)
@@ -788,14 +787,9 @@ def _greedy(shape: tuple[int, ...], dtype: str, source: Layout, target: Layout,
     if moves:
       push(_one_collective(moves))
     else:
-      for d in range(layout.rank):
-        if not is_prefix(d):
-          have, want = layout.dims[d], target.dims[d]
-          common = 0
-          while common < min(len(have), len(want)) and have[common] == want[common]:
-            common += 1
-          push(AllGather(d, have[common:]))
-          break
+      d = next(d for d in range(layout.rank) if not is_prefix(d))
+      have = layout.dims[d]
+      push(AllGather(d, have[_common_prefix(have, target.dims[d]):]))
   raise PlanError(f"greedy plan from {source} to {target} did not converge")  # a bug if seen
 
 
@@ -850,30 +844,19 @@ def _cost(steps: Sequence[Step]) -> tuple[float, float, int]:
 
 
 def _upper_plan(shape, dtype, source, target, cost_model, max_bytes_per_device):
-  """The cheapest of gather-then-slice, the greedy plan and the greedy plan after one permute
-  that relabels axes to the target's, among those under the cap (None if none is)."""
+  """The cheapest of gather-then-slice, the greedy plan, the greedy plan after one permute
+  toward the target (`_relabels`) and shape-then-permute, among those under the cap (None if
+  none is)."""
   candidates = [gather_then_slice_plan(shape, dtype, source, target, cost_model).steps,
                 _greedy(shape, dtype, source, target, cost_model)]
   if not source.partial:
-    for op in _fast_neighbours(source, shape, target, relabel_only=True):
-      first = _step(op, source, op.target, shape, dtype, cost_model)
-      candidates.append((first,) + _greedy(shape, dtype, op.target, target, cost_model))
+    for other in _relabels(source, target):
+      first = _step(Permute(other), source, other, shape, dtype, cost_model)
+      candidates.append((first,) + _greedy(shape, dtype, other, target, cost_model))
+    # (Its slices of the target's own free axes first also cover "slice, then one permute".)
     reshaped = _shape_then_permute(shape, dtype, source, target, cost_model)
     if reshaped is not None:
       candidates.append(reshaped)
-    # Slice by the free axes the target uses, where it uses them; if the blocks then have the
-    # target's shape, one permute finishes.
-    steps, layout = [], source
-    for e, axes in enumerate(target.dims):
-      for a in axes:
-        if a in layout.free_axes and shape[e] % (layout.shards(e) * _group(layout, (a,))) == 0:
-          op = Slice(e, (a,))
-          steps.append(_step(op, layout, op.apply(layout), shape, dtype, cost_model))
-          layout = steps[-1].after
-    if layout != target and all(layout.shards(d) == target.shards(d)
-                                for d in range(layout.rank)):
-      steps.append(_step(Permute(target), layout, target, shape, dtype, cost_model))
-      candidates.append(tuple(steps))
   ok = [c for c in candidates if max_bytes_per_device is None or
         all(s.peak_bytes <= max_bytes_per_device for s in c)]
   return min(ok, key=_cost) if ok else None
