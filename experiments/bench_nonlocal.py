@@ -15,6 +15,15 @@ For square greyscale images of 64^2 .. 1024^2 pixels (batch 1, 32 features, dept
 
   python -m experiments.bench_nonlocal [--sizes 64 128 256 512 1024] [--time-max 128] [--paper]
 
+`--train-large SIZE` (kept as bench_nonlocal_train.<backend>) measures training at SIZE^2 crops
+instead, where the full-resolution model (c) cannot run: XLA's memory plan of one compiled
+training step (batch 1, Adam) for (a) with the Pallas kernel and with the jnp attention, (b) and
+(c) with either (compiled, never run), against this machine's memory; then (a) with the kernel
+trained for `--steps` steps on the exposure task (research/nonlocal_cnn/data.py) in a child
+process whose peak resident memory (ru_maxrss) is the measured footprint.
+
+  python -m experiments.bench_nonlocal --train-large 512 --steps 8 --paper
+
 Writes runs/bench_nonlocal/<timestamp>/ (summary.json, tables.md, bench_nonlocal.png). With
 --paper also keeps the summary as papers/results/bench_nonlocal.<backend>.json, the figure as
 papers/figures/bench_nonlocal.<backend>.png, and fills the blocks of papers/nonlocal_cnn.md.
@@ -106,12 +115,131 @@ def gpu_kernel_times(sizes, repeats: int) -> list[dict]:
   return rows
 
 
+TRAIN_VARIANTS = (("two_stage", "pallas"), ("two_stage", "reference"), ("plain", "reference"),
+                  ("full_nonlocal", "pallas"), ("full_nonlocal", "reference"))
+
+
+def _train_step(kind: str, impl: str, seed: int = 0):
+  from research.nonlocal_cnn import train  # pylint: disable=import-outside-toplevel
+  kwargs = dict(SIZES)
+  if kind == "plain":
+    two_stage = model.param_count(model.build("two_stage", 0, abstract=True, **SIZES)[1])
+    kwargs["features"] = model.plain_features_matching(two_stage, 1, SIZES["depth"])
+  apply, params, _ = model.build(kind, seed, impl=impl, abstract=True, **kwargs)
+  tx = train.optimizer(1e-3, 1000)
+  return train.train_step(apply, tx), params, tx
+
+
+def train_memory_plan(size: int) -> list[dict]:
+  """XLA's plan for one training step of each variant at size^2 (compiled, not run)."""
+  rows = []
+  x = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
+  for kind, impl in TRAIN_VARIANTS:
+    step, params, tx = _train_step(kind, impl)
+    opt_state = jax.eval_shape(tx.init, params)
+    memory = step.lower(params, opt_state, x, x).compile().memory_analysis()
+    rows.append({"model": kind, "attention": impl if kind != "plain" else "-",
+                 "params": model.param_count(params),
+                 "temp_bytes": float(memory.temp_size_in_bytes),
+                 "argument_bytes": float(memory.argument_size_in_bytes),
+                 "attention_flops": (attention_flops(kind, size * size, SIZES["features"],
+                                                     SIZES["factor"]) if kind != "plain" else 0.0)})
+  return rows
+
+
+def train_child(size: int, steps: int) -> dict:
+  """(a) with the Pallas kernel, `steps` Adam steps at size^2 on the exposure task; run in its
+  own process, so ru_maxrss is this training's peak."""
+  import resource  # pylint: disable=import-outside-toplevel
+  from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
+  rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+  images = [im for im in data.train_images() if min(im.shape[:2]) >= size]
+  if not images:
+    raise ValueError(f"--train-large: got {size}, expected a size no larger than the largest "
+                     "training photograph's shorter side")
+  step, shapes, tx = _train_step("two_stage", "pallas")
+  apply, params, _ = model.build("two_stage", 0, impl="pallas", **SIZES)
+  opt_state = tx.init(params)
+  # Held-out: the test photographs at size^2, one fixed exposure draw each.
+  held_rng = np.random.default_rng([1, size])
+  held_clean = np.stack(list(data.resized_images(data.TEST_IMAGES, size).values()))
+  held_input = data.degrade_exposure_batch(held_clean, held_rng)
+  forward = jax.jit(apply)
+  held_loss = lambda p: float(np.mean([np.mean((np.asarray(forward(p, held_input[i:i + 1]))
+                                                 - held_clean[i:i + 1]) ** 2)
+                                        for i in range(len(held_clean))]))
+  held_before = held_loss(params)
+  rng = np.random.default_rng([0, size])
+  before = rss()
+  losses, seconds = [], []
+  for i in range(steps):
+    clean = data.random_patches(images, size, 1, rng)
+    degraded = data.degrade_exposure_batch(clean, rng)
+    start = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, degraded, clean)
+    losses.append(float(loss))
+    seconds.append(time.perf_counter() - start)
+    print(f"step {i}: loss {losses[-1]:.5f}, {seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+  del shapes
+  return {"images": len(images), "losses": losses, "step_seconds": seconds,
+          "held_out_loss_before": held_before, "held_out_loss_after": held_loss(params),
+          "rss_before_bytes": before, "peak_rss_bytes": rss()}
+
+
+def train_large(size: int, steps: int) -> dict:
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import psutil  # pylint: disable=import-outside-toplevel
+  plan = train_memory_plan(size)
+  out = subprocess.run([sys.executable, "-m", "experiments.bench_nonlocal", "--train-child",
+                        str(size), "--steps", str(steps)], check=True, stdout=subprocess.PIPE,
+                       text=True).stdout
+  child = json.loads(out.strip().splitlines()[-1])
+  return {"size": size, "steps": steps, "machine_memory_bytes":
+          float(psutil.virtual_memory().total), "plan": plan, "trained": child}
+
+
+def train_tables(summary: dict) -> dict[str, str]:
+  t, machine = summary["train_large"], summary["machine"]
+  size, memory = t["size"], t["machine_memory_bytes"]
+  rows = []
+  for r in t["plan"]:
+    need = r["temp_bytes"] + r["argument_bytes"]
+    rows.append((f"({'a' if r['model'] == 'two_stage' else 'b' if r['model'] == 'plain' else 'c'})"
+                 f" {r['model']}", r["attention"], r["params"], f"{need / 1e9:.3g}",
+                 "yes" if need < memory else "no", f"{r['attention_flops']:.3g}"))
+  plan = records.write_markdown_table(
+      ("model", "attention", "params", "XLA plan of one step, GB (temp + arguments)",
+       f"fits in {memory / 2**30:.0f} GiB", "attention FLOPs per forward"), rows)
+  trained = t["trained"]
+  losses = trained["losses"]
+  run = records.write_markdown_table(
+      ("reading", "value"),
+      [("steps of (a) with the Pallas kernel (batch 1, exposure task)", len(losses)),
+       ("training photographs at least this large", trained["images"]),
+       ("held-out MSE (test photographs at this size, one exposure draw each), before -> "
+        "after", f"{trained['held_out_loss_before']:.4f} -> {trained['held_out_loss_after']:.4f}"),
+       ("training loss, first step -> mean of the last three", f"{losses[0]:.4f} -> "
+        f"{np.mean(losses[-3:]):.4f}"),
+       ("seconds per step (median, after the first)",
+        f"{np.median(trained['step_seconds'][1:]):.1f}"),
+       ("peak resident memory of the training process, GB",
+        f"{trained['peak_rss_bytes'] / 1e9:.2f}"),
+       ("resident memory after the held-out pass, before the first step, GB",
+        f"{trained['rss_before_bytes'] / 1e9:.2f}")])
+  return {"train_large": (f"{machine['device']} ({machine['backend']}), jax {machine['jax']}, "
+                          f"{memory / 2**30:.0f} GiB; {size}^2 crops; {summary['seconds']:.0f} s."
+                          f"\n\n{plan}\n\n{run}")}
+
+
 def paper_tables(result: dict) -> dict[str, str]:
   """The page's tables from a kept result (`result["summary"]` is what `main` measured):
   `cost` (FLOPs and largest array per size), `time` ((a) vs (c) on this backend), `gpu` (kernel vs
   `jax.nn.dot_product_attention`, or why not measured) and `claims` (the readings the page's
   prose quotes)."""
   summary = result["summary"]
+  if "train_large" in summary:
+    return train_tables(summary)
   rows, timed, gpu, machine = summary["rows"], summary["timed"], summary["gpu"], summary["machine"]
   cost = records.write_markdown_table(
       ("image", "pixels N", "FLOPs (a)", "FLOPs (c)", "(c)/(a)", "attention FLOPs (a), N*N/s^2",
@@ -188,10 +316,33 @@ def main(argv=None) -> int:
   parser.add_argument("--time-max", type=int, default=128,
                       help="largest image timed (the full-resolution model's N^2 scores)")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--train-large", type=int, default=0, metavar="SIZE",
+                      help="measure training at SIZE^2 crops instead (see above)")
+  parser.add_argument("--steps", type=int, default=8, help="--train-large: steps of (a)")
+  parser.add_argument("--train-child", type=int, default=0, help=argparse.SUPPRESS)
   backend = jax.default_backend()
-  paper.add_paper_argument(parser, default_key=f"bench_nonlocal.{backend}")
+  args, _ = parser.parse_known_args(argv)
+  train_key = f"bench_nonlocal_train.{backend}" if args.train_large else None
+  paper.add_paper_argument(parser, default_key=train_key or f"bench_nonlocal.{backend}")
   args = parser.parse_args(argv)
+  if args.train_child:
+    import json  # pylint: disable=import-outside-toplevel
+    print(json.dumps(train_child(args.train_child, args.steps)))
+    return 0
   start = time.perf_counter()
+  if args.train_large:
+    if args.train_large % SIZES["factor"] or args.steps < 2:
+      parser.error(f"--train-large {args.train_large} --steps {args.steps}: expected a multiple "
+                   f"of the downscale factor {SIZES['factor']} and at least 2 steps")
+    large = train_large(args.train_large, args.steps)
+    summary = {"machine": {"platform": platform.platform(), "backend": backend,
+                           "device": jax.devices()[0].device_kind, "jax": jax.__version__},
+               "model": SIZES, "seconds": round(time.perf_counter() - start, 1),
+               "train_large": large}
+    run_dir = paper.finish_benchmark("bench_nonlocal", PAPER_PAGE, summary, args.paper,
+                                     sys.argv[1:] if argv is None else argv)
+    print((run_dir / "tables.md").read_text())
+    return 0
   rows = [measure_size(s) for s in args.sizes]
   timed = [time_size(s, args.repeats) for s in args.sizes if s <= args.time_max]
   gpu = gpu_kernel_times(args.sizes, 20) if backend == "gpu" else []

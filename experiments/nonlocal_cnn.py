@@ -1,21 +1,35 @@
-"""Gaussian denoising with the two-stage non-local CNN against its baselines.
+"""The two-stage non-local CNN against its baselines on two image-to-image tasks.
 
-For each noise level sigma, trains with the same budget (steps, batch, patch size, Adam with
-cosine decay) on random patches of the bundled training photographs:
-(a) two_stage: global parameters from the downscaled image drive a full-resolution non-local
-    CNN; (b) plain: the same CNN without non-local operations, widened to about the same
-    parameter count; (c) full_nonlocal: a full-resolution non-local block (O(N^2)), trained and
-    evaluated at `full_nonlocal_sigmas` only (cost); and evaluates on the held-out photographs
-    (center crops, denoised as tiles of `tile` pixels) against (d) the noisy input and
-    scikit-image's non-local means (`denoise_nl_means`, h = 0.8 sigma, fast mode, the
-    estimated-sigma recipe of its docs). PSNR and SSIM per image and mean; example images saved.
+task "denoise": Gaussian noise at each level in `sigmas` (0..255 scale), held-out photographs as
+  `test_size`^2 center crops denoised as tiles of `tile` pixels; classical anchors: scikit-image's
+  non-local means (h = 0.8 sigma, fast mode, the estimated-sigma recipe of its docs) and BM3D
+  (`bm3d` package, known sigma; its compiled library is not bit-reproducible run to run, about
+  1e-4 dB), beside the noisy input.
+task "exposure": an image-wide exposure change (gain, gamma, vignette; research/nonlocal_cnn/
+  data.py), each training patch and each held-out image with its own seeded draw; held-out
+  photographs as whole scenes resized to `test_size`^2, `eval_draws` draws each (a fixed set,
+  `eval_seed`, the same for every training seed), each model sees the whole image; classical
+  anchor: histogram matching to the training photographs' pooled histogram (skimage), beside the
+  degraded input.
 
-`save_params` writes each trained model's params to the run folder as
-`<model>_sigma<sigma>.npz`; `init_params` names a folder of such files to start from (with
-`steps=0`: evaluate saved models only, as the demo's row does with papers/artifacts/nonlocal_cnn/).
+Models, trained with the same budget (steps, batch, patch size, Adam with cosine decay) on random
+patches of the bundled training photographs: (a) two_stage; its ablation two_stage_kv (stage one
+feeds only the cross block's keys / values) and two_stage_film (only the FiLM scale / shift);
+(b) plain, the same CNN without non-local operations widened to (a)'s parameter count; (c)
+full_nonlocal, a full-resolution O(N^2) non-local block (for denoising at `full_nonlocal_sigmas`
+only). Each for `num_seeds` training seeds (seed, seed + 1, ...): per method the mean and sample
+standard deviation over seeds of the mean PSNR / SSIM, and (a) against every other method paired
+by (seed, image): mean difference, 95 % bootstrap interval, sign test (research/nonlocal_cnn/
+stats.py). Example images saved.
+
+`save_params` writes each trained model's params to the run folder as `<model>_<condition>.npz`
+(`_seed<s>` added for seeds other than 0); `init_params` names a folder of such files to start
+from (with `steps=0`: evaluate saved models only, as the demo's row does with
+papers/artifacts/nonlocal_cnn/).
 
   python -m experiments.run configs/nonlocal_cnn/smoke.py
   python -m experiments.run configs/nonlocal_cnn/denoise.py [--set ...] --paper nonlocal_cnn.<key>
+  python -m experiments.run configs/nonlocal_cnn/exposure.py [--set ...] --paper nonlocal_cnn.<key>
 """
 
 from __future__ import annotations
@@ -31,14 +45,22 @@ from research.common import tree_io
 
 ROOT = Path(__file__).resolve().parent.parent
 
-METHODS = ("two_stage", "plain", "full_nonlocal", "nl_means", "noisy")
+TASKS = ("denoise", "exposure")
+TWO_STAGE = ("two_stage", "two_stage_kv", "two_stage_film")
+# Every method a table may list, in table order; a run has the models it trained and its task's
+# classical anchors and input.
+METHODS = ("two_stage", "two_stage_kv", "two_stage_film", "plain", "full_nonlocal", "bm3d",
+           "nl_means", "hist_match", "noisy", "degraded")
+CLASSICAL = {"denoise": ("bm3d", "nl_means", "noisy"), "exposure": ("hist_match", "degraded")}
 
 
 def config_schema() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "sigmas": (15.0, 25.0, 50.0),
+      "task": "denoise",           # "denoise" or "exposure" (see the module docstring)
+      "sigmas": (15.0, 25.0, 50.0),  # denoise: noise levels on the 0..255 scale
       "models": ("two_stage", "plain", "full_nonlocal"),
-      "steps": 2000,               # Adam steps per model and noise level (0: evaluate only)
+      "num_seeds": 1,              # training seeds seed, seed + 1, ... (statistics over them)
+      "steps": 2000,               # Adam steps per model, noise level and seed (0: evaluate only)
       "batch_size": 16,
       "patch_size": 48,
       "learning_rate": 1e-3,
@@ -46,12 +68,16 @@ def config_schema() -> ml_collections.ConfigDict:
       "depth": 6,
       "factor": 4,                 # downscale factor s of stage one
       "global_depth": 2,
-      "test_size": 256,            # center crop of each held-out image
-      "tile": 128,                 # evaluation tile (every model sees the same tiles)
+      "test_size": 256,            # denoise: center crop of each held-out image; exposure: the
+                                   # whole scene resized to test_size^2
+      "tile": 128,                 # denoise: evaluation tile (every model sees the same tiles);
+                                   # exposure: must equal test_size (the whole image)
+      "eval_draws": 4,             # exposure: degradations per held-out image
+      "eval_seed": 0,              # exposure: seeds the held-out draws (fixed across seeds)
       "impl": "auto",              # attention in training (and (c)'s at evaluation): auto is
                                    # the Pallas kernel on GPU / TPU, the jnp reference on CPU
       "eval_impl": "pallas",       # two-stage attention at evaluation (interpret on CPU)
-      "full_nonlocal_sigmas": (25.0,),  # (c) is O(N^2): trained at these noise levels only
+      "full_nonlocal_sigmas": (25.0,),  # denoise: (c) is O(N^2), trained at these levels only
       "save_params": False,        # write each trained model's params to the run folder
       "init_params": "",           # folder of saved params (relative: to the repository) to
                                    # start from instead of a random initialization
@@ -60,8 +86,10 @@ def config_schema() -> ml_collections.ConfigDict:
 
 def validate_config(config) -> None:
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
-  config_lib.check_positive(config, "batch_size", "patch_size", "learning_rate",
-                            "features", "depth", "factor", "global_depth", "test_size", "tile")
+  config_lib.check_positive(config, "batch_size", "patch_size", "learning_rate", "num_seeds",
+                            "features", "depth", "factor", "global_depth", "test_size", "tile",
+                            "eval_draws")
+  config_lib.check_choice(config, "task", TASKS)
   config_lib.check_choice(config, "impl", model.IMPLS)
   config_lib.check_choice(config, "eval_impl", model.IMPLS)
   if config.steps < 0:
@@ -70,9 +98,9 @@ def validate_config(config) -> None:
     raise config_lib.ConfigError(f"config key 'init_params': got {config.init_params!r}, "
                                  "expected a folder of saved params (see save_params)")
   unknown = [m for m in config.models if m not in model.MODELS]
-  if unknown or not config.models:
+  if unknown or not config.models or len(set(config.models)) != len(config.models):
     raise config_lib.ConfigError(f"config key 'models': got {tuple(config.models)}, expected a "
-                                 f"non-empty subset of {model.MODELS}")
+                                 f"non-empty subset of {model.MODELS} without repeats")
   if not config.sigmas or any(s <= 0 for s in config.sigmas):
     raise config_lib.ConfigError(f"config key 'sigmas': got {tuple(config.sigmas)}, expected "
                                  "positive noise levels (on the 0..255 scale)")
@@ -83,6 +111,19 @@ def validate_config(config) -> None:
   if config.test_size % config.tile:
     raise config_lib.ConfigError(f"config key 'test_size': got {config.test_size}, expected a "
                                  f"multiple of tile={config.tile}")
+  if config.task == "exposure" and config.tile != config.test_size:
+    raise config_lib.ConfigError(f"config key 'tile': got {config.tile}, expected "
+                                 f"test_size={config.test_size} for task 'exposure' (the change "
+                                 "is image-wide: every model sees the whole image)")
+
+
+def seeds(config) -> list[int]:
+  return [config.seed + i for i in range(config.num_seeds)]
+
+
+def conditions(config) -> list[str]:
+  """The result keys: each noise level ("25") for denoise, "exposure" for the exposure task."""
+  return [f"{s:g}" for s in config.sigmas] if config.task == "denoise" else ["exposure"]
 
 
 def model_kwargs(kind: str, config, two_stage_params: int) -> dict:
@@ -99,10 +140,11 @@ def params_folder(config) -> Path:
   return ROOT / config.init_params
 
 
-def params_file(kind: str, sigma: float) -> str:
+def params_file(kind: str, condition: str, seed: int = 0) -> str:
   """The file name a model's params are saved under (tree_io.save_tree_npz) and loaded from
   (init_params, tree_io.load_tree_npz)."""
-  return f"{kind}_sigma{sigma:g}.npz"
+  tag = condition if condition == "exposure" else f"sigma{condition}"
+  return f"{kind}_{tag}" + (f"_seed{seed}" if seed else "") + ".npz"
 
 
 def tiles(image: np.ndarray, tile: int) -> np.ndarray:
@@ -124,7 +166,7 @@ def ssim(clean: np.ndarray, estimate: np.ndarray) -> float:
 
 
 def scores(clean: dict, estimates: dict) -> dict:
-  """(PSNR, SSIM) per held-out image."""
+  """(PSNR, SSIM) per held-out sample."""
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   return {n: (model.psnr(clean[n], estimates[n]), ssim(clean[n], estimates[n])) for n in clean}
 
@@ -137,145 +179,251 @@ def nl_means(noisy: np.ndarray, sigma: float) -> np.ndarray:
   return out[..., None].astype(np.float32)
 
 
-def run(config, run):
-  import jax  # pylint: disable=import-outside-toplevel
+def bm3d_denoise(noisy: np.ndarray, sigma: float) -> np.ndarray:
+  """BM3D (the `bm3d` package's default profile) with the true noise level."""
+  import bm3d  # pylint: disable=import-outside-toplevel
+  return np.asarray(bm3d.bm3d(noisy[..., 0], sigma_psd=sigma / 255.0),
+                    np.float32)[..., None]
+
+
+def hist_match(degraded: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """Global tone mapping: the image's histogram matched to the reference's (skimage)."""
+  from skimage.exposure import match_histograms  # pylint: disable=import-outside-toplevel
+  return match_histograms(degraded[..., 0], reference).astype(np.float32)[..., None]
+
+
+def test_set(config, condition: str, seed: int, clean_images: dict) -> tuple[dict, dict]:
+  """(clean, degraded) held-out samples for one condition and training seed.
+
+  denoise: one sample per image, noise drawn from the seed (as every earlier run); exposure:
+  `eval_draws` samples per image named "<image>#<k>", drawn from `eval_seed` only."""
   from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
+  if config.task == "denoise":
+    sigma = float(condition)
+    rng = np.random.default_rng([seed, int(sigma * 10)])
+    return dict(clean_images), {n: data.add_noise(img, sigma, rng)
+                                for n, img in clean_images.items()}
+  rng = np.random.default_rng([config.eval_seed, 7])
+  clean, degraded = {}, {}
+  for name, img in clean_images.items():
+    for k in range(config.eval_draws):
+      clean[f"{name}#{k}"] = img
+      degraded[f"{name}#{k}"] = data.degrade_exposure(img, data.sample_exposure(rng))
+  return clean, degraded
+
+
+def classical(config, condition: str, degraded: dict, reference) -> dict:
+  """The task's classical anchors and its input, per sample."""
+  if config.task == "denoise":
+    sigma = float(condition)
+    return {"bm3d": {n: bm3d_denoise(x, sigma) for n, x in degraded.items()},
+            "nl_means": {n: nl_means(x, sigma) for n, x in degraded.items()},
+            "noisy": degraded}
+  return {"hist_match": {n: hist_match(x, reference) for n, x in degraded.items()},
+          "degraded": degraded}
+
+
+def training_batches(config, condition: str, seed: int, train_images):
+  """Endless seeded (degraded, clean) patch batches for one condition and seed."""
+  from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
+  level = int(float(condition) * 10) if config.task == "denoise" else 7
+  rng = np.random.default_rng([seed, level, 1])
+  while True:
+    clean = data.random_patches(train_images, config.patch_size, config.batch_size, rng)
+    if config.task == "denoise":
+      yield data.add_noise(clean, float(condition), rng), clean
+    else:
+      yield data.degrade_exposure_batch(clean, rng), clean
+
+
+def trains(config, kind: str, condition: str) -> bool:
+  return not (config.task == "denoise" and kind == "full_nonlocal"
+              and float(condition) not in config.full_nonlocal_sigmas)
+
+
+def fit_and_apply(config, run, kind: str, condition: str, seed: int, two_stage_params: int,
+                  train_images, degraded: dict) -> tuple[dict, int]:
+  """Trains one model (or loads it) and returns ({sample: output}, parameter count)."""
+  import jax  # pylint: disable=import-outside-toplevel
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   from research.nonlocal_cnn import train  # pylint: disable=import-outside-toplevel
+  kwargs = model_kwargs(kind, config, two_stage_params)
+  # Saved params need no random initialization: only the shapes they must fit.
+  apply, params, _ = model.build(kind, seed, impl=config.impl,
+                                 abstract=bool(config.init_params), **kwargs)
+  count = model.param_count(params)
+  if config.init_params:
+    params = tree_io.load_tree_npz(params_folder(config) / params_file(kind, condition, seed),
+                                   params)
+  tx = train.optimizer(config.learning_rate, config.steps)
+  step = train.train_step(apply, tx)
+  opt_state = tx.init(params)
+  batches = training_batches(config, condition, seed, train_images)
+  for i in run.progress(range(config.steps), description=f"{condition} {kind} seed {seed}"):
+    inputs, clean = next(batches)
+    params, opt_state, loss = step(params, opt_state, inputs, clean)
+    if i % 50 == 0 or i == config.steps - 1:
+      run.log(i, condition=condition, model=kind, seed=seed, loss=float(loss))
+  if config.save_params and run.workdir is not None:
+    tree_io.save_tree_npz(run.workdir / params_file(kind, condition, seed), params)
+  # (c) runs its N^2 self-attention as in training ("auto": the jnp reference on CPU, where
+  # the interpreted kernel would walk an N^2 grid of blocks in Python).
+  impl = config.eval_impl if kind in TWO_STAGE else config.impl
+  apply_jit = jax.jit(model.build(kind, seed, impl=impl, abstract=True, **kwargs)[0])
+  return {name: untile(np.asarray(apply_jit(params, tiles(x, config.tile))), *x.shape[:2])
+          for name, x in degraded.items()}, count
+
+
+def summarize(measured: dict, seed_list: list[int]) -> dict:
+  """Per method the seed spread of the mean scores, and (a) against every other method paired
+  by (seed, sample). measured: {method: {seed: {sample: (psnr, ssim)}}}."""
+  from research.nonlocal_cnn import stats  # pylint: disable=import-outside-toplevel
+  psnr = {m: {str(s): {n: v[0] for n, v in by_seed[s].items()} for s in seed_list}
+          for m, by_seed in measured.items()}
+  out = {"seeds": seed_list,
+         "scores": {m: {str(s): {n: {"psnr": p, "ssim": q} for n, (p, q) in by_seed[s].items()}
+                        for s in seed_list} for m, by_seed in measured.items()},
+         "mean_psnr": {}, "mean_ssim": {}, "comparisons": {}}
+  for m, by_seed in measured.items():
+    out["mean_psnr"][m] = stats.seed_spread(
+        [np.mean([v[0] for v in by_seed[s].values()]) for s in seed_list])
+    out["mean_ssim"][m] = stats.seed_spread(
+        [np.mean([v[1] for v in by_seed[s].values()]) for s in seed_list])
+  if "two_stage" in measured:
+    for other in (m for m in METHODS if m in measured and m != "two_stage"):
+      out["comparisons"][other] = stats.paired(psnr["two_stage"], psnr[other])
+  return out
+
+
+def run(config, run):
+  from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
+  from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
 
   train_images = data.train_images() if config.steps else None
-  test_images = data.test_images(config.test_size)
+  if config.task == "denoise":
+    clean_images, reference = data.test_images(config.test_size), None
+  else:
+    clean_images = data.resized_images(data.TEST_IMAGES, config.test_size)
+    reference = np.concatenate([v[..., 0] for v in data.resized_images(
+        data.TRAIN_IMAGES, config.test_size).values()])
   two_stage_params = model.param_count(model.build(
       "two_stage", config.seed, abstract=True, channels=1, features=config.features,
       depth=config.depth, factor=config.factor, global_depth=config.global_depth)[1])
-  results = {}
-  examples = {}
-  for sigma in config.sigmas:
-    rng = np.random.default_rng([config.seed, int(sigma * 10)])
-    noisy_test = {n: data.add_noise(img, sigma, rng) for n, img in test_images.items()}
-    outputs = {"noisy": noisy_test,
-               "nl_means": {n: nl_means(noisy_test[n], sigma) for n in test_images}}
-    params_count = {}
-    for kind in config.models:
-      if kind == "full_nonlocal" and sigma not in config.full_nonlocal_sigmas:
-        continue
-      kwargs = model_kwargs(kind, config, two_stage_params)
-      # Saved params need no random initialization: only the shapes they must fit.
-      apply, params, _ = model.build(kind, config.seed, impl=config.impl,
-                                     abstract=bool(config.init_params), **kwargs)
-      params_count[kind] = model.param_count(params)
-      if config.init_params:
-        params = tree_io.load_tree_npz(params_folder(config) / params_file(kind, sigma), params)
-      tx = train.optimizer(config.learning_rate, config.steps)
-      step = train.train_step(apply, tx)
-      opt_state = tx.init(params)
-      batch_rng = np.random.default_rng([config.seed, int(sigma * 10), 1])
-      for i in run.progress(range(config.steps), description=f"sigma {sigma:g} {kind}"):
-        clean = data.random_patches(train_images, config.patch_size, config.batch_size,
-                                    batch_rng)
-        noisy = data.add_noise(clean, sigma, batch_rng)
-        params, opt_state, loss = step(params, opt_state, noisy, clean)
-        if i % 50 == 0 or i == config.steps - 1:
-          run.log(i, sigma=sigma, model=kind, loss=float(loss))
-      if config.save_params and run.workdir is not None:
-        tree_io.save_tree_npz(run.workdir / params_file(kind, sigma), params)
-      # (c) runs its N^2 self-attention as in training ("auto": the jnp reference on CPU, where
-      # the interpreted kernel would walk an N^2 grid of blocks in Python).
-      impl = config.eval_impl if kind == "two_stage" else config.impl
-      eval_apply = model.build(kind, config.seed, impl=impl, abstract=True, **kwargs)[0]
-      denoise = jax.jit(eval_apply)
-      outputs[kind] = {}
-      for name, noisy in noisy_test.items():
-        out = np.asarray(denoise(params, tiles(noisy, config.tile)))
-        outputs[kind][name] = untile(out, *noisy.shape[:2])
-    measured = {m: scores(test_images, o) for m, o in outputs.items()}
-    results[f"{sigma:g}"] = {
-        "scores": {m: {n: {"psnr": p, "ssim": s} for n, (p, s) in v.items()}
-                   for m, v in measured.items()},
-        "mean_psnr": {m: float(np.mean([p for p, _ in v.values()])) for m, v in measured.items()},
-        "mean_ssim": {m: float(np.mean([s for _, s in v.values()])) for m, v in measured.items()},
-        "params": params_count}
-    examples[sigma] = (test_images, outputs, measured)
+  seed_list = seeds(config)
+  results, examples = {}, {}
+  for condition in conditions(config):
+    measured, params_count = {}, {}
+    for seed in seed_list:
+      clean, degraded = test_set(config, condition, seed, clean_images)
+      outputs = classical(config, condition, degraded, reference)
+      for kind in (k for k in config.models if trains(config, k, condition)):
+        outputs[kind], params_count[kind] = fit_and_apply(
+            config, run, kind, condition, seed, two_stage_params, train_images, degraded)
+      for method, out in outputs.items():
+        measured.setdefault(method, {})[seed] = scores(clean, out)
+      if seed == seed_list[0]:
+        examples[condition] = (clean, outputs, {m: v[seed] for m, v in measured.items()})
+    results[condition] = {**summarize(measured, seed_list), "params": params_count}
   print(results_table(results))
+  print(comparisons_table(results))
   _plot_examples(run, examples)
+  return {"headline": headline(config, results), "results": results}
+
+
+def headline(config, results: dict) -> dict:
+  from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
   key = "25" if "25" in results else next(iter(results))
-  mean = results[key]["mean_psnr"]
-  model = next(m for m in ("two_stage", *config.models) if m in mean)  # a run may skip (a)
+  mean = {m: v["mean"] for m, v in results[key]["mean_psnr"].items()}
+  ours = next(m for m in ("two_stage", *config.models) if m in mean)  # a run may skip (a)
   origin = f"{config.steps} training steps"
   if config.init_params:
     origin = (f"params trained earlier, loaded from {config.init_params}; "
               + (f"then {origin}" if config.steps else "no training in this run"))
-  best = max((m for m in mean if m != model), key=mean.get)
+  anchor = CLASSICAL[config.task][0]
+  base = "plain" if "plain" in mean and ours != "plain" else anchor
+  best = max((m for m in mean if m != ours), key=mean.get)
+  label = "sigma " + key if config.task == "denoise" else "exposure task"
+  view = (f"{config.test_size}^2 crops" if config.task == "denoise"
+          else f"whole scenes resized to {config.test_size}^2, {config.eval_draws} draws each")
   return {
-      "headline": {
-          "metric": f"mean PSNR (dB), {model.replace('_', '-')}, sigma {key}", "value":
-          mean[model],
-          # The plain CNN when the run has it, else non-local means (always evaluated).
-          "baseline": ("plain CNN, equal parameters" if "plain" in mean and model != "plain"
-                       else "non-local means"),
-          "baseline_value": mean["plain"] if "plain" in mean and model != "plain" else
-          mean["nl_means"],
-          "note": (f"{origin}; NL-means {mean['nl_means']:.2f}, noisy {mean['noisy']:.2f}"
-                   + ("" if best == "nl_means" else f", best other ({best}) {mean[best]:.2f}")
-                   + f" dB; held-out {config.test_size}^2 crops of "
-                   f"{', '.join(data.TEST_IMAGES)}")},
-      "results": results,
-  }
+      "metric": f"mean PSNR (dB), {ours.replace('_', '-')}, {label}", "value": mean[ours],
+      "baseline": "plain CNN, equal parameters" if base == "plain" else anchor,
+      "baseline_value": mean[base],
+      "note": (f"{origin}, {len(seeds(config))} seed(s); "
+               + ", ".join(f"{m} {mean[m]:.2f}" for m in CLASSICAL[config.task])
+               + ("" if best in CLASSICAL[config.task] else f", best other ({best}) "
+                  f"{mean[best]:.2f}") + f" dB; held-out {view} of "
+               f"{', '.join(data.TEST_IMAGES)}")}
 
 
 PAPER_PAGE = "papers/nonlocal_cnn.md"
 
 
 def paper_tables(result: dict) -> dict[str, str]:
-  """The page's tables from a kept result: `denoising` (every method at every noise level) and
-  `claims` (the two-stage model's margins, which the prose quotes)."""
+  """The page's tables from a kept result: `scores` (every method in every condition, mean and
+  standard deviation over seeds) and `comparisons` ((a) against each other method, paired)."""
   config, summary = result["config"], result["summary"]
   training = (f"{config['steps']} Adam steps x {config['batch_size']} patches of "
               f"{config['patch_size']}^2 per model")
   if config.get("init_params"):
     training = (f"params loaded from `{config['init_params']}`, "
                 + (f"then {training}" if config["steps"] else "no training in this run"))
-  setting = (f"Seed {config['seed']}, {training}; held-out {config['test_size']}^2 center "
-             f"crops as {config['tile']}^2 tiles; {summary['seconds'] / 60:.1f} minutes of wall "
-             "time in all.")
-  return {"denoising": setting + "\n\n" + results_table(summary["results"]),
-          "claims": claims_table(summary["results"])}
+  first = next(iter(summary["results"].values()))
+  view = (f"held-out {config['test_size']}^2 center crops as {config['tile']}^2 tiles"
+          if config.get("task", "denoise") == "denoise" else
+          f"held-out scenes resized to {config['test_size']}^2, {config['eval_draws']} "
+          f"exposure draws each (eval seed {config['eval_seed']})")
+  setting = (f"Training seeds {', '.join(map(str, first['seeds']))}; {training}; {view}; "
+             f"{summary['seconds'] / 60:.1f} minutes of wall time in all.")
+  return {"scores": setting + "\n\n" + results_table(summary["results"]),
+          "comparisons": comparisons_table(summary["results"])}
 
 
-def claims_table(results: dict) -> str:
-  """The readings the page's prose quotes: the two-stage model (a) against each other method."""
-  rows = []
-  for sigma, r in _by_sigma(results):
-    if "two_stage" not in r["mean_psnr"]:
-      continue
-    ours = r["scores"]["two_stage"]
-    for other in (m for m in METHODS if m in r["mean_psnr"] and m != "two_stage"):
-      ahead = [n for n in sorted(ours) if ours[n]["psnr"] > r["scores"][other][n]["psnr"]]
-      rows.append((sigma, other,
-                   f"{r['mean_psnr']['two_stage'] - r['mean_psnr'][other]:+.2f}",
-                   f"{r['mean_ssim']['two_stage'] - r['mean_ssim'][other]:+.3f}",
-                   f"{len(ahead)} of {len(ours)}" + (f" ({', '.join(ahead)})" if ahead else "")))
-  return records.write_markdown_table(
-      ("sigma", "two-stage (a) vs", "mean PSNR difference (dB)", "mean SSIM difference",
-       "images where (a) has the higher PSNR"), rows)
+def _by_condition(results: dict) -> list:
+  """(condition, result) in increasing noise (a kept result's keys are sorted as strings)."""
+  return sorted(results.items(), key=lambda item: (not item[0][0].isdigit(),
+                                                   float(item[0]) if item[0][0].isdigit() else 0))
 
 
-def _by_sigma(results: dict) -> list:
-  """(sigma, result) in increasing noise (a kept result's keys are sorted as strings)."""
-  return sorted(results.items(), key=lambda item: float(item[0]))
+def _spread(v: dict, digits: int) -> str:
+  return f"{v['mean']:.{digits}f}" + (f" ± {v['std']:.{digits}f}" if v["n"] > 1 else "")
 
 
 def results_table(results: dict) -> str:
   rows = []
-  for sigma, r in _by_sigma(results):
-    for method in METHODS:
-      if method not in r["mean_psnr"]:
-        continue
-      per_image = ", ".join(f"{n} {v['psnr']:.2f}" for n, v in sorted(r["scores"][method].items()))
-      rows.append((sigma, method, r["params"].get(method, "-"), f"{r['mean_psnr'][method]:.2f}",
-                   f"{r['mean_ssim'][method]:.3f}", per_image))
+  for condition, r in _by_condition(results):
+    for method in (m for m in METHODS if m in r["mean_psnr"]):
+      per_sample = {}
+      for by_sample in r["scores"][method].values():
+        for n, v in by_sample.items():
+          per_sample.setdefault(n.split("#")[0], []).append(v["psnr"])
+      rows.append((condition, method, r["params"].get(method, "-"),
+                   _spread(r["mean_psnr"][method], 2), _spread(r["mean_ssim"][method], 3),
+                   ", ".join(f"{n} {np.mean(v):.2f}" for n, v in sorted(per_sample.items()))))
   return records.write_markdown_table(
-      ("sigma", "method", "params", "mean PSNR (dB)", "mean SSIM", "PSNR per image"), rows)
+      ("condition", "method", "params", "mean PSNR (dB), mean ± std over seeds", "mean SSIM",
+       "PSNR per image (mean over seeds and draws)"), rows)
+
+
+def verdict(comparison: dict) -> str:
+  lo, hi = comparison["interval"]
+  return "ahead" if lo > 0 else "behind" if hi < 0 else "no clear difference"
+
+
+def comparisons_table(results: dict) -> str:
+  """(a) against each other method: the readings the page's prose quotes."""
+  rows = []
+  for condition, r in _by_condition(results):
+    for other, c in ((m, r["comparisons"][m]) for m in METHODS if m in r["comparisons"]):
+      t = c["sign_test"]
+      rows.append((condition, other, f"{c['mean']:+.2f}",
+                   f"[{c['interval'][0]:+.2f}, {c['interval'][1]:+.2f}]",
+                   f"{t['positive']} / {t['negative']}" + (f" ({t['ties']} ties)" if t["ties"]
+                                                           else ""),
+                   f"{t['p']:.2g}", c["pairs"], verdict(c)))
+  return records.write_markdown_table(
+      ("condition", "two-stage (a) vs", "mean PSNR difference (dB)", "95 % bootstrap interval",
+       "pairs (a) ahead / behind", "sign test p", "pairs (seed x image)", "reading"), rows)
 
 
 def _plot_examples(run, examples) -> None:
@@ -283,9 +431,10 @@ def _plot_examples(run, examples) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  for sigma, (clean, outputs, measured) in examples.items():
+  for condition, (clean, outputs, measured) in examples.items():
     name = next(iter(clean))
-    methods = ["noisy"] + [m for m in METHODS if m in outputs and m != "noisy"]
+    methods = [m for m in reversed(METHODS) if m in outputs][:1] + [
+        m for m in METHODS if m in outputs and m not in ("noisy", "degraded")]
     fig, axes = plt.subplots(1, len(methods) + 1, figsize=(3 * (len(methods) + 1), 3.3))
     axes[0].imshow(clean[name][..., 0], cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("clean")
@@ -296,5 +445,6 @@ def _plot_examples(run, examples) -> None:
     for ax in axes:
       ax.axis("off")
     fig.tight_layout()
-    run.save_figure(f"examples_sigma{sigma:g}.png", fig)
+    tag = condition if condition == "exposure" else f"sigma{condition}"
+    run.save_figure(f"examples_{tag}.png", fig)
     plt.close(fig)

@@ -35,7 +35,10 @@ from kernels import nonlocal_attention as attention_kernel
 
 Params = Any
 IMPLS = kernels_common.IMPLS  # the attention's `impl` choices
-MODELS = ("two_stage", "plain", "full_nonlocal")
+MODELS = ("two_stage", "two_stage_kv", "two_stage_film", "plain", "full_nonlocal")
+# What stage one's global parameters drive in stage two (the ablation of (a)): the keys / values
+# of the cross non-local block, the FiLM scale / shift, or both. two_stage is "both".
+GLOBAL_MODES = {"two_stage": "both", "two_stage_kv": "kv", "two_stage_film": "film"}
 
 
 def check_image(x: jax.Array, channels: int, factor: int = 1) -> None:
@@ -115,40 +118,56 @@ class GlobalNet(nnx.Module):
   """Stage one on the downscaled image: conv features, a non-local block, FiLM parameters."""
 
   def __init__(self, channels: int, features: int, depth: int, factor: int, impl: str, *,
-               rngs: nnx.Rngs):
+               film: bool = True, rngs: nnx.Rngs):
     self.factor = factor
     self.head = _conv(channels, features, rngs)
     self.convs = nnx.List([_conv(features, features, rngs) for _ in range(depth)])
     self.nonlocal_block = NonLocal(features, max(features // 2, 1), impl, rngs=rngs)
-    self.film = nnx.Linear(features, 2 * features, kernel_init=nnx.initializers.zeros,
-                           rngs=rngs)
+    self.film = (nnx.Linear(features, 2 * features, kernel_init=nnx.initializers.zeros,
+                            rngs=rngs) if film else None)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(low-resolution feature map, FiLM scale, FiLM shift); no FiLM: (map, None, None)."""
     h = nnx.relu(self.head(downscale(x, self.factor)))
     for conv in self.convs:
       h = nnx.relu(conv(h))
     h = self.nonlocal_block(h)
+    if self.film is None:
+      return h, None, None
     scale, shift = jnp.split(self.film(h.mean(axis=(1, 2))), 2, axis=-1)
     return h, scale, shift
 
 
 class TwoStage(nnx.Module):
-  """(a): global parameters from the downscaled image drive the full-resolution non-local CNN."""
+  """(a): global parameters from the downscaled image drive the full-resolution non-local CNN.
+
+  global_mode: "both" (the model), or for the ablation "kv" (the low-resolution map is the cross
+    block's keys / values, no FiLM) or "film" (FiLM only; no cross block, so stage one reaches
+    stage two through the per-channel scale and shift alone).
+  """
 
   def __init__(self, channels: int = 1, features: int = 32, depth: int = 6, factor: int = 4,
-               global_depth: int = 2, impl: str = "reference", *, rngs: nnx.Rngs):
+               global_depth: int = 2, impl: str = "reference", global_mode: str = "both", *,
+               rngs: nnx.Rngs):
+    if global_mode not in ("both", "kv", "film"):
+      raise ValueError(f"global_mode: got {global_mode!r}, expected 'both', 'kv' or 'film'")
     self.channels, self.factor = channels, factor
-    self.stage_one = GlobalNet(channels, features, global_depth, factor, impl, rngs=rngs)
+    self.stage_one = GlobalNet(channels, features, global_depth, factor, impl,
+                               film=global_mode != "kv", rngs=rngs)
     self.trunk = Trunk(channels, features, depth // 2, depth - depth // 2, rngs=rngs)
-    self.cross = NonLocal(features, max(features // 2, 1), impl, rngs=rngs)
+    self.cross = (NonLocal(features, max(features // 2, 1), impl, rngs=rngs)
+                  if global_mode != "film" else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_image(x, self.channels, self.factor)
     context, scale, shift = self.stage_one(x)
 
     def mid(h):
-      h = self.cross(h, context)  # full-resolution queries, low-resolution keys / values
-      return h * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+      if self.cross is not None:
+        h = self.cross(h, context)  # full-resolution queries, low-resolution keys / values
+      if scale is not None:
+        h = h * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+      return h
 
     return self.trunk(x, mid)
 
@@ -192,14 +211,17 @@ def build(kind: str, seed: int, *, abstract: bool = False, **kwargs
   abstract: params (and module) as shapes only (`jax.ShapeDtypeStruct`), nothing initialized or
     compiled: for counting parameters or for loading saved ones.
   """
-  classes = {"two_stage": TwoStage, "plain": Plain, "full_nonlocal": FullNonLocal}
+  classes = {"two_stage": TwoStage, "two_stage_kv": TwoStage, "two_stage_film": TwoStage,
+             "plain": Plain, "full_nonlocal": FullNonLocal}
   if kind not in classes:
     raise ValueError(f"model {kind!r}: expected one of {MODELS}")
   # Stage-one settings mean nothing to the one-stage models; (b) has no attention at all.
-  drop = {"two_stage": (), "plain": ("factor", "global_depth", "impl"),
-          "full_nonlocal": ("factor", "global_depth")}[kind]
-  make = lambda: classes[kind](rngs=nnx.Rngs(seed), **{k: v for k, v in kwargs.items()
-                                                         if k not in drop})
+  drop = {"plain": ("factor", "global_depth", "impl"),
+          "full_nonlocal": ("factor", "global_depth")}.get(kind, ())
+  kwargs = {k: v for k, v in kwargs.items() if k not in drop}
+  if kind in GLOBAL_MODES:
+    kwargs["global_mode"] = GLOBAL_MODES[kind]
+  make = lambda: classes[kind](rngs=nnx.Rngs(seed), **kwargs)
   module = nnx.eval_shape(make) if abstract else make()
   graphdef, params = nnx.split(module, nnx.Param)
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from research.nonlocal_cnn import data, model
 
@@ -123,3 +124,42 @@ def test_data_patches_noise_and_held_out_split():
                                                     for c in crops.values())
   with pytest.raises(ValueError, match="smaller than the crop"):
     data.center_crop(np.zeros((10, 10, 1)), 16)
+
+
+def _attention_shapes(kind):
+  """The (q, k) shapes of every attention call in one traced forward pass."""
+  apply, params, _ = build(kind)
+  captured, original = [], model.attend
+
+  def spy(q, k, v, impl):
+    captured.append((q.shape, k.shape))
+    return original(q, k, v, impl)
+
+  model.attend = spy
+  try:
+    jax.jit(apply).lower(trained_like(params), jnp.zeros((1, 32, 32, 1)))
+  finally:
+    model.attend = original
+  return captured
+
+
+def test_ablation_variants_keep_only_their_path():
+  """two_stage_kv: stage one feeds only the cross block's keys / values (no FiLM layer);
+  two_stage_film: only the FiLM scale / shift (no cross block). Both otherwise equal (a)."""
+  stage_one, cross = ((1, 64, 8), (1, 64, 8)), ((1, 1024, 8), (1, 64, 8))
+  assert _attention_shapes("two_stage") == [stage_one, cross]
+  assert _attention_shapes("two_stage_kv") == [stage_one, cross]
+  assert _attention_shapes("two_stage_film") == [stage_one]
+  count = {k: model.param_count(build(k)[1]) for k in model.GLOBAL_MODES}
+  film_layer = 16 * 32 + 32          # Linear(features, 2 * features)
+  cross_block = 3 * (16 * 8 + 8) + 8 * 16 + 16   # theta, phi, g and the output projection
+  assert count["two_stage"] - count["two_stage_kv"] == film_layer
+  assert count["two_stage"] - count["two_stage_film"] == cross_block
+  # The FiLM-only variant still carries image-wide context into every pixel.
+  apply, params, _ = build("two_stage_film")
+  apply, params = jax.jit(apply), trained_like(params)
+  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 1))
+  delta = jnp.abs(apply(params, x.at[:, 24:, 24:, :].set(0.0)) - apply(params, x))
+  assert float(delta[0, :4, :4, 0].min()) > 0
+  with pytest.raises(ValueError, match="global_mode: got 'all'"):
+    model.TwoStage(global_mode="all", rngs=nnx.Rngs(0))
