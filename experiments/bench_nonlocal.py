@@ -115,19 +115,18 @@ def gpu_kernel_times(sizes, repeats: int) -> list[dict]:
   return rows
 
 
+LETTERS = {"two_stage": "a", "plain": "b", "full_nonlocal": "c"}
 TRAIN_VARIANTS = (("two_stage", "pallas"), ("two_stage", "reference"), ("plain", "reference"),
                   ("full_nonlocal", "pallas"), ("full_nonlocal", "reference"))
 
 
-def _train_step(kind: str, impl: str, seed: int = 0):
+def _train_step(kind: str, impl: str, abstract: bool = True):
+  """(jitted Adam step, params (shapes only when `abstract`), optimizer, apply) at seed 0."""
   from research.nonlocal_cnn import train  # pylint: disable=import-outside-toplevel
-  kwargs = dict(SIZES)
-  if kind == "plain":
-    two_stage = model.param_count(model.build("two_stage", 0, abstract=True, **SIZES)[1])
-    kwargs["features"] = model.plain_features_matching(two_stage, 1, SIZES["depth"])
-  apply, params, _ = model.build(kind, seed, impl=impl, abstract=True, **kwargs)
+  apply, params, _ = model.build(kind, 0, impl=impl, abstract=abstract,
+                                 **model.equal_size(kind, **SIZES))
   tx = train.optimizer(1e-3, 1000)
-  return train.train_step(apply, tx), params, tx
+  return train.train_step(apply, tx), params, tx, apply
 
 
 def train_memory_plan(size: int) -> list[dict]:
@@ -135,7 +134,7 @@ def train_memory_plan(size: int) -> list[dict]:
   rows = []
   x = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
   for kind, impl in TRAIN_VARIANTS:
-    step, params, tx = _train_step(kind, impl)
+    step, params, tx, _ = _train_step(kind, impl)
     opt_state = jax.eval_shape(tx.init, params)
     memory = step.lower(params, opt_state, x, x).compile().memory_analysis()
     rows.append({"model": kind, "attention": impl if kind != "plain" else "-",
@@ -157,8 +156,7 @@ def train_child(size: int, steps: int) -> dict:
   if not images:
     raise ValueError(f"--train-large: got {size}, expected a size no larger than the largest "
                      "training photograph's shorter side")
-  step, shapes, tx = _train_step("two_stage", "pallas")
-  apply, params, _ = model.build("two_stage", 0, impl="pallas", **SIZES)
+  step, params, tx, apply = _train_step("two_stage", "pallas", abstract=False)
   opt_state = tx.init(params)
   # Held-out: the test photographs at size^2, one fixed exposure draw each.
   held_rng = np.random.default_rng([1, size])
@@ -180,7 +178,6 @@ def train_child(size: int, steps: int) -> dict:
     losses.append(float(loss))
     seconds.append(time.perf_counter() - start)
     print(f"step {i}: loss {losses[-1]:.5f}, {seconds[-1]:.1f} s", file=sys.stderr, flush=True)
-  del shapes
   return {"images": len(images), "losses": losses, "step_seconds": seconds,
           "held_out_loss_before": held_before, "held_out_loss_after": held_loss(params),
           "rss_before_bytes": before, "peak_rss_bytes": rss()}
@@ -205,8 +202,7 @@ def train_tables(summary: dict) -> dict[str, str]:
   rows = []
   for r in t["plan"]:
     need = r["temp_bytes"] + r["argument_bytes"]
-    rows.append((f"({'a' if r['model'] == 'two_stage' else 'b' if r['model'] == 'plain' else 'c'})"
-                 f" {r['model']}", r["attention"], r["params"], f"{need / 1e9:.3g}",
+    rows.append((f"({LETTERS[r['model']]}) {r['model']}", r["attention"], r["params"], f"{need / 1e9:.3g}",
                  "yes" if need < memory else "no", f"{r['attention_flops']:.3g}"))
   plan = records.write_markdown_table(
       ("model", "attention", "params", "XLA plan of one step, GB (temp + arguments)",

@@ -46,12 +46,13 @@ from research.common import tree_io
 ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = ("denoise", "exposure")
-TWO_STAGE = ("two_stage", "two_stage_kv", "two_stage_film")
 # Every method a table may list, in table order; a run has the models it trained and its task's
 # classical anchors and input.
 METHODS = ("two_stage", "two_stage_kv", "two_stage_film", "plain", "full_nonlocal", "bm3d",
            "nl_means", "hist_match", "noisy", "degraded")
 CLASSICAL = {"denoise": ("bm3d", "nl_means", "noisy"), "exposure": ("hist_match", "degraded")}
+EXPOSURE_STREAM = 7  # the exposure task's random streams: [eval_seed, 7] held out, [seed, 7, 1]
+                     # training (denoising uses [seed, 10 * sigma] and [seed, 10 * sigma, 1])
 
 
 def config_schema() -> ml_collections.ConfigDict:
@@ -126,13 +127,11 @@ def conditions(config) -> list[str]:
   return [f"{s:g}" for s in config.sigmas] if config.task == "denoise" else ["exposure"]
 
 
-def model_kwargs(kind: str, config, two_stage_params: int) -> dict:
+def model_kwargs(kind: str, config) -> dict:
+  """`model.build`'s sizes for `kind` from the config ((b) widened to (a)'s parameter count)."""
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
-  kwargs = dict(channels=1, features=config.features, depth=config.depth, factor=config.factor,
-                global_depth=config.global_depth)
-  if kind == "plain":  # equal parameter count: widen the trunk
-    kwargs["features"] = model.plain_features_matching(two_stage_params, 1, config.depth)
-  return kwargs
+  return model.equal_size(kind, channels=1, features=config.features, depth=config.depth,
+                          factor=config.factor, global_depth=config.global_depth)
 
 
 def params_folder(config) -> Path:
@@ -203,7 +202,7 @@ def test_set(config, condition: str, seed: int, clean_images: dict) -> tuple[dic
     rng = np.random.default_rng([seed, int(sigma * 10)])
     return dict(clean_images), {n: data.add_noise(img, sigma, rng)
                                 for n, img in clean_images.items()}
-  rng = np.random.default_rng([config.eval_seed, 7])
+  rng = np.random.default_rng([config.eval_seed, EXPOSURE_STREAM])
   clean, degraded = {}, {}
   for name, img in clean_images.items():
     for k in range(config.eval_draws):
@@ -226,7 +225,7 @@ def classical(config, condition: str, degraded: dict, reference) -> dict:
 def training_batches(config, condition: str, seed: int, train_images):
   """Endless seeded (degraded, clean) patch batches for one condition and seed."""
   from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
-  level = int(float(condition) * 10) if config.task == "denoise" else 7
+  level = int(float(condition) * 10) if config.task == "denoise" else EXPOSURE_STREAM
   rng = np.random.default_rng([seed, level, 1])
   while True:
     clean = data.random_patches(train_images, config.patch_size, config.batch_size, rng)
@@ -241,13 +240,13 @@ def trains(config, kind: str, condition: str) -> bool:
               and float(condition) not in config.full_nonlocal_sigmas)
 
 
-def fit_and_apply(config, run, kind: str, condition: str, seed: int, two_stage_params: int,
-                  train_images, degraded: dict) -> tuple[dict, int]:
+def fit_and_apply(config, run, kind: str, condition: str, seed: int, train_images,
+                  degraded: dict) -> tuple[dict, int]:
   """Trains one model (or loads it) and returns ({sample: output}, parameter count)."""
   import jax  # pylint: disable=import-outside-toplevel
   from research.nonlocal_cnn import model  # pylint: disable=import-outside-toplevel
   from research.nonlocal_cnn import train  # pylint: disable=import-outside-toplevel
-  kwargs = model_kwargs(kind, config, two_stage_params)
+  kwargs = model_kwargs(kind, config)
   # Saved params need no random initialization: only the shapes they must fit.
   apply, params, _ = model.build(kind, seed, impl=config.impl,
                                  abstract=bool(config.init_params), **kwargs)
@@ -268,7 +267,7 @@ def fit_and_apply(config, run, kind: str, condition: str, seed: int, two_stage_p
     tree_io.save_tree_npz(run.workdir / params_file(kind, condition, seed), params)
   # (c) runs its N^2 self-attention as in training ("auto": the jnp reference on CPU, where
   # the interpreted kernel would walk an N^2 grid of blocks in Python).
-  impl = config.eval_impl if kind in TWO_STAGE else config.impl
+  impl = config.eval_impl if kind in model.GLOBAL_MODES else config.impl
   apply_jit = jax.jit(model.build(kind, seed, impl=impl, abstract=True, **kwargs)[0])
   return {name: untile(np.asarray(apply_jit(params, tiles(x, config.tile))), *x.shape[:2])
           for name, x in degraded.items()}, count
@@ -306,9 +305,6 @@ def run(config, run):
     clean_images = data.resized_images(data.TEST_IMAGES, config.test_size)
     reference = np.concatenate([v[..., 0] for v in data.resized_images(
         data.TRAIN_IMAGES, config.test_size).values()])
-  two_stage_params = model.param_count(model.build(
-      "two_stage", config.seed, abstract=True, channels=1, features=config.features,
-      depth=config.depth, factor=config.factor, global_depth=config.global_depth)[1])
   seed_list = seeds(config)
   results, examples = {}, {}
   for condition in conditions(config):
@@ -318,7 +314,7 @@ def run(config, run):
       outputs = classical(config, condition, degraded, reference)
       for kind in (k for k in config.models if trains(config, k, condition)):
         outputs[kind], params_count[kind] = fit_and_apply(
-            config, run, kind, condition, seed, two_stage_params, train_images, degraded)
+            config, run, kind, condition, seed, train_images, degraded)
       for method, out in outputs.items():
         measured.setdefault(method, {})[seed] = scores(clean, out)
       if seed == seed_list[0]:
@@ -370,7 +366,7 @@ def paper_tables(result: dict) -> dict[str, str]:
                 + (f"then {training}" if config["steps"] else "no training in this run"))
   first = next(iter(summary["results"].values()))
   view = (f"held-out {config['test_size']}^2 center crops as {config['tile']}^2 tiles"
-          if config.get("task", "denoise") == "denoise" else
+          if config["task"] == "denoise" else
           f"held-out scenes resized to {config['test_size']}^2, {config['eval_draws']} "
           f"exposure draws each (eval seed {config['eval_seed']})")
   setting = (f"Training seeds {', '.join(map(str, first['seeds']))}; {training}; {view}; "

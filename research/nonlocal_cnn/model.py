@@ -149,8 +149,9 @@ class TwoStage(nnx.Module):
   def __init__(self, channels: int = 1, features: int = 32, depth: int = 6, factor: int = 4,
                global_depth: int = 2, impl: str = "reference", global_mode: str = "both", *,
                rngs: nnx.Rngs):
-    if global_mode not in ("both", "kv", "film"):
-      raise ValueError(f"global_mode: got {global_mode!r}, expected 'both', 'kv' or 'film'")
+    if global_mode not in GLOBAL_MODES.values():
+      raise ValueError(f"global_mode: got {global_mode!r}, expected one of "
+                       f"{tuple(GLOBAL_MODES.values())}")
     self.channels, self.factor = channels, factor
     self.stage_one = GlobalNet(channels, features, global_depth, factor, impl,
                                film=global_mode != "kv", rngs=rngs)
@@ -211,8 +212,8 @@ def build(kind: str, seed: int, *, abstract: bool = False, **kwargs
   abstract: params (and module) as shapes only (`jax.ShapeDtypeStruct`), nothing initialized or
     compiled: for counting parameters or for loading saved ones.
   """
-  classes = {"two_stage": TwoStage, "two_stage_kv": TwoStage, "two_stage_film": TwoStage,
-             "plain": Plain, "full_nonlocal": FullNonLocal}
+  classes = {**dict.fromkeys(GLOBAL_MODES, TwoStage), "plain": Plain,
+             "full_nonlocal": FullNonLocal}
   if kind not in classes:
     raise ValueError(f"model {kind!r}: expected one of {MODELS}")
   # Stage-one settings mean nothing to the one-stage models; (b) has no attention at all.
@@ -229,6 +230,16 @@ def build(kind: str, seed: int, *, abstract: bool = False, **kwargs
     return nnx.merge(graphdef, params)(x)
 
   return apply, params, module
+
+
+def equal_size(kind: str, **sizes) -> dict:
+  """`build`'s sizes for `kind`, with (b)'s trunk widened to the two-stage model's parameter
+  count (the equal-size baseline); the other models keep `sizes` (which must name `channels` and
+  `depth`)."""
+  if kind != "plain":
+    return dict(sizes)
+  target = param_count(build("two_stage", 0, abstract=True, **sizes)[1])
+  return {**sizes, "features": plain_features_matching(target, sizes["channels"], sizes["depth"])}
 
 
 def plain_features_matching(target_params: int, channels: int, depth: int) -> int:
