@@ -91,7 +91,7 @@ def test_both_models_saved_params_evaluate_to_the_same_scores_again(tmp_path):
   again = launcher.main(["configs/nonlocal_cnn/smoke.py", "--workdir", str(tmp_path / "b"),
                          "--set", "steps=0", "--set", f"init_params={run_dir}", "--set",
                          "models=('two_stage','plain')", *TINY])
-  # BM3D's compiled library is not bit-reproducible run to run (about 1e-4 dB seen here).
+  # BM3D's compiled library is not bit-reproducible run to run; it is allowed 1e-3 dB.
   for kind, tol in (("two_stage", 1e-6), ("plain", 1e-6), ("noisy", 1e-6), ("nl_means", 1e-6),
                     ("bm3d", 1e-3)):
     for image, score in result["scores"][kind]["0"].items():
