@@ -10,7 +10,8 @@ the seed by the injector below (it lives here, not in the runtime):
   hang_process        SIGSTOP of a process: no heartbeats, it is fenced (kill -9), restart
   kill_node           a node of Ray's test cluster removed (its memory with it): the lost
                       processes restart on a spare node from the peer's replica
-  corrupt_checkpoint  flips bytes in the newest committed orbax step (fired with the next fault)
+  corrupt_checkpoint  flips bytes in the newest committed orbax step (armed with the next
+                      fault, fired once that failure stopped the job, before its restore)
   kill_node_and_peer  a node and its peer removed: both copies gone, restore from orbax (the
                       newest committed step whose files match its manifest)
 
@@ -191,13 +192,20 @@ def corrupt_newest_checkpoint(directory: Path) -> str:
 
 
 class Injector:
-  """The driver's observer: fires each fault once its step is reached and the job is healthy."""
+  """The driver's observer: fires each fault once its step is reached and the job is healthy.
+
+  A corrupt_checkpoint is armed with the fault after it and fires in `before_restore`, when
+  that fault's failure has stopped every process: the newest committed step is then the one the
+  restore would take. (Fired with the fault instead, process 0 could still commit the save in
+  flight after the corruption, and the restore would take that newer, intact step.)
+  """
 
   def __init__(self, faults: list[Fault], cluster, memory_root: Path, job: str,
                persistent_dir: Path, log):
     self.faults, self.cluster, self.log = faults, cluster, log
     self.memory_root, self.job, self.persistent_dir = memory_root, job, persistent_dir
     self.progress: list[tuple[float, int, int]] = []  # (time, attempt, min step)
+    self.armed: list[Fault] = []  # corruptions whose companion fault has fired
 
   def _remove_node(self, node: str) -> None:
     target = next(n for n in self.cluster.list_all_nodes() if n.node_id == node)
@@ -216,17 +224,24 @@ class Injector:
     step = min(r.step for r in view.reports)
     if not self.progress or self.progress[-1][1:] != (view.attempt, step):
       self.progress.append((view.now, view.attempt, step))
-    pending = [f for f in self.faults if f.fired_at is None]
+    pending = [f for f in self.faults if f.fired_at is None and f not in self.armed]
     if not pending or not healthy or step < pending[0].step:
       return
     fault = pending[0]
+    if fault.kind == "corrupt_checkpoint":
+      fault.step = step
+      if len(pending) == 1:  # no fault after it, so no restore: corrupted as it stands
+        fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
+        fault.fired_at = time.monotonic()
+        self.log(f"fault: corrupt_checkpoint at step {step}: {fault.detail}")
+        return
+      self.armed.append(fault)  # fired before the next fault's restore
+      fault = pending[1]
     node = view.placement.node_of(fault.process)
     if fault.kind in ("kill_process", "hang_process"):
       pid = transport.call(view.agents[node], "pids")[fault.process]
       os.kill(pid, signal.SIGKILL if fault.kind == "kill_process" else signal.SIGSTOP)
       fault.detail = f"process {fault.process} (pid {pid})"
-    elif fault.kind == "corrupt_checkpoint":
-      fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
     elif fault.kind == "kill_node":
       self._remove_node(node)
       fault.detail = f"node of process {fault.process}"
@@ -239,8 +254,14 @@ class Injector:
     fault.fired_at = time.monotonic()
     fault.step = step  # the step every process had completed when it fired
     self.log(f"fault: {fault.kind} at step {step}: {fault.detail}")
-    if fault.kind == "corrupt_checkpoint":  # fired together with the next fault
-      self(view)
+
+  def before_restore(self, attempt: int) -> None:
+    """Fires the armed corruptions: the job's processes are stopped, no save can commit."""
+    for fault in self.armed:
+      if fault.fired_at is None:
+        fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
+        fault.fired_at = time.monotonic()
+        self.log(f"fault: corrupt_checkpoint before attempt {attempt}'s restore: {fault.detail}")
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -405,7 +426,7 @@ def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults:
 
   try:
     result = transport.run_job(spec, placement, driver, make_agent, alive_nodes, observe,
-                               log=log)
+                               log=log, before_restore=injector.before_restore)
   finally:
     shutil.rmtree(memory_root, ignore_errors=True)
   return result, injector

@@ -330,8 +330,14 @@ def _reports(agents: dict[str, Any], nodes, timeout: float):
 def run_job(spec: protocol.JobSpec, placement: protocol.Placement, config: protocol.DriverConfig,
             make_agent: Callable[[str], Any], alive_nodes: Callable[[], list[str]],
             observer: Callable[[JobView], None] | None = None, poll_seconds: float = 0.05,
-            poll_timeout_s: float = 10.0, log: Callable[[str], None] = print) -> JobResult:
-  """Runs the job to its last step through every failure `config.max_restarts` allows."""
+            poll_timeout_s: float = 10.0, log: Callable[[str], None] = print,
+            before_restore: Callable[[int], None] | None = None) -> JobResult:
+  """Runs the job to its last step through every failure `config.max_restarts` allows.
+
+  `before_restore(attempt)` runs before each restart's restore is planned, once every process
+  of the failed attempt is stopped or gone with its node (a fault injector uses it to change
+  what the restore finds).
+  """
   began = time.monotonic()
   agents = {node: make_agent(node) for node in placement.nodes}
   placements, plans, recoveries = [placement], [], []
@@ -344,6 +350,8 @@ def run_job(spec: protocol.JobSpec, placement: protocol.Placement, config: proto
 
   def launch():
     nonlocal state
+    if before_restore is not None and state.attempt > 0:
+      before_restore(state.attempt + 1)
     snapshots = []
     for node in placement.nodes:
       snapshots += call(agents[node], "inventory", timeout=poll_timeout_s)

@@ -1,11 +1,15 @@
 """The checkpoint experiment through the launcher: the demo row, the fault draw, bad configs."""
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from experiments import checkpoint as experiment
 from experiments import run as launcher
+from research.checkpoint import protocol, store, transport
 from research.common import config as config_lib
 
 
@@ -57,3 +61,66 @@ def test_bad_config_is_refused_before_anything_starts(tmp_path, override, match)
   with pytest.raises(config_lib.ConfigError, match=match):
     launcher.main(["configs/checkpoint/faults.py", "--workdir", str(tmp_path), *overrides])
   assert not list(tmp_path.iterdir())  # no run folder half-written
+
+
+def commit_step(directory: Path, step: int) -> None:
+  """A persisted step as restorable_steps sees it: its files and a manifest of their hashes."""
+  step_dir = directory / "steps" / str(step)
+  step_dir.mkdir(parents=True)
+  (step_dir / "leaf_00000").write_bytes(bytes(range(256)) * (step + 1))
+  (directory / store.MANIFESTS).mkdir(exist_ok=True)
+  (directory / store.MANIFESTS / f"{step}.json").write_text(
+      json.dumps({"step": step, "files": store._file_hashes(step_dir)}))  # pylint: disable=protected-access
+
+
+class OneNode:
+  """A node agent with one live process to kill (a `sleep`), called in-process."""
+
+  def __init__(self):
+    self.child = subprocess.Popen(["sleep", "60"])
+
+  def pids(self):
+    return {1: self.child.pid}
+
+
+def test_a_corruption_hits_the_step_the_restore_would_take_not_the_one_at_the_fault(tmp_path):
+  # Process 0 may commit the save in flight after its companion fault fired; the corruption
+  # waits for the restore, so that step is the one corrupted and the restore takes the one before.
+  persistent = tmp_path / "persistent"
+  commit_step(persistent, 3)
+  faults = [experiment.Fault("corrupt_checkpoint", 5, 0), experiment.Fault("kill_process", 5, 1)]
+  lines = []
+  injector = experiment.Injector(faults, None, tmp_path, "job", persistent, lines.append)
+  agent = OneNode()
+  placement = protocol.Placement(("a",), (0, 0))
+  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
+  try:
+    injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": agent}))
+    assert agent.child.wait(timeout=10) == -9
+  finally:
+    agent.child.kill()
+  assert faults[1].fired_at is not None and faults[0].fired_at is None
+  assert faults[0].step == faults[1].step == 5 and lines == [f"fault: kill_process at step 5: "
+                                                             f"process 1 (pid {agent.child.pid})"]
+  commit_step(persistent, 6)  # the save in flight commits before process 0 is stopped
+  injector.before_restore(2)
+  assert faults[0].fired_at is not None and "steps/6/" in faults[0].detail.replace("\\", "/")
+  assert store.restorable_steps(persistent, lines.append) == [3]
+  assert lines[-1].startswith("skip persisted step 6: files") and "corrupted" in lines[-1]
+  injector.before_restore(3)  # fired once
+  assert sum(line.startswith("fault: corrupt_checkpoint") for line in lines) == 1
+
+
+def test_a_corruption_with_no_fault_after_it_fires_at_its_step(tmp_path):
+  persistent = tmp_path / "persistent"
+  commit_step(persistent, 3)
+  faults = [experiment.Fault("corrupt_checkpoint", 4, 0)]
+  injector = experiment.Injector(faults, None, tmp_path, "job", persistent, lambda line: None)
+  placement = protocol.Placement(("a",), (0,))
+  view = transport.JobView(time.monotonic(), 0, placement,
+                           [protocol.ProcessReport(0, True, None, 0.0, 3, True)], {})
+  injector(view)
+  assert faults[0].fired_at is None  # step 4 not reached
+  view.reports = [protocol.ProcessReport(0, True, None, 0.0, 4, True)]
+  injector(view)
+  assert faults[0].fired_at is not None and store.restorable_steps(persistent, print) == []
