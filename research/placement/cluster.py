@@ -352,6 +352,20 @@ class WorkloadSpec:
   slo_slack: float = 3.0  # SLO = slack x the app's idle service time + calls at zone latency
 
 
+def with_neighbour_slots(problem: Problem, slots: int) -> Problem:
+  """`problem` with its neighbour table padded to `slots` slots (-1: no neighbour).
+
+  Every agent scores every slot, so the slot count sets each agent's work whatever the number
+  of hosts; padding changes no decision (the empty slots are never legal targets).
+  """
+  have = problem.neighbours.shape[-1]
+  if slots < have:
+    raise SpecError(f"neighbour slots: got {slots}, expected >= the topology's largest degree "
+                    f"{have}")
+  pad = jnp.full(problem.neighbours.shape[:-1] + (slots - have,), -1, problem.neighbours.dtype)
+  return problem._replace(neighbours=jnp.concatenate([problem.neighbours, pad], -1))
+
+
 def generate_apps(spec: WorkloadSpec, latency_ms: Sequence[float], seed: int,
                   clusters: int = 1) -> list[AppSpec]:
   """Random apps of `spec`'s shape; with several clusters, app a is submitted to cluster
