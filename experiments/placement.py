@@ -126,9 +126,12 @@ def validate_config(config) -> None:
     raise config_lib.ConfigError(f"config key 'train.envs': got {config.train.envs}, expected a "
                                  f"multiple of agent.minibatches ({config.agent.minibatches})")
   unknown = set(config.eval.methods) - set(METHODS)
-  if unknown or "agents" not in config.eval.methods:
+  reference = set(config.eval.methods) & {"milp", "least_allocated", "most_allocated"}
+  if unknown or "agents" not in config.eval.methods or not reference:
     raise config_lib.ConfigError(f"config key 'eval.methods': got {tuple(config.eval.methods)}, "
-                                 f"expected 'agents' and any of {METHODS}")
+                                 f"expected 'agents', one of 'milp', 'least_allocated', "
+                                 f"'most_allocated' (the headline's baseline), and any of "
+                                 f"{METHODS}")
   if "milp" in config.eval.methods and config.scenario != "static":
     raise config_lib.ConfigError("config key 'eval.methods': 'milp' solves the static problem; "
                                  "it needs scenario='static'")

@@ -17,6 +17,8 @@ SMOKE = "configs/placement/smoke.py"
     ("train.racks_per_zone=1", "per_agent parameters"),
     ("train.iterations=-1", "train.iterations"),
     ("train.params_file=nowhere.npz", "no file .nowhere.npz."),
+    ("eval.methods=('agents', 'prior')", "the headline's baseline"),
+    ("eval.methods=('milp',)", "expected 'agents'"),
 ])
 def test_bad_config_is_refused_naming_the_key(override, message):
   overrides = [override] + (["agent.sharing=per_agent"] if "racks_per_zone" in override else [])
