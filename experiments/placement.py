@@ -94,6 +94,9 @@ def config_schema() -> ml_collections.ConfigDict:
           # the instances handed to them (the schedulers place theirs before the trace too)
           "warmup_rounds": 0,
           "greedy": False,  # agents take their most likely action (else they sample)
+          # sampled rollouts of the agents (and the prior) per seed, averaged: one rollout's
+          # last placement carries the sampling noise of its last rounds
+          "rollouts": 1,
           "methods": METHODS,
           "milp_time_limit_s": 120.0,
       },
@@ -114,8 +117,11 @@ def validate_config(config) -> None:
     raise config_lib.ConfigError(f"config key 'train.iterations': got "
                                  f"{config.train.iterations}, expected >= 0 (0: evaluate the "
                                  "untrained policy or train.params_file)")
-  for key in ("seeds", "rounds"):
+  for key in ("seeds", "rounds", "rollouts"):
     config_lib.check_positive(config.eval, key)
+  if config.eval.greedy and config.eval.rollouts > 1:
+    raise config_lib.ConfigError(f"config key 'eval.rollouts': got {config.eval.rollouts}, "
+                                 "expected 1 with eval.greedy (greedy rollouts are all the same)")
   if config.eval.warmup_rounds < 0:
     raise config_lib.ConfigError(f"config key 'eval.warmup_rounds': got "
                                  f"{config.eval.warmup_rounds}, expected >= 0")
@@ -271,6 +277,16 @@ def _summarize(terms: cluster.Terms, migrations) -> dict[str, Any]:
           "final_cost": float(terms.cost[-1]), "migrations": int(migrations)}
 
 
+def _summarize_rollouts(terms: cluster.Terms, migrations) -> dict[str, Any]:
+  """Rollouts stacked on the leading axis: each's summary, averaged; one: as `_summarize`."""
+  rows = [_summarize(jax.tree.map(lambda x, i=i: x[i], terms), migrations[i])
+          for i in range(len(migrations))]
+  if len(rows) == 1:
+    return rows[0]
+  mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  return {**mean, "final_costs": [r["final_cost"] for r in rows]}
+
+
 def run(config, run_ctx) -> dict[str, Any]:
   weights = cluster.Weights(**config.weights.to_dict())
   agent = agent_config(config)
@@ -294,20 +310,29 @@ def run(config, run_ctx) -> dict[str, Any]:
             jnp.concatenate([steps.inventory[1:], final.inventory[None]])[warmup:], loads)
     return after, steps.migrations[warmup:].sum()
 
+  @jax.jit
+  def play_rollouts(params, problem, placement, loads, key):
+    # the first rollout's key is the seed's own (a run with one rollout is unchanged)
+    keys = jnp.stack([key] + [jax.random.fold_in(key, r)
+                              for r in range(1, config.eval.rollouts)])
+    return jax.vmap(play, in_axes=(None, None, None, None, 0))(params, problem, placement,
+                                                                loads, keys)
+
   per_seed = []
   for seed in run_ctx.progress(range(config.eval.seeds), total=config.eval.seeds,
                                description="evaluating"):
     problem, placement, loads = make_problem(config, seed)
     row: dict[str, Any] = {"seed": seed}
     t0 = time.perf_counter()
-    terms, migrations = play(params, problem, placement, loads, jax.random.key(10_000 + seed))
-    row["agents"] = _summarize(jax.device_get(terms), int(migrations))
+    terms, migrations = play_rollouts(params, problem, placement, loads,
+                                      jax.random.key(10_000 + seed))
+    row["agents"] = _summarize_rollouts(*jax.device_get((terms, migrations)))
     row["agents"]["seconds"] = time.perf_counter() - t0
     for method in config.eval.methods:
       if method == "prior":
-        terms, migrations = play(untrained, problem, placement, loads,
-                                 jax.random.key(10_000 + seed))
-        row[method] = _summarize(jax.device_get(terms), int(migrations))
+        terms, migrations = play_rollouts(untrained, problem, placement, loads,
+                                          jax.random.key(10_000 + seed))
+        row[method] = _summarize_rollouts(*jax.device_get((terms, migrations)))
       if method in ("least_allocated", "most_allocated"):
         row[method] = evaluate_static(problem, baselines.kube_schedule(
             problem, method, config.slots_per_host, seed), loads, weights)

@@ -47,3 +47,21 @@ def test_smoke_trains_evaluates_and_kept_params_reproduce_the_evaluation(tmp_pat
   for a, b in zip(first["per_seed"], second["per_seed"]):
     np.testing.assert_allclose(a["agents"]["final_cost"], b["agents"]["final_cost"], rtol=1e-6)
     assert a["agents"]["migrations"] == b["agents"]["migrations"]
+
+
+def test_rollouts_average_sampled_runs_and_the_first_is_the_single_run(tmp_path):
+  methods = "eval.methods=('agents', 'prior', 'least_allocated')"
+  one = launcher.main([SMOKE, "--workdir", str(tmp_path / "one"), "--set", methods])
+  three = launcher.main([SMOKE, "--workdir", str(tmp_path / "three"), "--set", methods,
+                         "--set", "eval.rollouts=3"])
+  for a, b in zip(one["per_seed"], three["per_seed"]):
+    for method in ("agents", "prior"):
+      costs = b[method]["final_costs"]
+      assert len(costs) == 3 and costs[0] == pytest.approx(a[method]["final_cost"], rel=1e-6)
+      assert b[method]["final_cost"] == pytest.approx(np.mean(costs), rel=1e-6)
+  assert any(len(set(r["agents"]["final_costs"])) > 1 for r in three["per_seed"])  # sampled
+
+
+def test_greedy_with_several_rollouts_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="eval.rollouts': got 2, expected 1 with"):
+    launcher.load(SMOKE, ["eval.greedy=True", "eval.rollouts=2"])
