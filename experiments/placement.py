@@ -97,6 +97,9 @@ def config_schema() -> ml_collections.ConfigDict:
           # sampled rollouts of the agents (and the prior) per seed, averaged: one rollout's
           # last placement carries the sampling noise of its last rounds
           "rollouts": 1,
+          # the last rounds in which the agents take their most likely action (a descent to the
+          # nearest local optimum after the sampled search; every agent counts the rounds)
+          "settle_rounds": 0,
           "methods": METHODS,
           "milp_time_limit_s": 120.0,
       },
@@ -119,6 +122,10 @@ def validate_config(config) -> None:
                                  "untrained policy or train.params_file)")
   for key in ("seeds", "rounds", "rollouts"):
     config_lib.check_positive(config.eval, key)
+  if not 0 <= config.eval.settle_rounds < config.eval.rounds:
+    raise config_lib.ConfigError(f"config key 'eval.settle_rounds': got "
+                                 f"{config.eval.settle_rounds}, expected 0 ... eval.rounds - 1 "
+                                 f"({config.eval.rounds - 1})")
   if config.eval.greedy and config.eval.rollouts > 1:
     raise config_lib.ConfigError(f"config key 'eval.rollouts': got {config.eval.rollouts}, "
                                  "expected 1 with eval.greedy (greedy rollouts are all the same)")
@@ -303,8 +310,13 @@ def run(config, run_ctx) -> dict[str, Any]:
   @jax.jit
   def play(params, problem, placement, loads, key):
     played = jnp.concatenate([jnp.repeat(loads[:1], warmup, axis=0), loads])
-    final, steps, _ = agent_lib.rollout(agent, nets, params, weights, problem, placement, played,
-                                        key, greedy=config.eval.greedy)
+    split = played.shape[0] - config.eval.settle_rounds
+    final, steps, _ = agent_lib.rollout(agent, nets, params, weights, problem, placement,
+                                        played[:split], key, greedy=config.eval.greedy)
+    if config.eval.settle_rounds:
+      final, settled, _ = agent_lib.rollout(agent, nets, params, weights, problem, final,
+                                            played[split:], key, greedy=True)
+      steps = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), steps, settled)
     after = jax.vmap(lambda inv, load: cluster.terms(weights, cluster.observe(
         problem, cluster.Placement(inv), load)))(
             jnp.concatenate([steps.inventory[1:], final.inventory[None]])[warmup:], loads)

@@ -19,6 +19,7 @@ SMOKE = "configs/placement/smoke.py"
     ("train.params_file=nowhere.npz", "no file .nowhere.npz."),
     ("eval.methods=('agents', 'prior')", "the headline's baseline"),
     ("eval.methods=('milp',)", "expected 'agents'"),
+    ("eval.settle_rounds=48", r"eval.settle_rounds': got 48, expected 0 ... eval.rounds - 1"),
 ])
 def test_bad_config_is_refused_naming_the_key(override, message):
   overrides = [override] + (["agent.sharing=per_agent"] if "racks_per_zone" in override else [])
