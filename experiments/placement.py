@@ -11,7 +11,10 @@ One config describes a topology (clusters > zones > racks > hosts), a random wor
 2. evaluates on `eval.seeds` other problems (seeds 0, 1, ...): each method places the same
    instances and faces the same load trace (`eval.rounds` rounds):
      agents           start from the random placement and exchange instances every round
-                      (after `eval.warmup_rounds` uncounted rounds at the first load);
+                      (after `eval.warmup_rounds` uncounted rounds at the first load),
+                      sampling their actions but for the last `eval.settle_rounds` rounds
+                      (their most likely action there); `eval.rollouts` sampled runs per seed,
+                      averaged;
      prior            the same with the untrained policy (agent.py: the local-search prior the
                       training starts from): what PPO added;
      least_allocated  kube-scheduler's spreading score, placed once (pods are not moved);
