@@ -202,8 +202,9 @@ def train_tables(summary: dict) -> dict[str, str]:
   rows = []
   for r in t["plan"]:
     need = r["temp_bytes"] + r["argument_bytes"]
-    rows.append((f"({LETTERS[r['model']]}) {r['model']}", r["attention"], r["params"], f"{need / 1e9:.3g}",
-                 "yes" if need < memory else "no", f"{r['attention_flops']:.3g}"))
+    rows.append((f"({LETTERS[r['model']]}) {r['model']}", r["attention"], r["params"],
+                 f"{need / 1e9:.3g}", "yes" if need < memory else "no",
+                 f"{r['attention_flops']:.3g}"))
   plan = records.write_markdown_table(
       ("model", "attention", "params", "XLA plan of one step, GB (temp + arguments)",
        f"fits in {memory / 2**30:.0f} GiB", "attention FLOPs per forward"), rows)

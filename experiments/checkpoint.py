@@ -231,9 +231,7 @@ class Injector:
     if fault.kind == "corrupt_checkpoint":
       fault.step = step
       if len(pending) == 1:  # no fault after it, so no restore: corrupted as it stands
-        fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
-        fault.fired_at = time.monotonic()
-        self.log(f"fault: corrupt_checkpoint at step {step}: {fault.detail}")
+        self._corrupt(fault, f"at step {step}")
         return
       self.armed.append(fault)  # fired before the next fault's restore
       fault = pending[1]
@@ -255,13 +253,16 @@ class Injector:
     fault.step = step  # the step every process had completed when it fired
     self.log(f"fault: {fault.kind} at step {step}: {fault.detail}")
 
+  def _corrupt(self, fault: Fault, when: str) -> None:
+    fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
+    fault.fired_at = time.monotonic()
+    self.log(f"fault: corrupt_checkpoint {when}: {fault.detail}")
+
   def before_restore(self, attempt: int) -> None:
     """Fires the armed corruptions: the job's processes are stopped, no save can commit."""
     for fault in self.armed:
       if fault.fired_at is None:
-        fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
-        fault.fired_at = time.monotonic()
-        self.log(f"fault: corrupt_checkpoint before attempt {attempt}'s restore: {fault.detail}")
+        self._corrupt(fault, f"before attempt {attempt}'s restore")
 
 
 # --- the run -------------------------------------------------------------------------------------
