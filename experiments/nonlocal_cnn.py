@@ -105,6 +105,12 @@ def validate_config(config) -> None:
   if not config.sigmas or any(s <= 0 for s in config.sigmas):
     raise config_lib.ConfigError(f"config key 'sigmas': got {tuple(config.sigmas)}, expected "
                                  "positive noise levels (on the 0..255 scale)")
+  if not any(trains(config, kind, c) for kind in config.models for c in conditions(config)):
+    # Only (c) is listed and it trains at none of the levels: no model to report.
+    raise config_lib.ConfigError(
+        f"config key 'full_nonlocal_sigmas': got {tuple(config.full_nonlocal_sigmas)}, expected "
+        f"at least one of sigmas={tuple(config.sigmas)} when models="
+        f"{tuple(config.models)} (full_nonlocal trains only at these levels)")
   for key in ("patch_size", "tile"):
     if config[key] % config.factor:
       raise config_lib.ConfigError(f"config key {key!r}: got {config[key]}, expected a "
@@ -328,7 +334,10 @@ def run(config, run):
 
 def headline(config, results: dict) -> dict:
   from research.nonlocal_cnn import data  # pylint: disable=import-outside-toplevel
-  key = "25" if "25" in results else next(iter(results))
+  # sigma 25 where a model was trained there, else the first condition with one (validation
+  # refuses a config in which no model trains at any level).
+  trained = [c for c in results if any(m in results[c]["mean_psnr"] for m in config.models)]
+  key = "25" if "25" in trained else trained[0]
   mean = {m: v["mean"] for m, v in results[key]["mean_psnr"].items()}
   ours = next(m for m in ("two_stage", *config.models) if m in mean)  # a run may skip (a)
   origin = f"{config.steps} training steps"

@@ -145,6 +145,33 @@ def test_bad_config_is_refused(tmp_path, override, match):
                    override])
 
 
+def test_a_config_in_which_no_model_trains_is_refused():
+  """(c) alone, at levels outside full_nonlocal_sigmas, would train nothing: refused on load
+  naming the key, not by a StopIteration from the headline after the classical anchors ran."""
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"'full_nonlocal_sigmas': got \(25.0,\), expected at least one of "
+                           r"sigmas=\(15.0,\) when models=\('full_nonlocal',\)"):
+    launcher.load("configs/nonlocal_cnn/smoke.py", ["models=('full_nonlocal',)",
+                                                   "sigmas=(15.0,)"])
+  # Trained at one of the levels: accepted.
+  launcher.load("configs/nonlocal_cnn/smoke.py", ["models=('full_nonlocal',)",
+                                                 "sigmas=(15.0, 25.0)"])
+
+
+def test_headline_reports_a_level_at_which_a_model_trained():
+  """sigma 25 is preferred, but where no listed model trained there the headline takes the first
+  level with one."""
+  config, _ = launcher.load("configs/nonlocal_cnn/smoke.py", [
+      "models=('full_nonlocal',)", "sigmas=(25.0, 50.0)", "full_nonlocal_sigmas=(50.0,)"])
+  spread = lambda v: {"mean": v, "std": 0.0, "n": 1}  # pylint: disable=unnecessary-lambda-assignment
+  classical = {"bm3d": spread(29.0), "nl_means": spread(27.0), "noisy": spread(20.0)}
+  results = {"25": {"mean_psnr": classical},
+             "50": {"mean_psnr": {**classical, "full_nonlocal": spread(26.0)}}}
+  headline = nonlocal_cnn.headline(config, results)
+  assert headline["metric"] == "mean PSNR (dB), full-nonlocal, sigma 50"
+  assert headline["value"] == 26.0 and headline["baseline"] == "bm3d"
+
+
 def test_exposure_task_needs_the_whole_image(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"'tile': got 48, expected test_size=96 for "
                                                    r"task 'exposure'"):
