@@ -1,6 +1,7 @@
 """The selector: exact (equal to brute force), budgets enforced, infeasibility never silent,
 hysteresis."""
 
+import itertools
 import math
 
 import numpy as np
@@ -27,14 +28,37 @@ def random_profiles(rng, stages, variants):
   return out
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_choice_equals_brute_force_on_random_profiles(seed):
+def _fastest(profiles, resources):
+  """(predicted latency, memory) of the fastest pipeline (then the smallest), by enumeration
+  with the selector's latency model (pipeline_p95 over predict_stage), not its search."""
+  best = (math.inf, math.inf)
+  for picked in itertools.product(*profiles):
+    stages = [selector.predict_stage(p, resources) for p in picked]
+    latency = selector.pipeline_p95(sum(p50 for p50, _ in stages),
+                                    sum((p95 - p50) ** 2 for p50, p95 in stages))
+    best = min(best, (latency, sum(p.memory_mb for p in picked)))
+  return best
+
+
+def random_case(seed):
+  """1-4 stages of 1-5 variants, random loads; the budgets drawn relative to the fastest
+  pipeline (latency 1-3x its predicted p95, memory budget and half the free memory 0.6-3x its
+  memory), so that most cases have a pipeline to choose, some have none, and the choice is not
+  always the fastest."""
   rng = np.random.default_rng(seed)
   profiles = random_profiles(rng, stages=int(rng.integers(1, 5)), variants=5)
-  budget = Budget(latency_ms=float(rng.uniform(1.0, 30.0)), memory_mb=float(rng.uniform(5, 150)),
-                  headroom=float(rng.uniform(0.7, 1.0)))
-  resources = Resources(float(rng.uniform(0, 1)), float(rng.uniform(10, 400)), None,
-                        float(rng.uniform(1, 2)))
+  background, slowdown = float(rng.uniform(0, 1)), float(rng.uniform(1, 2))
+  latency, memory = _fastest(profiles, Resources(background, 1.0, None, slowdown))
+  headroom = float(rng.uniform(0.7, 1.0))
+  budget = Budget(latency_ms=latency * float(rng.uniform(1.0, 3.0)) / headroom,
+                  memory_mb=memory * float(rng.uniform(0.6, 3.0)), headroom=headroom)
+  resources = Resources(background, 2 * memory * float(rng.uniform(0.6, 3.0)), None, slowdown)
+  return profiles, budget, resources
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_choice_equals_brute_force_on_random_profiles(seed):
+  profiles, budget, resources = random_case(seed)
   expected = selector.brute_force(profiles, budget, resources)
   if expected is None:
     with pytest.raises(selector.BudgetError):
@@ -48,6 +72,24 @@ def test_choice_equals_brute_force_on_random_profiles(seed):
   assert chosen.memory_mb <= selector.memory_limit_mb(budget, resources) + 1e-9
   picked = [profiles[s][i] for s, i in enumerate(chosen.choice)]
   assert chosen.score == pytest.approx(sum(p.score for p in picked))
+
+
+def test_random_cases_mostly_compare_a_choice_over_several_stages():
+  """The brute-force comparison above compares choices, not only two refusals: most of its
+  cases are feasible, among them pipelines of 2, 3 and 4 stages, and in some the choice is
+  not simply the fastest pipeline."""
+  feasible_stages, not_fastest = [], 0
+  for seed in range(40):
+    profiles, budget, resources = random_case(seed)
+    expected = selector.brute_force(profiles, budget, resources)
+    if expected is None:
+      continue
+    feasible_stages.append(len(profiles))
+    chosen = selector.select(profiles, budget, resources)
+    not_fastest += chosen.latency_ms > _fastest(profiles, resources)[0] + 1e-9
+  assert len(feasible_stages) >= 30, f"only {len(feasible_stages)} of 40 cases feasible"
+  assert {2, 3, 4} <= set(feasible_stages), sorted(feasible_stages)
+  assert not_fastest >= 10, f"only {not_fastest} choices differ from the fastest pipeline"
 
 
 def test_pipeline_p95_is_medians_plus_root_sum_square_of_spreads():
