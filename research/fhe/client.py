@@ -45,7 +45,11 @@ def _fhe_client(package: transport.Bundle, state: Path):
 
 def encrypt(package_dir, state_dir, data_path, out, iterations: int, seed: int,
             overwrite: bool = False) -> dict[str, Any]:
-  """Preprocesses, encrypts and writes the upload; returns a report (timings and sizes)."""
+  """Preprocesses, encrypts and writes the upload; returns a report (timings and sizes).
+
+  The state file is written only once the upload is: a refused or failed upload leaves the
+  state as it was (an existing `out` is refused before key generation)."""
+  transport.refuse_existing(out, overwrite)
   package = package_lib.read_package(package_dir, "client")
   spec = train.TrainerSpec.from_json(package.meta["spec"])
   state = Path(state_dir)
@@ -73,12 +77,12 @@ def encrypt(package_dir, state_dir, data_path, out, iterations: int, seed: int,
         x_batch, y_batch, None, None)
   encrypt_seconds = time.perf_counter() - start
 
-  records.atomic_write_json(state / STATE_FILE, {
-      "package_id": package.meta["package_id"], "key_id": key_id, "seed": seed,
-      "iterations": iterations, "rows": len(x), "preprocessing": preprocessing.to_json()})
   meta = {"package_id": package.meta["package_id"], "key_id": key_id, "batches": iterations,
           "shapes": spec.shapes()}
   transport.write_bundle(out, "upload", files, meta, overwrite=overwrite)
+  records.atomic_write_json(state / STATE_FILE, {
+      "package_id": package.meta["package_id"], "key_id": key_id, "seed": seed,
+      "iterations": iterations, "rows": len(x), "preprocessing": preprocessing.to_json()})
   batch_bytes = [len(files[f"x_{t:05d}.bin"]) + len(files[f"y_{t:05d}.bin"])
                  for t in range(1, iterations + 1)]
   return {"package_id": package.meta["package_id"], "key_id": key_id,

@@ -51,6 +51,7 @@ def train_encrypted(package_dir, upload_dir, out, snapshot_every: int = 1,
   from concrete import fhe  # pylint: disable=import-outside-toplevel
   from concrete.ml.deployment import FHEModelServer  # pylint: disable=import-outside-toplevel
 
+  transport.refuse_existing(out, overwrite)  # before the encrypted iterations, not after
   package = package_lib.read_package(package_dir, "server")
   upload = read_upload(upload_dir, package)
   batches = upload.meta["batches"]

@@ -61,6 +61,15 @@ class Bundle:
     return sum(entry["bytes"] for entry in self.files.values())
 
 
+def refuse_existing(directory: str | os.PathLike, overwrite: bool) -> None:
+  """Raises FileExistsError if `directory` exists and `overwrite` is off. `write_bundle` checks
+  this itself; a party calls it first as well, before the work (keys, encryption, training)
+  whose result the bundle would hold."""
+  if Path(directory).exists() and not overwrite:
+    raise FileExistsError(f"{str(directory)!r} exists; pass overwrite=True (--overwrite) to "
+                          "replace it")
+
+
 def write_bundle(directory: str | os.PathLike, kind: str, files: Mapping[str, bytes | Path],
                  meta: Mapping[str, Any], overwrite: bool = False) -> Path:
   """Writes a bundle atomically: payload files and bundle.json in a temporary folder, renamed.
@@ -74,9 +83,7 @@ def write_bundle(directory: str | os.PathLike, kind: str, files: Mapping[str, by
     if name == INDEX or "/" in name or name.startswith("."):
       raise ValueError(f"file name {name!r} is not allowed in a bundle (plain names, not "
                        f"{INDEX!r}, not hidden)")
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{str(directory)!r} exists; pass overwrite=True (--overwrite) to "
-                          "replace it")
+  refuse_existing(directory, overwrite)
   directory.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp",
                                   dir=directory.parent))

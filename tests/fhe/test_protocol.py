@@ -106,6 +106,40 @@ def test_the_upload_holds_ciphertexts_and_ids_only_and_fits_the_server_package(p
   assert any(r.tobytes() in (root / "train.npz").read_bytes() for r in x[:40])  # probe works
 
 
+def test_a_refused_or_failed_upload_leaves_the_client_state_as_it_was(parties, monkeypatch):
+  root = parties["root"]
+  state_file = root / "state" / client_lib.STATE_FILE
+  state_before = state_file.read_bytes()
+  upload_before = (root / "upload" / "bundle.json").read_bytes()
+  args = (parties["client_package"], root / "state", root / "train.npz", root / "upload",
+          ITERATIONS + 1, SEED + 1)
+
+  # The upload cannot be written (after keys and encryption): the state still describes the
+  # upload that was written before, not the one that failed.
+  def failing_write(*_, **__):
+    raise OSError("disk full")
+  with monkeypatch.context() as patch:
+    patch.setattr(transport, "write_bundle", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+      client_lib.encrypt(*args, overwrite=True)
+  assert state_file.read_bytes() == state_before
+
+  # `out` exists and no overwrite: refused before any key is generated or loaded, from the API
+  # and from the command line (exit 2), for this state folder and for a fresh one.
+  def no_keys(package, state):
+    raise AssertionError(f"keys generated under {state} for an upload that is refused")
+  monkeypatch.setattr(client_lib, "_fhe_client", no_keys)
+  with pytest.raises(FileExistsError, match="upload' exists; pass overwrite=True"):
+    client_lib.encrypt(*args)
+  with pytest.raises(FileExistsError, match="upload' exists"):
+    client_lib.encrypt(args[0], root / "new_state", *args[2:])
+  assert client_lib.main(["encrypt", "--package", str(args[0]), "--state", str(root / "state"),
+                          "--data", str(args[2]), "--iterations", "3", "--out",
+                          str(root / "upload")]) == 2
+  assert state_file.read_bytes() == state_before and not (root / "new_state").exists()
+  assert (root / "upload" / "bundle.json").read_bytes() == upload_before
+
+
 def _rewrite(directory, out, *, meta=None, files=None, drop=()):
   """A copy of a bundle with some meta fields or payload files replaced (hashes rewritten)."""
   bundle = transport.read_bundle(directory, json.loads((directory / "bundle.json").read_text())
