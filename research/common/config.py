@@ -5,8 +5,10 @@ A config file (`configs/<system>/<setting>.py`) defines `get_config()` returning
 ConfigDict whose values are the defaults and whose value types are the key types
 (`ml_collections.config_dict.required_placeholder(T)` marks a required key with no default).
 `resolve` checks the file against the schema, applies `--set key=value` overrides, checks that
-required keys are set, and returns a locked config. Every error names the key, the value given
-and what was expected; nothing runs before this succeeds.
+required keys are set, and returns a locked config. A tuple key whose default is a non-empty
+tuple of one type takes items of that type only; None is accepted only for a key whose default
+is None. Every error names the key, the value given and what was expected; nothing runs before
+this succeeds.
 """
 
 from __future__ import annotations
@@ -86,12 +88,53 @@ def _unknown_key_error(dotted: str, value: Any, root: ml_collections.ConfigDict)
                      + ", ".join(sorted(_known_keys(root))))
 
 
-def _assign(schema: ml_collections.ConfigDict, key: str, value: Any, dotted: str) -> None:
+def _item_type(default: Any) -> type | None:
+  """The item type a tuple key's items must have: its default's, where the default is a
+  non-empty tuple of one type (a list item counts as a tuple); else None (unchecked)."""
+  if not isinstance(default, (tuple, list)) or not default:
+    return None
+  types = {tuple if isinstance(x, list) else type(x) for x in default}
+  return types.pop() if len(types) == 1 else None
+
+
+def item_types(schema: ml_collections.ConfigDict, prefix: str = "") -> dict[str, type]:
+  """{dotted key: item type} for the schema's tuple keys with a checkable default."""
+  out = {}
+  for key, field in schema._fields.items():  # pylint: disable=protected-access
+    if _is_section(schema, key):
+      out.update(item_types(schema[key], f"{prefix}{key}."))
+    elif (item := _item_type(_raw(field))) is not None:
+      out[f"{prefix}{key}"] = item
+  return out
+
+
+def _check_items(value: Any, item: type, dotted: str) -> Any:
+  """`value`'s items checked against `item` (ints become floats where floats are expected, as
+  for a scalar key); returns the value with its items converted."""
+  def fits(x: Any) -> bool:
+    if item in (int, float) and isinstance(x, bool):
+      return False
+    if item is float:
+      return isinstance(x, (int, float))
+    if item is tuple:
+      return isinstance(x, (tuple, list))
+    return isinstance(x, item)
+
+  if not all(fits(x) for x in value):
+    raise ConfigError(f"config key {dotted!r}: got {tuple(value)!r}, expected a tuple of "
+                      f"{item.__name__}")
+  return type(value)(float(x) for x in value) if item is float else value
+
+
+def _assign(schema: ml_collections.ConfigDict, key: str, value: Any, dotted: str,
+            item: type | None = None) -> None:
   expected = _field_type(schema, key)
   if expected is float and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if expected in (int, float) and isinstance(value, bool):
     raise ConfigError(f"config key {dotted!r}: got {value!r} (bool), expected {expected.__name__}")
+  if item is not None and isinstance(value, (tuple, list)):
+    value = _check_items(value, item, dotted)
   try:
     schema[key] = value
   except (TypeError, ValueError) as e:
@@ -100,9 +143,12 @@ def _assign(schema: ml_collections.ConfigDict, key: str, value: Any, dotted: str
 
 
 def merge(schema: ml_collections.ConfigDict, given: ml_collections.ConfigDict,
-          root: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
-  """Writes `given` into `schema` in place, refusing unknown keys and wrong types."""
+          root: ml_collections.ConfigDict | None = None, prefix: str = "",
+          items: dict[str, type] | None = None) -> None:
+  """Writes `given` into `schema` in place, refusing unknown keys and wrong types (and tuple
+  items of the wrong type: `items`, by default `item_types(schema)`)."""
   root = schema if root is None else root
+  items = item_types(root) if items is None else items
   for key in given.keys():
     dotted = f"{prefix}{key}"
     value = _raw(given._fields[key])  # pylint: disable=protected-access
@@ -112,11 +158,17 @@ def merge(schema: ml_collections.ConfigDict, given: ml_collections.ConfigDict,
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"config key {dotted!r}: got {value!r}, expected a section with keys "
                           + ", ".join(sorted(schema[key].keys())))
-      merge(schema[key], value, root, f"{dotted}.")
+      merge(schema[key], value, root, f"{dotted}.", items)
+    elif value is None:
+      # None stands only where the schema's default is None (an optional key, or a required
+      # one, which check_required then names); elsewhere it would silently mean the default.
+      default = _raw(schema._fields[key])  # pylint: disable=protected-access
+      if default is not None:
+        raise ConfigError(f"config key {dotted!r}: got None, expected "
+                          f"{_field_type(schema, key).__name__} (leave the key out for its "
+                          f"default, {default!r})")
     else:
-      if value is None:
-        continue
-      _assign(schema, key, value, dotted)
+      _assign(schema, key, value, dotted, items.get(dotted))
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -157,8 +209,10 @@ def parse_value(text: str, expected: type, dotted: str) -> Any:
   raise fail()
 
 
-def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-  """Applies one `--set dotted.key=value` to `config` in place."""
+def apply_override(config: ml_collections.ConfigDict, override: str,
+                   items: dict[str, type] | None = None) -> None:
+  """Applies one `--set dotted.key=value` to `config` in place (tuple items checked against
+  `items`, by default `item_types(config)`)."""
   if "=" not in override:
     raise ConfigError(f"override {override!r} is not of the form key=value")
   dotted, text = override.split("=", 1)
@@ -176,7 +230,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   if _is_section(node, key):
     raise ConfigError(f"config key {dotted!r} is a section; set one of its keys: "
                       + ", ".join(f"{dotted}.{k}" for k in sorted(node[key].keys())))
-  _assign(node, key, parse_value(text, _field_type(node, key), dotted), dotted)
+  items = item_types(config) if items is None else items
+  _assign(node, key, parse_value(text, _field_type(node, key), dotted), dotted, items.get(dotted))
 
 
 def check_required(config: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -213,9 +268,10 @@ def resolve(given: ml_collections.ConfigDict, overrides: Sequence[str],
   specific = schema_for(given.experiment)
   for key in specific.keys():
     schema[key] = specific._fields[key]  # pylint: disable=protected-access
-  merge(schema, given)
+  items = item_types(schema)  # from the defaults, before a file or an override changes them
+  merge(schema, given, items=items)
   for override in overrides:
-    apply_override(schema, override)
+    apply_override(schema, override, items)
   check_required(schema)
   schema.lock()
   return schema

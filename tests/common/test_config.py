@@ -93,6 +93,65 @@ def test_config_file_with_unknown_key_or_wrong_type_is_refused():
     config_lib.resolve(given(optimizer={"lr": 1.0}), [], schema_for)
 
 
+def test_none_for_a_key_with_a_default_is_refused_naming_it():
+  """None in a config file would otherwise silently stand for the default (rounds 10, not
+  None): refused, naming the key; a key whose default is None may still be given None."""
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"'rounds': got None, expected int \(leave the key out for its "
+                           r"default, 10\)"):
+    config_lib.resolve(given(rounds=None), [], schema_for)
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.momentum': got None"):
+    config_lib.resolve(given(optimizer={"momentum": None}), [], schema_for)
+
+  def with_optional(name):
+    schema = schema_for(name)
+    schema.limit = config_dict.placeholder(int)  # optional: None by default
+    schema.note = None
+    return schema
+
+  config = config_lib.resolve(given(limit=None, note=None), [], with_optional)
+  assert config.limit is None and config.note is None
+  assert config_lib.resolve(given(limit=3), [], with_optional).limit == 3
+  # A required key given None is missing, as if left out.
+  with pytest.raises(config_lib.ConfigError, match="required config key 'data_dir'"):
+    config_lib.resolve(given(data_dir=None), [], schema_for)
+
+
+@pytest.mark.parametrize("source, value, expected", [
+    ("override", "hidden=('a',)", r"'hidden': got \('a',\), expected a tuple of int"),
+    ("override", "hidden=(64, 1.5)", r"'hidden': got \(64, 1.5\), expected a tuple of int"),
+    ("override", "hidden=(True,)", r"'hidden': got \(True,\), expected a tuple of int"),
+    ("override", "scales=('x',)", r"'scales': got \('x',\), expected a tuple of float"),
+    ("file", ("a", "b"), r"'hidden': got \('a', 'b'\), expected a tuple of int"),
+    ("file", [8, "b"], r"'hidden': got \(8, 'b'\), expected a tuple of int"),
+])
+def test_tuple_items_of_the_wrong_type_are_refused_naming_the_key(source, value, expected):
+  def schema(name):
+    schema = schema_for(name)
+    schema.scales = (0.5, 1.0)
+    return schema
+
+  config, overrides = (given(hidden=value), []) if source == "file" else (given(), [value])
+  with pytest.raises(config_lib.ConfigError, match=expected):
+    config_lib.resolve(config, overrides, schema)
+
+
+def test_tuple_items_of_the_default_type_are_taken_ints_as_floats():
+  def schema(name):
+    schema = schema_for(name)
+    schema.scales, schema.any, schema.pairs = (0.5, 1.0), (), ((1.0, 0), (2.0, 1))
+    return schema
+
+  config = config_lib.resolve(given(scales=(1, 2.5)), ["hidden=(8,)", "any=(1, 'a')",
+                                                       "pairs=((3.0, 1),)"], schema)
+  assert config.scales == (1.0, 2.5) and all(isinstance(x, float) for x in config.scales)
+  assert config.hidden == (8,) and config.any == (1, "a") and config.pairs == ((3.0, 1),)
+  # The default's item type holds for an override after the file changed the value.
+  with pytest.raises(config_lib.ConfigError, match=r"'scales': got \('x',\), expected a tuple "
+                                                   r"of float"):
+    config_lib.resolve(given(scales=(2.0,)), ["scales=('x',)"], schema)
+
+
 def test_missing_required_keys_are_named():
   with pytest.raises(config_lib.ConfigError, match="required config key 'data_dir'"):
     config_lib.resolve(ml_collections.ConfigDict({"experiment": "toy"}), [], schema_for)
