@@ -263,13 +263,15 @@ def static_baselines(kind: str, profiles, budget) -> list[tuple[int, ...]]:
 # ---- the trace ------------------------------------------------------------------------------
 
 class TracePass:
-  """One pass over the trace: frames at a fixed period, busy processes per phase."""
+  """One pass over the trace: frames at a fixed period, busy processes per phase. `clock` and
+  `sleep` are the timer it paces frames with (a fake pair in tests)."""
 
-  def __init__(self, phases, period_ms: float):
+  def __init__(self, phases, period_ms: float, clock=time.perf_counter, sleep=time.sleep):
     self.phases = [(float(s), int(w)) for s, w in phases]
     self.period = period_ms / 1e3
     self.duration = sum(s for s, _ in self.phases)
     self.frames = int(self.duration / self.period)
+    self.clock, self.sleep = clock, sleep
 
   def phase_at(self, t: float) -> int:
     edge = 0.0
@@ -280,14 +282,14 @@ class TracePass:
     return len(self.phases) - 1
 
   def __iter__(self):
-    start, phase, processes = time.perf_counter(), -1, []
+    start, phase, processes = self.clock(), -1, []
     try:
       for i in range(self.frames):
         target = start + i * self.period
-        delay = target - time.perf_counter()
+        delay = target - self.clock()
         if delay > 0:
-          time.sleep(delay)
-        now = time.perf_counter() - start
+          self.sleep(delay)
+        now = self.clock() - start
         current = self.phase_at(now)
         if current != phase:
           stop_busy(processes)

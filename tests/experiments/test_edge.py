@@ -58,16 +58,67 @@ def test_pareto_statics_drop_dominated_pipelines():
   assert (1, 2) in front and (0, 0) in front
 
 
-def test_trace_pass_runs_frames_at_the_period_and_starts_and_stops_load():
+class _FakeClock:
+  """A clock that moves only when slept on or advanced by the test."""
+
+  def __init__(self):
+    self.now, self.sleeps = 100.0, []
+
+  def clock(self):
+    return self.now
+
+  def sleep(self, seconds):
+    self.sleeps.append(seconds)
+    self.now += seconds
+
+
+def test_trace_pass_paces_frames_and_switches_load_at_phase_edges(monkeypatch):
+  fake, load = _FakeClock(), []
+
+  def start_busy(workers, seconds):
+    load.append(("start", workers, pytest.approx(seconds)))
+    return [f"busy{workers}"]
+
+  monkeypatch.setattr(edge, "start_busy", start_busy)
+  monkeypatch.setattr(edge, "stop_busy", lambda processes: load.append(("stop", list(processes))))
+  trace = edge.TracePass(((0.2, 0), (0.2, 1)), period_ms=50.0, clock=fake.clock,
+                         sleep=fake.sleep)
+  seen = []
+  for i, t, workers in trace:
+    seen.append((t, workers))
+    fake.now += 0.12 if i == 2 else 0.01  # frame 2 takes past frames 3's and 4's due times
+  assert len(seen) == trace.frames == 8
+  # On time: due at i x 50 ms; late frames run at once, in arrival order, never early.
+  np.testing.assert_allclose([t for t, _ in seen], [0.0, 0.05, 0.10, 0.22, 0.23, 0.25, 0.30,
+                                                    0.35], atol=1e-9)
+  np.testing.assert_allclose(fake.sleeps, [0.04, 0.04, 0.01, 0.04, 0.04], atol=1e-9)
+  # Each frame runs in the phase its arrival time falls in (late frame 3 already in the second);
+  # the load switches there, for the rest of the phase, and is stopped after the pass.
+  assert [w for _, w in seen] == [0, 0, 0, 1, 1, 1, 1, 1]
+  assert load == [("stop", []), ("start", 0, 0.2), ("stop", ["busy0"]), ("start", 1, 0.18),
+                  ("stop", ["busy1"])]
+
+
+def test_trace_pass_starts_and_stops_real_busy_processes(monkeypatch):
+  started = []
+
+  def start_busy(workers, seconds):
+    started.append(real_start(workers, seconds))
+    return started[-1]
+
+  real_start = edge.start_busy
+  monkeypatch.setattr(edge, "start_busy", start_busy)
   trace = edge.TracePass(((0.2, 0), (0.2, 1)), period_ms=50.0)
   seen = list(trace)
   assert len(seen) == trace.frames == 8
   times = [t for _, t, _ in seen]
   assert all(later > earlier for earlier, later in zip(times, times[1:]))
-  assert 0.35 <= times[-1] < 0.6  # frame 7 is due at 0.35 s (a loaded machine may be late)
-  # Each frame runs in the phase its arrival time falls in.
+  assert all(t >= i * trace.period - 1e-9 for i, t in enumerate(times))  # never early
+  # (no upper bound: a loaded machine may run a frame late; the fake-clock test pins pacing)
   assert [w for _, _, w in seen] == [trace.phases[trace.phase_at(t)][1] for t in times]
   assert seen[0][2] == 0 and seen[-1][2] == 1
+  assert [len(processes) for processes in started] == [0, 1]
+  assert all(p.returncode is not None for p in started[1])  # ended and reaped after the pass
 
 
 @pytest.mark.slow
