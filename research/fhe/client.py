@@ -105,7 +105,8 @@ def read_model(model_dir, package: transport.Bundle, key_id: str) -> transport.B
   """A verified model bundle made for `package` under `key_id`, this client's key id.
 
   concrete decrypts ciphertexts under another key set without complaint (into garbage), so a
-  model trained under other evaluation keys is refused here, before any decryption.
+  model trained under other evaluation keys is refused here, before any decryption; so is one
+  whose `snapshots` do not name the ciphertexts it holds (`_check_snapshots`).
   """
   model = transport.read_bundle(model_dir, "model", expect={
       "package_id": package.meta["package_id"]})
@@ -113,7 +114,30 @@ def read_model(model_dir, package: transport.Bundle, key_id: str) -> transport.B
     raise transport.MessageError(
         f"model {str(model_dir)!r} was trained under key id {model.meta.get('key_id')}, this "
         f"client's key id is {key_id}: it cannot be decrypted with these keys")
+  _check_snapshots(model)
   return model
+
+
+def _check_snapshots(model: transport.Bundle) -> None:
+  """`snapshots`: the iterations the server kept, increasing, ending at `iterations` (as
+  `train.snapshot_iterations` makes them), each with its weights and bias ciphertexts."""
+  where = f"model {str(model.directory)!r}"
+  iterations, snapshots = model.meta.get("iterations"), model.meta.get("snapshots")
+  if type(iterations) is not int or iterations < 1:  # pylint: disable=unidiomatic-typecheck
+    raise transport.MessageError(f"{where}: meta field 'iterations' is {iterations!r}, expected "
+                                 "a positive integer")
+  if (not isinstance(snapshots, list) or not snapshots
+      or any(type(t) is not int for t in snapshots)  # pylint: disable=unidiomatic-typecheck
+      or snapshots != sorted(set(snapshots)) or snapshots[0] < 1
+      or snapshots[-1] != iterations):
+    raise transport.MessageError(
+        f"{where}: meta field 'snapshots' is {snapshots!r}, expected increasing iterations in "
+        f"1..{iterations} ending at {iterations}")
+  missing = [name for t in snapshots for name in (f"weights_{t:05d}.bin", f"bias_{t:05d}.bin")
+             if name not in model.files]
+  if missing:
+    raise transport.MessageError(f"{where}: meta field 'snapshots' names iterations whose files "
+                                 f"{missing} the bundle does not hold")
 
 
 def decrypt(package_dir, state_dir, model_dir, out, evaluate=None) -> dict[str, Any]:

@@ -178,15 +178,17 @@ def test_the_server_refuses_uploads_that_do_not_fit_its_package(parties, tmp_pat
     server_lib.read_upload(tampered, package)
 
 
-def _model(parties, out, snapshots, key_dir=None, **meta):
-  """The server's answer, as `server.train_encrypted` writes it, with weights the test chose."""
+def _model(parties, out, kept, key_dir=None, drop_meta=(), **meta):
+  """The server's answer, as `server.train_encrypted` writes it, with weights the test chose:
+  `kept` maps an iteration to its (weights, bias); `meta` overrides fields, `drop_meta` drops."""
   toy = ToyClient(key_dir or parties["root"] / "state" / "keys")
   files = {}
-  for t, (weights, bias) in snapshots.items():
+  for t, (weights, bias) in kept.items():
     files[f"weights_{t:05d}.bin"], files[f"bias_{t:05d}.bin"] = toy.seal(weights), toy.seal(bias)
-  return transport.write_bundle(out, "model", files, {
-      "package_id": parties["manifest"]["package_id"], "key_id": parties["encrypt"]["key_id"],
-      "upload_id": "u", "iterations": max(snapshots), "snapshots": sorted(snapshots), **meta})
+  meta = {"package_id": parties["manifest"]["package_id"], "key_id": parties["encrypt"]["key_id"],
+          "upload_id": "u", "iterations": max(kept), "snapshots": sorted(kept), **meta}
+  return transport.write_bundle(out, "model", files,
+                                {k: v for k, v in meta.items() if k not in drop_meta})
 
 
 def test_the_client_decrypts_only_its_own_model(parties, tmp_path):
@@ -217,6 +219,34 @@ def test_the_client_decrypts_only_its_own_model(parties, tmp_path):
   with pytest.raises(transport.MessageError, match=r"weights_00002\.bin"):
     client_lib.decrypt(parties["client_package"], root / "state", model, tmp_path / "z.npz")
   assert not any((tmp_path / n).exists() for n in ("x.npz", "y.npz", "z.npz"))
+
+
+def test_the_client_refuses_a_model_whose_snapshots_do_not_name_its_ciphertexts(parties,
+                                                                               tmp_path):
+  root = parties["root"]
+  rng = np.random.default_rng(1)
+  snapshots = {t: (rng.uniform(-1, 1, FEATURES), rng.uniform(-1, 1, 1)) for t in (1, 2)}
+  cases = {
+      r"'snapshots' is None": dict(drop_meta=("snapshots",)),
+      r"'snapshots' is \[\]": dict(snapshots=[]),
+      r"'snapshots' is \[2, 1\]": dict(snapshots=[2, 1]),
+      r"'snapshots' is \[1, 1, 2\]": dict(snapshots=[1, 1, 2]),
+      r"'snapshots' is \['1', '2'\]": dict(snapshots=["1", "2"]),
+      r"'snapshots' is \[1\], expected .* ending at 2": dict(snapshots=[1]),
+      r"'snapshots' names .*\['weights_00003.bin', 'bias_00003.bin'\]": dict(snapshots=[1, 2, 3],
+                                                                          iterations=3),
+      r"'iterations' is None": dict(drop_meta=("iterations",)),
+      r"'iterations' is 0": dict(iterations=0),
+  }
+  for i, (match, change) in enumerate(cases.items()):
+    model = _model(parties, tmp_path / f"model{i}", snapshots, **change)
+    with pytest.raises(transport.MessageError, match=match):
+      client_lib.decrypt(parties["client_package"], root / "state", model, tmp_path / "x.npz")
+  # From the command line: the error line and exit 2, not a traceback.
+  assert client_lib.main(["decrypt", "--package", str(parties["client_package"]), "--state",
+                          str(root / "state"), "--model", str(tmp_path / "model0"), "--out",
+                          str(tmp_path / "x.npz")]) == 2
+  assert not (tmp_path / "x.npz").exists()
 
 
 def test_packages_refuse_other_versions_swapped_zips_and_the_other_side(parties, tmp_path):
