@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPERS = ROOT / "papers"
 RESULTS = PAPERS / "results"
 FORMAT = "meshwork.result/1"
-_KEY = r"[A-Za-z0-9_.\-*]+"
+_RESULT_KEY = r"[A-Za-z0-9_.\-]+"  # a kept result's key (its file name)
+_KEY = r"[A-Za-z0-9_.\-*]+"        # a block's key: a result key, or a pattern ending in '*'
 BLOCK = re.compile(rf"<!-- paper:(?P<key>{_KEY})#(?P<table>[A-Za-z0-9_.\-]+) -->\n"
                    rf"(?P<body>.*?)<!-- /paper:(?P=key)#(?P=table) -->", re.S)
 # Blocks of the retired per-module plumbing; a page must not hold them any more.
@@ -60,9 +61,11 @@ def _shown(path: Path) -> str:
 
 
 def check_key(key: str) -> str:
-  if not re.fullmatch(_KEY, key) or key.startswith(".") or "/" in key:
+  """A kept result's key. No '*': a result kept as 'fedavg.*' would be picked up by every
+  block pattern it matches (and match other keys as a pattern itself); only block keys glob."""
+  if not re.fullmatch(_RESULT_KEY, key) or key.startswith("."):
     raise PaperError(f"result key {key!r}: expected letters, digits, '_', '-', '.' "
-                     "(e.g. kquant.digits_100_a0.1)")
+                     "(e.g. kquant.digits_100_a0.1; '*' only in a page block's key)")
   return key
 
 
@@ -214,9 +217,18 @@ def write_run_tables(run_dir: Path, tables: dict[str, str]) -> Path:
       f"## {name}\n\n{text}\n" for name, text in tables.items()))
 
 
+def _paper_key_argument(text: str) -> str:
+  try:
+    return check_key(text)
+  except PaperError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_paper_argument(parser: argparse.ArgumentParser, default_key: str) -> None:
-  """The `--paper [KEY]` flag every benchmark takes (KEY defaults to `default_key`)."""
+  """The `--paper [KEY]` flag every benchmark takes (KEY defaults to `default_key`), checked
+  before the benchmark runs."""
   parser.add_argument("--paper", nargs="?", const=default_key, default=None, metavar="KEY",
+                      type=_paper_key_argument,
                       help=f"keep the result as papers/results/KEY.json (default KEY "
                            f"{default_key}) and fill the page's blocks that name it")
 

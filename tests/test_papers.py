@@ -59,6 +59,32 @@ def test_legacy_blocks_and_unknown_results_are_refused(tmp_path):
     paper.check_key("../escape")
 
 
+def test_a_result_key_with_a_glob_is_refused_before_anything_runs(tmp_path, capsys):
+  """'*' belongs to block keys only: a result kept as 'fedavg.*' would be shown by every block
+  pattern it matches."""
+  for key in ("fedavg.*", "*", "kquant.digits_*_a0.1"):
+    with pytest.raises(paper.PaperError, match=r"result key .*'\*' only in a page block's key"):
+      paper.check_key(key)
+    with pytest.raises(paper.PaperError, match="result key"):
+      paper.keep(key, module="experiments.fedavg", page="papers/fedavg.md", command="x",
+                 summary={})
+  assert not list(paper.RESULTS.glob("*[*]*.json"))
+  from experiments import run as launcher  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit):
+    launcher.parse_args(["configs/fedavg/smoke.py", "--paper", "fedavg.*"])
+  assert "--paper: result key 'fedavg.*'" in capsys.readouterr().err
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser()
+  paper.add_paper_argument(parser, default_key="bench_x.cpu")
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--paper", "bench_x.*"])
+  assert "result key 'bench_x.*'" in capsys.readouterr().err
+  assert parser.parse_args(["--paper"]).paper == "bench_x.cpu"
+  assert parser.parse_args(["--paper", "bench_x.gpu"]).paper == "bench_x.gpu"
+  # Block keys still glob over kept results.
+  assert len(paper.matching_keys("nonlocal_cnn.denoise_sigma*")) > 1
+
+
 def test_kept_results_record_their_command_and_environment():
   for path in sorted(paper.RESULTS.glob("*.json")):
     result = json.loads(path.read_text())
