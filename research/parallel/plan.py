@@ -241,16 +241,36 @@ class CostModel:
     """The model kept by `python -m experiments.bench_parallel --fit-cost --paper` (a kept
     result whose summary holds `fit`), or a JSON file of that `fit` alone."""
     import json  # pylint: disable=import-outside-toplevel
-    data = json.loads(open(path, encoding="utf-8").read())
-    fit = data.get("summary", data).get("fit", data)
-    return cls.from_fit(fit)
+    with open(path, encoding="utf-8") as f:
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    fit = data
+    if isinstance(fit, dict) and isinstance(fit.get("summary"), dict):
+      fit = fit["summary"]
+    if isinstance(fit, dict) and "fit" in fit:
+      fit = fit["fit"]
+    if not isinstance(fit, dict) or "kinds" not in fit:
+      found = sorted(fit) if isinstance(fit, dict) else type(fit).__name__
+      raise ValueError(f"{path}: expected a kept result whose summary holds 'fit', or that 'fit' "
+                       f"alone (a mapping with 'kinds'); found {found}")
+    try:
+      return cls.from_fit(fit)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
 
   @classmethod
   def from_fit(cls, fit: Mapping[str, Any]) -> "CostModel":
-    rows = tuple((kind, float(p["launch"]), float(p["alpha"]), float(p["beta"]))
-                 for kind, p in sorted(fit["kinds"].items()))
-    if not rows:
+    kinds = fit.get("kinds")
+    if not isinstance(kinds, Mapping) or not kinds:
       raise ValueError("fit: expected 'kinds' with one row per collective kind")
+    for kind, p in kinds.items():
+      missing = [k for k in ("launch", "alpha", "beta") if not isinstance(p, Mapping) or k not in p]
+      if missing:
+        raise ValueError(f"fit: kind {kind!r} lacks {missing}; expected launch, alpha, beta")
+    rows = tuple((kind, float(p["launch"]), float(p["alpha"]), float(p["beta"]))
+                 for kind, p in sorted(kinds.items()))
     # Defaults for kinds the fit lacks: its slowest row (never cheaper than anything fitted).
     return cls(launch=max(r[1] for r in rows), default_alpha=max(r[2] for r in rows),
                default_beta=max(r[3] for r in rows), kinds=rows)

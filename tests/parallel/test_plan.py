@@ -163,7 +163,9 @@ def test_large_mesh_plans_chain_to_the_target_within_the_bounds(mesh_axes):
     for step in plan.steps:
       assert step.before == layout and step.op.apply(layout) == step.after
       layout = step.after
-    assert layout in (source, refine(target), target) if plan.steps else source == target
+    # A non-empty plan ends at the target (on the refined mesh, or on the mesh itself when the
+    # fast path planned there); it never ends back at the source: equal layouts plan no steps.
+    assert layout in (refine(target), target) if plan.steps else source == target
     assert plan.predicted_bytes >= plan_lib.lower_bound_bytes(shape, "float32", source,
                                                               target) - 1e-9
     naive = plan_lib.gather_then_slice_plan(shape, "float32", source, target)
@@ -254,6 +256,27 @@ def test_fit_recovers_the_parameters_and_the_model_costs_by_kind(tmp_path):
   with pytest.raises(ValueError, match="kind 'all-reduce' has 2 samples"):
     plan_lib.fit_cost_model(_samples(params) + [{"kind": "all-reduce", "hops": 1, "bytes": 1.0,
                                                  "seconds": 1e-5}] * 2)
+
+
+def test_loading_a_file_without_a_fit_names_the_file_and_the_expected_keys(tmp_path):
+  fit = plan_lib.fit_cost_model(_samples({"all-gather": (2e-5, 3e-6, 1e-9)}))
+  (tmp_path / "fit.json").write_text(json.dumps(fit))  # the fit alone loads too
+  assert plan_lib.CostModel.load(tmp_path / "fit.json") == plan_lib.CostModel.from_fit(fit)
+  cases = {
+      "no_fit.json": ({"summary": {"machine": {}}}, r"holds 'fit'.*found \['machine'\]"),
+      "list.json": ([1, 2], "holds 'fit'.*found list"),
+      "no_kinds.json": ({"summary": {"fit": {"dispatch_seconds": 1.0}}}, "holds 'fit'"),
+      "empty.json": ({"fit": {"kinds": {}}}, "fit: expected 'kinds'"),
+      "no_beta.json": ({"kinds": {"all-gather": {"launch": 1.0, "alpha": 0.0}}},
+                       r"kind 'all-gather' lacks \['beta'\]"),
+  }
+  for name, (content, match) in cases.items():
+    (tmp_path / name).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"{name}: .*{match}"):
+      plan_lib.CostModel.load(tmp_path / name)
+  (tmp_path / "broken.json").write_text("{")
+  with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+    plan_lib.CostModel.load(tmp_path / "broken.json")
 
 
 def test_a_fitted_model_changes_the_plan_where_permutes_are_slow():
