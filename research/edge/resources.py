@@ -26,21 +26,26 @@ class ResourceSource(Protocol):
 
 
 def _busy_seconds(times) -> float:
-  """Busy CPU seconds over all cores (everything but idle and iowait)."""
+  """Busy CPU seconds over all cores: everything but idle and iowait, and without guest and
+  guest_nice, which Linux already counts in user and nice (psutil's own cpu_percent leaves
+  them out the same way); fields a platform lacks count 0."""
   idle = getattr(times, "idle", 0.0) + getattr(times, "iowait", 0.0)
-  return sum(times) - idle
+  guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+  return sum(times) - idle - guest
 
 
 class PsutilSource:
   """The live machine's resources (module docstring); the first reading covers the time since
   the source was made."""
 
-  def __init__(self, clock: Callable[[], float] = time.perf_counter):
-    import psutil  # pylint: disable=import-outside-toplevel
-    self._psutil = psutil
-    self._process = psutil.Process()
+  def __init__(self, clock: Callable[[], float] = time.perf_counter, psutil_module=None):
+    """`psutil_module`: the psutil module (the default) or a stand-in with the same calls."""
+    if psutil_module is None:
+      import psutil as psutil_module  # pylint: disable=import-outside-toplevel
+    self._psutil = psutil_module
+    self._process = psutil_module.Process()
     self._clock = clock
-    self._cores = psutil.cpu_count() or 1
+    self._cores = psutil_module.cpu_count() or 1
     self._last = self._sample()
 
   def _sample(self):
