@@ -16,7 +16,10 @@ init, the split into train / test rows and the batch order change; the data do n
 
 One process runs both parties (messages still encoded to bytes and counted). With
 `--processes 2` the parties are two OS processes talking gRPC (process 0 the active party, which
-writes the results; process 1 the passive party), encrypted method only:
+writes the results; process 1 the passive party), one method (encrypted or plaintext). There
+each party draws its initial weights and (passive) its noise from its own private seed
+(`party_seeds`; drawn from the OS unless given): the one-process run simulates both parties and
+derives everything from `seed`.
 
   python -m experiments.run configs/vfl/breast_cancer.py
   python -m experiments.run configs/vfl/grpc.py --processes 2
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import secrets
 import time
 from typing import Any
 
@@ -73,6 +77,11 @@ def config_schema() -> ml_collections.ConfigDict:
       # tls_dir: ca.pem, <role>.pem, <role>.key per party (transport.make_certificates makes
       # them); "" with tls: a fresh CA for the job in the machine's temp dir (local processes).
       "grpc": {"tls": True, "tls_dir": "", "timeout": 600.0},
+      # --processes 2 only: each party's private seed (active, passive). -1, the default: drawn
+      # from the OS in that party's process, as a deployment must (with a seed both know, the
+      # active party could recompute e_acc and the passive party W'_0, and so W_p). Set both
+      # only to reproduce a run (the test compares with the one-process run of the same seed).
+      "party_seeds": (-1, -1),
       "max_auc_gap": 0.01,            # goal: encrypted AUC within this of centralized (mean)
   })
 
@@ -102,6 +111,20 @@ def validate_config(config) -> None:
   if config.he.workers < 1:
     raise config_lib.ConfigError(f"config key 'he.workers': got {config.he.workers}, "
                                  "expected >= 1")
+  if config.he.mask_bits < 1:
+    raise config_lib.ConfigError(f"config key 'he.mask_bits': got {config.he.mask_bits}, "
+                                 "expected >= 1 (the one-time masks' bits; 0 would reveal the "
+                                 "sums they hide)")
+  if not config.he.noise_scale >= 0:
+    raise config_lib.ConfigError(f"config key 'he.noise_scale': got {config.he.noise_scale}, "
+                                 "expected >= 0 (0 turns the noise rho off)")
+  if config.dataset == "synthetic":
+    config_lib.check_positive(config, "synthetic_samples", "synthetic_active_features",
+                              "synthetic_passive_features")
+  seeds = tuple(config.party_seeds)
+  if len(seeds) != 2 or not all(isinstance(s, int) and s >= -1 for s in seeds):
+    raise config_lib.ConfigError(f"config key 'party_seeds': got {seeds}, expected (active, "
+                                 "passive) seeds: ints >= 0, or -1 to draw one from the OS")
 
 
 # --- data: two parties' tables under their own ID lists --------------------------------------------
@@ -338,7 +361,8 @@ def run_seed(config, run, tables, seed: int, engine: he.Engine) -> dict[str, Any
 
 
 def passive_noise_seed(seed: int) -> int:
-  """The passive party's private noise seed in a run of `seed` (its e_acc and rho draws)."""
+  """The passive party's noise seed (its e_acc and rho draws) from its private seed; the
+  one-process run, which simulates both parties, uses the run's `seed`."""
   return seed + 1000
 
 
@@ -482,7 +506,9 @@ def _party_main(config, run_ctx, role, seed, tables, channel) -> dict[str, Any]:
   # the PSI's random keys (the run is reproducible from the seed).
   aligned_ids = sorted(psi.finish(state, own_reblinded, peer_round1))
   spec = network_spec(config, tables)
-  network, init = model_lib.build(spec, seed)
+  # The schedule (batches, their order) is public and comes from the shared seed; each party's
+  # initial weights and the passive party's noise come from its own private seed.
+  network, init, noise_seed = party_init(config, spec, role)
   protocol = make_protocol(config, spec, network, len(aligned_ids), seed)
   encrypted = config.methods[0] == "encrypted"
   key_bits = config.he.key_bits if encrypted else None
@@ -492,7 +518,7 @@ def _party_main(config, run_ctx, role, seed, tables, channel) -> dict[str, Any]:
     if role == "passive":
       (x,) = align(ids, tables["passive"][1], aligned_ids)
       passive = parties.initial_passive(protocol, init, ids=aligned_ids, x=x, key_bits=key_bits,
-                                        noise_seed=passive_noise_seed(seed))
+                                        noise_seed=noise_seed)
       session.run_passive(protocol, passive, channel, engine=engine,
                           timeout=config.grpc.timeout)
       return {"role": role, "headline": {"metric": "passive party", "value": 0.0,
@@ -502,7 +528,7 @@ def _party_main(config, run_ctx, role, seed, tables, channel) -> dict[str, Any]:
                                     encrypted=encrypted)
     clock.last = time.perf_counter()
     active = session.run_active(protocol, active, channel, engine=engine,
-                                timeout=config.grpc.timeout,
+                                timeout=config.grpc.timeout, observe=clock.observe,
                                 after_batch=lambda b, s: clock.after_batch(b))
   finally:
     if engine.pool is not None:
@@ -515,6 +541,21 @@ def _party_main(config, run_ctx, role, seed, tables, channel) -> dict[str, Any]:
   methods = summarize(config, seeds)
   plot(run_ctx, config, seeds)
   return _summary(config, seeds, methods)
+
+
+def party_init(config, spec, role: str):
+  """(network, initial state, noise seed) of `role` in the two-process run, from its private
+  seed (`party_seeds`; -1: 128 bits from the OS's CSPRNG). The party uses only its own parts of
+  the state. A jax key takes 32 bits of a seed, so with a drawn seed the weight that is a
+  protocol secret, the active party's share W'_0 (whoever knows it and e_acc_0 knows W_p), is
+  drawn from the whole seed; the passive party's e_acc and rho come from the noise seed, a
+  numpy seed of any size."""
+  given = int(config.party_seeds[("active", "passive").index(role)])
+  seed = given if given >= 0 else secrets.randbits(128)
+  network, init = model_lib.build(spec, seed % 2**31)
+  if given < 0 and role == "active":
+    init = init._replace(w_passive=model_lib.draw_w_passive(spec, np.random.default_rng(seed)))
+  return network, init, passive_noise_seed(seed)
 
 
 def _points(points: list[bytes]) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The messages the two parties exchange, and their wire format.
 
 Every message is a frozen dataclass naming where it belongs in the schedule (`phase`, `round`,
-`step`); array fields hold either floats (numpy float32/float64) or integers of any size (numpy
-object arrays of Python ints: fixed-point values, masked sums, raw Paillier ciphertexts). Nothing
+`step`); array fields hold floats (numpy float32/float64), bytes (uint8: PSI points) or integers
+of any size (numpy object arrays of Python ints: fixed-point values, masked sums, raw Paillier
+ciphertexts); scalar fields are str or int, as declared, checked on decode. Nothing
 else crosses a party boundary, and nothing is pickled: `encode` writes a JSON header plus raw
 array bytes, `decode` rebuilds exactly the declared fields and refuses anything else.
 
@@ -172,7 +173,8 @@ def encode(message: Message) -> bytes:
   return MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs)
 
 
-_FLOAT_DTYPES = ("<f4", "<f8", "|u1")
+_RAW_DTYPES = ("<f4", "<f8", "|u1")  # float32 / float64 values, uint8 PSI points
+_SCALARS = {"str": str, "int": int}     # the scalar fields' annotations
 
 
 def decode(payload: bytes) -> Message:
@@ -208,8 +210,15 @@ def decode(payload: bytes) -> Message:
 def _decode_field(cls, name: str, spec: dict, body: memoryview) -> Any:
   if not isinstance(spec, dict):
     raise WireError(f"{cls.KIND}.{name}: field spec {spec!r} is not an object")
+  annotation = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+  if annotation in _SCALARS:
+    kind = _SCALARS[annotation]
+    value = spec.get("value") if spec["type"] == "scalar" else None
+    if type(value) is not kind:  # noqa: E721 (exact: a bool is not an int here)
+      raise WireError(f"{cls.KIND}.{name}: expected a scalar of type {annotation}, got {spec!r}")
+    return value
   if spec["type"] == "scalar":
-    return spec["value"]
+    raise WireError(f"{cls.KIND}.{name}: expected an array, got the scalar {spec['value']!r}")
   shape = tuple(int(s) for s in spec["shape"])
   blob = bytes(body[spec["offset"]:spec["offset"] + spec["length"]])
   count = int(np.prod(shape))
@@ -219,7 +228,7 @@ def _decode_field(cls, name: str, spec: dict, body: memoryview) -> Any:
       raise WireError(f"{cls.KIND}.{name}: {len(blob)} bytes for {count} ints of {width}")
     return np.array([int.from_bytes(blob[i:i + width], "big", signed=True)
                      for i in range(0, len(blob), width)], dtype=object).reshape(shape)
-  if spec["type"] == "array" and spec["dtype"] in _FLOAT_DTYPES:
+  if spec["type"] == "array" and spec["dtype"] in _RAW_DTYPES:
     dtype = np.dtype(spec["dtype"])
     if len(blob) != dtype.itemsize * count:
       raise WireError(f"{cls.KIND}.{name}: {len(blob)} bytes for {count} values of "

@@ -80,6 +80,22 @@ def build(spec: NetworkSpec, seed: int) -> tuple[Network, InitialState]:
   return Network(bottom_p, bottom_a, top), InitialState(params_p, active, w_passive)
 
 
+def draw_w_passive(spec: NetworkSpec, rng: np.random.Generator) -> np.ndarray:
+  """An initial W_p from `build`'s distribution (LeCun normal: a normal truncated to two
+  standard deviations, rescaled to variance 1 / fan_in, times sqrt(passive_out / fan_in)),
+  drawn from a numpy generator: what the active party uses for its private share W'_0 when the
+  generator's seed is a secret of more bits than a jax key holds (32)."""
+  shape = (spec.passive_out, spec.interaction_out)
+  z = rng.standard_normal(shape)
+  while np.any(np.abs(z) > 2):  # truncation by redrawing the entries outside [-2, 2]
+    outside = np.abs(z) > 2
+    z[outside] = rng.standard_normal(int(outside.sum()))
+  # 0.8796...: the standard deviation of a unit normal truncated to [-2, 2] (jax's constant)
+  std = np.sqrt(1.0 / spec.passive_out) / .87962566103423978
+  fan_in = spec.passive_out + spec.active_out
+  return (z * std * np.sqrt(spec.passive_out / fan_in)).astype(np.float32)
+
+
 # --- the active party's side: everything after the passive term z_p = a W_p ------------------
 
 

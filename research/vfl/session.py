@@ -29,9 +29,6 @@ class Traffic:
     self.bytes[(sender, message.KIND)] += size
     self.messages[(sender, message.KIND)] += 1
 
-  def total_bytes(self, sender: str | None = None) -> int:
-    return sum(v for (s, _), v in self.bytes.items() if sender in (None, s))
-
 
 def run_in_process(protocol: parties.Protocol, passive: parties.PassiveState,
                    active: parties.ActiveState, *, passive_engine: he.Engine = he.Engine(),
@@ -105,15 +102,22 @@ def run_passive(protocol: parties.Protocol, state: parties.PassiveState, transpo
 
 def run_active(protocol: parties.Protocol, state: parties.ActiveState, transport, *,
                engine: he.Engine = he.Engine(), timeout: float | None = 600.0,
-               after_batch=None) -> parties.ActiveState:
-  """The active party's side over a byte transport."""
+               observe: Observer | None = None, after_batch=None) -> parties.ActiveState:
+  """The active party's side over a byte transport. `observe` sees every message of the
+  session in both directions, as `run_in_process`'s does (receiver, message, bytes)."""
   jit = protocol.jitted()
   while state.cursor < len(protocol.schedule):
     cursor = state.cursor
-    message = msg.decode(transport.recv(timeout))
+    payload = transport.recv(timeout)
+    message = msg.decode(payload)
+    if observe is not None:
+      observe("active", message, len(payload))
     state, outbox = parties.active_handle(protocol, jit, engine, state, message)
     for reply in outbox:
-      transport.send(msg.encode(reply))
+      data = msg.encode(reply)
+      if observe is not None:
+        observe("passive", reply, len(data))
+      transport.send(data)
     if after_batch is not None and state.cursor > cursor:
       after_batch(protocol.schedule[cursor], state)
   return state

@@ -80,10 +80,10 @@ def test_round_trip_of_empty_and_one_element_int_arrays():
 
 
 def test_nothing_is_pickled():
-  payload = msg.encode(SAMPLES["noisy_weight_gradient"]())
-  assert b"pickle" not in payload and b"\x80\x04" not in payload[:16]
-  header = split(payload)[0]
+  # A JSON header of scalars and int-array specs, then nothing but the declared blobs.
+  header, body = split(msg.encode(SAMPLES["noisy_weight_gradient"]()))
   assert {spec["type"] for spec in header["fields"].values()} == {"scalar", "int"}
+  assert sum(spec.get("length", 0) for spec in header["fields"].values()) == len(body)
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -181,6 +181,21 @@ def test_refuses_unsupported_array_specs(spec):
   payload = edited("clear_input_gradient", edit)
   with pytest.raises(msg.WireError, match="clear_input_gradient.values: unsupported array spec"):
     msg.decode(payload)
+
+
+@pytest.mark.parametrize("field, spec, expected", [
+    ("ciphertexts", {"type": "scalar", "value": 7}, "expected an array"),
+    ("round", {"type": "scalar", "value": "1"}, "expected a scalar of type int"),
+    ("round", {"type": "scalar", "value": True}, "expected a scalar of type int"),
+    ("key_id", {"type": "scalar", "value": 3}, "expected a scalar of type str"),
+    ("key_id", {"type": "int", "shape": [1], "width": 1, "offset": 0, "length": 1},
+     "expected a scalar of type str"),
+])
+def test_refuses_a_field_of_another_type_than_declared(field, spec, expected):
+  def edit(header, body):
+    header["fields"][field] = spec
+  with pytest.raises(msg.WireError, match=f"masked_products.{field}: {expected}"):
+    msg.decode(edited("masked_products", edit))
 
 
 def test_refuses_an_unknown_phase():

@@ -257,7 +257,6 @@ def test_the_active_party_never_holds_a_its_features_e_acc_or_w_p(world, recordi
     w_p = recording.active_states[k].w_share + recording.passive_states[k].e_acc
     eps = message.values - a.dot(w_p)  # the active party's own mask: nothing else is added
     assert all((1 << 64) < e < (1 << 128) for e in eps.reshape(-1))
-    assert not np.allclose(codec.decode(message.values, scale=2), codec.decode(a), rtol=0.5)
 
   for message in recording.of("active", "noisy_weight_gradient"):
     k = recording.batch_index(message)
