@@ -131,6 +131,13 @@ class Fault:
   process: int              # the process hit (or whose node is removed)
   fired_at: float | None = None
   detail: str = ""
+  # What the injector read once the fault had landed (None where it does not apply, or where
+  # the file was not there):
+  completed: int | None = None    # kill_process, hang_process: the newest step the hit process
+                                  # had recorded (its status file or its local memory), which
+                                  # the signal froze
+  held_by_all: int | None = None  # the newest step in every process's local memory once the
+                                  # failed attempt was stopped, before its restore was planned
 
 
 def draw_faults(config) -> list[Fault]:
@@ -191,6 +198,46 @@ def corrupt_newest_checkpoint(directory: Path) -> str:
   return str(target.relative_to(directory))
 
 
+def wait_for_signal(pid: int, states: str, seconds: float = 10.0) -> bool:
+  """Waits until every thread of `pid` is in one of `states` (letters of /proc's state field:
+  "ZX" dead, "Tt" stopped) or the process is gone; False after `seconds`.
+
+  `os.kill` only queues a signal: a thread running on another core may still finish a step
+  and write its snapshot, status or heartbeat until it takes it.
+  """
+  tasks = Path(f"/proc/{pid}/task")
+  end = time.monotonic() + seconds
+  while True:
+    try:
+      threads = list(tasks.iterdir())
+    except FileNotFoundError:
+      return True  # reaped
+    letters = []
+    for thread in threads:
+      try:
+        letters.append((thread / "stat").read_text().rsplit(")", 1)[1].split()[0])
+      except (FileNotFoundError, ProcessLookupError):
+        continue  # a thread that has exited
+    if all(letter in states for letter in letters):
+      return True
+    if time.monotonic() > end:
+      return False
+    time.sleep(0.001)
+
+
+def local_steps(path: Path) -> set[int]:
+  """The steps of the valid snapshots in a local-memory file (none without the file)."""
+  from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+  try:
+    slots = store.LocalSlots.open(path)
+  except (FileNotFoundError, ValueError):
+    return set()
+  try:
+    return {step for step, _, _ in slots.snapshots()}
+  finally:
+    slots.close()
+
+
 class Injector:
   """The driver's observer: fires each fault once its step is reached and the job is healthy.
 
@@ -206,6 +253,7 @@ class Injector:
     self.memory_root, self.job, self.persistent_dir = memory_root, job, persistent_dir
     self.progress: list[tuple[float, int, int]] = []  # (time, attempt, min step)
     self.armed: list[Fault] = []  # corruptions whose companion fault has fired
+    self.restoring: tuple[Fault, object] | None = None  # the fault fired last, its placement
 
   def _remove_node(self, node: str) -> None:
     target = next(n for n in self.cluster.list_all_nodes() if n.node_id == node)
@@ -238,8 +286,12 @@ class Injector:
     node = view.placement.node_of(fault.process)
     if fault.kind in ("kill_process", "hang_process"):
       pid = transport.call(view.agents[node], "pids")[fault.process]
-      os.kill(pid, signal.SIGKILL if fault.kind == "kill_process" else signal.SIGSTOP)
+      kill = fault.kind == "kill_process"
+      os.kill(pid, signal.SIGKILL if kill else signal.SIGSTOP)
       fault.detail = f"process {fault.process} (pid {pid})"
+      if not wait_for_signal(pid, "ZX" if kill else "Tt"):
+        self.log(f"fault: pid {pid} had not taken the signal after 10 s")
+      fault.completed = self._recorded(node, fault.process)
     elif fault.kind == "kill_node":
       self._remove_node(node)
       fault.detail = f"node of process {fault.process}"
@@ -251,7 +303,27 @@ class Injector:
       fault.detail = f"node of process {fault.process} and its peer"
     fault.fired_at = time.monotonic()
     fault.step = step  # the step every process had completed when it fired
+    self.restoring = (fault, view.placement)
     self.log(f"fault: {fault.kind} at step {step}: {fault.detail}")
+
+  def _memory_file(self, node: str, process: int) -> Path:
+    from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+    return transport.process_files(self.memory_root, self.job, node, process)[0]
+
+  def _recorded(self, node: str, process: int) -> int | None:
+    """The newest step a process whose signal has landed had recorded: in its status file or
+    in its local memory (it writes the snapshot first, so a kill between the two leaves the
+    status a step behind). Read after the signal landed, it cannot change any more; the
+    observed step it fired at can be a step or two older (reports travel to the driver)."""
+    from research.checkpoint import store  # pylint: disable=import-outside-toplevel
+    from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+    _, status_file = transport.process_files(self.memory_root, self.job, node, process)
+    steps = local_steps(self._memory_file(node, process))
+    if status_file.is_file():
+      status = store.ProcessStatus(status_file)
+      steps.add(status.read()[1])
+      status.close()
+    return max(steps, default=None)
 
   def _corrupt(self, fault: Fault, when: str) -> None:
     fault.detail = corrupt_newest_checkpoint(self.persistent_dir)
@@ -259,10 +331,20 @@ class Injector:
     self.log(f"fault: corrupt_checkpoint {when}: {fault.detail}")
 
   def before_restore(self, attempt: int) -> None:
-    """Fires the armed corruptions: the job's processes are stopped, no save can commit."""
+    """Fires the armed corruptions: the job's processes are stopped, no save can commit.
+
+    Then reads, for the fault fired last, the newest step every process holds in its local
+    memory (nothing writes there until the restore plan is carried out).
+    """
     for fault in self.armed:
       if fault.fired_at is None:
         self._corrupt(fault, f"before attempt {attempt}'s restore")
+    if self.restoring is not None:  # the first restart after a fault is the one it caused
+      fault, placement = self.restoring
+      held = [local_steps(self._memory_file(placement.node_of(p), p))
+              for p in range(placement.num_processes)]
+      fault.held_by_all = max(set.intersection(*held), default=None)
+      self.restoring = None
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -441,6 +523,7 @@ def _failure_rows(result, faults: list[Fault]) -> list[dict]:
     plan = recovery.plan
     rows.append({
         "kind": fault.kind, "process": fault.process, "step": fault.step,
+        "completed": fault.completed, "held_by_all": fault.held_by_all,
         "seen_as": recovery.failure.kind,
         "detection_s": recovery.failure.detected_at - fault.fired_at,
         "wasted_s": (recovery.recovered_at - fault.fired_at

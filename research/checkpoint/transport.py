@@ -53,6 +53,13 @@ def node_memory_dir(memory_root: str | os.PathLike, job: str, node: str) -> Path
   return Path(memory_root) / f"meshwork-ckpt-{job}" / node
 
 
+def process_files(memory_root: str | os.PathLike, job: str, node: str,
+                  process: int) -> tuple[Path, Path]:
+  """(local-memory file, status file) of `process` on `node`, as its node agent names them."""
+  directory = node_memory_dir(memory_root, job, node)
+  return directory / f"p{process}.slots", directory / f"p{process}.status"
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
   import ctypes  # pylint: disable=import-outside-toplevel
   ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -66,6 +73,7 @@ class NodeAgent:
     """`slots`: snapshots kept per process, in its local-memory file and as replicas of the
     peer's processes (the newest `slots` each)."""
     self.node, self.job, self.spec_file, self.slots = node, job, spec_file, slots
+    self.memory_root = memory_root
     self.dir = node_memory_dir(memory_root, job, node)
     self.dir.mkdir(parents=True, exist_ok=True)
     self.device_flags = device_flags
@@ -82,10 +90,10 @@ class NodeAgent:
 
   # --- files of this node -----------------------------------------------------------------
   def memory_file(self, process: int) -> Path:
-    return self.dir / f"p{process}.slots"
+    return process_files(self.memory_root, self.job, self.node, process)[0]
 
   def status_file(self, process: int) -> Path:
-    return self.dir / f"p{process}.status"
+    return process_files(self.memory_root, self.job, self.node, process)[1]
 
   def ping(self) -> str:
     return self.node

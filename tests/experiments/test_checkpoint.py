@@ -5,6 +5,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import checkpoint as experiment
@@ -22,7 +23,10 @@ def test_smoke_killed_process_restarts_from_local_memory_bit_exact(tmp_path):
   [failure] = faulted["failures"]
   assert failure["kind"] == "kill_process" and failure["seen_as"] == "exit"
   assert failure["restored_from"] == ["local"]
-  assert failure["step"] <= failure["restored_step"] <= failure["step"] + 1  # no step lost
+  # No step lost: from the step every process had completed when the kill was decided up to
+  # the newest the killed process had recorded once it landed; the newest every process held.
+  assert failure["step"] <= failure["restored_step"] <= failure["completed"], failure
+  assert failure["restored_step"] == failure["held_by_all"], failure
   assert 0 < failure["detection_s"] < failure["wasted_s"]
   assert sorted(r["source"] for r in faulted["restores"]) == ["init", "init", "local", "local"]
   assert "fault: kill_process at step" in (run_dir / "events.log").read_text()
@@ -109,6 +113,42 @@ def test_a_corruption_hits_the_step_the_restore_would_take_not_the_one_at_the_fa
   assert lines[-1].startswith("skip persisted step 6: files") and "corrupted" in lines[-1]
   injector.before_restore(3)  # fired once
   assert sum(line.startswith("fault: corrupt_checkpoint") for line in lines) == 1
+
+
+def write_local_memory(memory_root: Path, job: str, node: str, process: int, steps) -> None:
+  """A process's local-memory file on `node` holding snapshots of `steps` (oldest first)."""
+  memory, _ = transport.process_files(memory_root, job, node, process)
+  slots = store.LocalSlots(memory, 8, create=True, slots=3)
+  for step in steps:
+    slots.write(step, [np.zeros(2, np.float32)], job)
+  slots.close()
+
+
+def test_a_kill_records_the_newest_step_the_process_had_written_once_the_signal_landed(
+    tmp_path):
+  # The reports said step 5; process 1 had snapshotted step 6 and was killed before its status
+  # said so: it had recorded step 6. Once the job is stopped, process 0 holds 5-7 and process 1
+  # 4-6: every process holds 6.
+  job = "00000000000000aa"
+  faults = [experiment.Fault("kill_process", 5, 1)]
+  injector = experiment.Injector(faults, None, tmp_path, job, tmp_path / "persistent",
+                                 lambda line: None)
+  write_local_memory(tmp_path, job, "a", 0, (5, 6, 7))
+  write_local_memory(tmp_path, job, "a", 1, (4, 5, 6))
+  agent = OneNode()
+  status = store.ProcessStatus(transport.process_files(tmp_path, job, "a", 1)[1], create=True)
+  status.write(agent.child.pid, 5, "training")
+  status.close()
+  placement = protocol.Placement(("a",), (0, 0))
+  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
+  try:
+    injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": agent}))
+    assert agent.child.wait(timeout=10) == -9
+  finally:
+    agent.child.kill()
+  assert faults[0].step == 5 and faults[0].completed == 6 and faults[0].held_by_all is None
+  injector.before_restore(2)
+  assert faults[0].held_by_all == 6
 
 
 def test_a_corruption_with_no_fault_after_it_fires_at_its_step(tmp_path):
