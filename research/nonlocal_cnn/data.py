@@ -68,8 +68,9 @@ def add_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.n
 #   vignette(y, x) = 1 - strength * min(1, ((y - cy)^2 + (x - cx)^2) / 0.5)
 # with (y, x) in [0, 1] across the image. Every factor is at most 1 on [0, 1] images, so nothing
 # is clipped and the change is invertible: clean = (degraded / (gain * vignette)) ** (1 / gamma)
-# (`restore_exposure`). From a 15-pixel window (the plain CNN's receptive field) a dark patch of
-# a bright scene and a bright patch of a dark one look alike; the whole image tells them apart.
+# (`restore_exposure`). From a 17-pixel window (the plain CNN's receptive field at depth 6: head,
+# 6 and tail 3 x 3 convolutions) a dark patch of a bright scene and a bright patch of a dark one
+# look alike; the whole image tells them apart.
 
 EXPOSURE_RANGES = {"gain": (0.25, 1.0), "gamma": (0.5, 2.0), "strength": (0.0, 0.6),
                    "centre": (0.25, 0.75)}  # the draw of `sample_exposure` (gamma log-uniform)

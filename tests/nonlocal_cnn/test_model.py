@@ -64,7 +64,7 @@ def test_two_stage_queries_attend_to_the_downscaled_image():
   # Stage one: self-attention on the 8x8 image; stage two: 32x32 queries, 8x8 keys.
   assert captured["shapes"] == [((1, 64, 8), (1, 64, 8)), ((1, 1024, 8), (1, 64, 8))]
   # The global parameters matter: changing a far-away region changes every output pixel's
-  # stage-two input only through stage one (the trunk's receptive field is 11 pixels).
+  # stage-two input only through stage one (the trunk's receptive field is 13 pixels).
   far = x.at[:, 24:, 24:, :].set(0.0)
   delta = jnp.abs(jitted(params, far) - jitted(params, x))[0, :4, :4, 0]
   assert float(delta.min()) > 0
@@ -73,6 +73,24 @@ def test_two_stage_queries_attend_to_the_downscaled_image():
   plain_params = trained_like(plain_params)
   plain_delta = jnp.abs(plain_apply(plain_params, far) - plain_apply(plain_params, x))[0, :4, :4]
   assert float(plain_delta.max()) == 0.0
+
+
+@pytest.mark.parametrize("depth", [4, 6])
+def test_plain_receptive_field_is_two_per_conv_plus_one(depth):
+  """Head conv + `depth` convs + tail conv, all 3 x 3: a window of 2 * (depth + 2) + 1 pixels
+  (13 at depth 4, 17 at depth 6, the exposure task's argument in research/nonlocal_cnn/data.py)."""
+  radius = depth + 2
+  apply, params, _ = build("plain", depth=depth, features=16)
+  apply, params = jax.jit(apply), trained_like(params)
+  x = jax.random.uniform(jax.random.key(0), (1, 48, 48, 1))
+  centre = 24
+
+  def reach(offset):
+    bumped = x.at[0, centre, centre + offset, 0].add(1.0)
+    return float(jnp.abs(apply(params, bumped) - apply(params, x))[0, centre, centre, 0])
+
+  assert reach(radius) > 0 and reach(radius + 1) == 0.0
+  assert 2 * radius + 1 == {4: 13, 6: 17}[depth]
 
 
 def test_plain_baseline_matches_the_parameter_count():
