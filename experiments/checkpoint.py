@@ -9,7 +9,9 @@ the seed by the injector below (it lives here, not in the runtime):
   kill_process        kill -9 of a jax process: the job restarts from local memory
   hang_process        SIGSTOP of a process: no heartbeats, it is fenced (kill -9), restart
   kill_node           a node of Ray's test cluster removed (its memory with it): the lost
-                      processes restart on a spare node from the peer's replica
+                      processes restart on a spare node from the peer's replica (removed once
+                      the peer holds replicas at or past the observed step, so that the fault
+                      is at that step and not at an older one the replicas lagged at)
   corrupt_checkpoint  flips bytes in the newest committed orbax step (armed with the next
                       fault, fired once that failure stopped the job, before its restore)
   kill_node_and_peer  a node and its peer removed: both copies gone, restore from orbax (the
@@ -138,6 +140,9 @@ class Fault:
                                   # the signal froze
   held_by_all: int | None = None  # the newest step in every process's local memory once the
                                   # failed attempt was stopped, before its restore was planned
+  replicated_step: int | None = None  # kill_node: the newest step the peer held replicas of
+                                      # for every process of the node (the node is removed
+                                      # only once that is at least the observed step)
 
 
 def draw_faults(config) -> list[Fault]:
@@ -276,14 +281,22 @@ class Injector:
     if not pending or not healthy or step < pending[0].step:
       return
     fault = pending[0]
+    if fault.kind == "corrupt_checkpoint" and len(pending) == 1:
+      fault.step = step  # no fault after it, so no restore: corrupted as it stands
+      self._corrupt(fault, f"at step {step}")
+      return
+    target = pending[1] if fault.kind == "corrupt_checkpoint" else fault
+    node = view.placement.node_of(target.process)
+    peer = view.placement.peer_of(node)
+    if target.kind == "kill_node" and peer is not None:
+      replicated = self._replicated_step(view, node, peer)
+      if replicated < step:
+        return  # the peer's replicas lag the observed step: tried again at the next poll
+      target.replicated_step = replicated
     if fault.kind == "corrupt_checkpoint":
       fault.step = step
-      if len(pending) == 1:  # no fault after it, so no restore: corrupted as it stands
-        self._corrupt(fault, f"at step {step}")
-        return
       self.armed.append(fault)  # fired before the next fault's restore
-      fault = pending[1]
-    node = view.placement.node_of(fault.process)
+      fault = target
     if fault.kind in ("kill_process", "hang_process"):
       pid = transport.call(view.agents[node], "pids")[fault.process]
       kill = fault.kind == "kill_process"
@@ -296,7 +309,6 @@ class Injector:
       self._remove_node(node)
       fault.detail = f"node of process {fault.process}"
     elif fault.kind == "kill_node_and_peer":
-      peer = view.placement.peer_of(node)
       self._remove_node(node)
       if peer is not None:
         self._remove_node(peer)
@@ -305,6 +317,21 @@ class Injector:
     fault.step = step  # the step every process had completed when it fired
     self.restoring = (fault, view.placement)
     self.log(f"fault: {fault.kind} at step {step}: {fault.detail}")
+
+  def _replicated_step(self, view, node: str, peer: str) -> int:
+    """The newest step that `peer` holds a replica of for every process of `node` (-1: none).
+
+    The agents replicate beside training, the newest snapshot whenever they look
+    (transport.NodeAgent._replicate_once), so a replica can lag the processes by a few steps;
+    a node removed then would restore an older step than the one it was removed at.
+    """
+    from research.checkpoint import protocol  # pylint: disable=import-outside-toplevel
+    from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
+    newest = {p: -1 for p in view.placement.processes_on(node)}
+    for snap in transport.call(view.agents[peer], "inventory", timeout=10.0):
+      if snap.tier == protocol.Tier.REPLICA and snap.process in newest:
+        newest[snap.process] = max(newest[snap.process], snap.step)
+    return min(newest.values())
 
   def _memory_file(self, node: str, process: int) -> Path:
     from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
@@ -524,6 +551,7 @@ def _failure_rows(result, faults: list[Fault]) -> list[dict]:
     rows.append({
         "kind": fault.kind, "process": fault.process, "step": fault.step,
         "completed": fault.completed, "held_by_all": fault.held_by_all,
+        "replicated_step": fault.replicated_step,
         "seen_as": recovery.failure.kind,
         "detection_s": recovery.failure.detected_at - fault.fired_at,
         "wasted_s": (recovery.recovered_at - fault.fired_at

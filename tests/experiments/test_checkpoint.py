@@ -3,6 +3,7 @@
 import json
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,49 @@ def test_a_kill_records_the_newest_step_the_process_had_written_once_the_signal_
   assert faults[0].step == 5 and faults[0].completed == 6 and faults[0].held_by_all is None
   injector.before_restore(2)
   assert faults[0].held_by_all == 6
+
+
+class Cluster:
+  """Ray's test cluster as the injector uses it: nodes to list and to remove."""
+
+  def __init__(self, nodes):
+    self.nodes = [types.SimpleNamespace(node_id=n) for n in nodes]
+    self.removed = []
+
+  def list_all_nodes(self):
+    return list(self.nodes)
+
+  def remove_node(self, node, allow_graceful):
+    assert not allow_graceful
+    self.nodes.remove(node)
+    self.removed.append(node.node_id)
+
+
+def test_a_node_is_removed_only_once_its_peer_holds_replicas_at_the_observed_step(tmp_path):
+  # Process 0 runs on node a, whose replicas node b keeps. At step 5 the peer's newest replica
+  # is step 4: removing a then would restore step 4, so the injector waits (and does not arm
+  # the corruption that goes with the removal either); once b holds step 6, a is removed.
+  job = "00000000000000aa"
+  faults = [experiment.Fault("corrupt_checkpoint", 5, 0), experiment.Fault("kill_node", 5, 0)]
+  cluster = Cluster(["a", "b"])
+  injector = experiment.Injector(faults, cluster, tmp_path, job, tmp_path / "persistent",
+                                 lambda line: None)
+  peer = transport.NodeAgent("b", job, str(tmp_path), str(tmp_path / "spec.json"))
+  placement = protocol.Placement(("a", "b"), (0, 1))
+  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
+  view = transport.JobView(time.monotonic(), 0, placement, reports, {"a": None, "b": peer})
+  try:
+    peer.store_replica(0, 4, store.job_number(job), bytes(8))
+    peer.store_replica(1, 6, store.job_number(job), bytes(8))  # b's own process: not a's
+    injector(view)
+    assert cluster.removed == [] and faults[1].fired_at is None and injector.armed == []
+    peer.store_replica(0, 6, store.job_number(job), bytes(8))
+    injector(view)
+  finally:
+    peer.shutdown()
+  assert cluster.removed == ["a"] and faults[1].fired_at is not None
+  assert faults[1].step == 5 and faults[1].replicated_step == 6
+  assert injector.armed == [faults[0]] and faults[0].step == 5
 
 
 def test_a_corruption_with_no_fault_after_it_fires_at_its_step(tmp_path):
