@@ -7,7 +7,7 @@ the resolved config (config.json), metrics (metrics.jsonl), summary.json and the
 plots there, each written atomically.
 
   python -m experiments.run configs/fedavg/digits.py --set rounds=20
-  python -m experiments.run configs/distributed/allreduce.py --processes 2 --cpu-devices 2
+  python -m experiments.run configs/data_parallel/smoke.py --processes 2 --cpu-devices 2
   srun python -m experiments.run CONFIG --cluster        # SLURM / TPU pod / MPI: auto-detected
   python -m experiments.run CONFIG --coordinator HOST:PORT --num-processes N --process-id I
 """

@@ -157,22 +157,3 @@ def write_markdown_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -
   for row in rows:
     lines.append("| " + " | ".join(str(c) for c in row) + " |")
   return "\n".join(lines) + "\n"
-
-
-def replace_marked_block(path: str | os.PathLike, name: str, text: str) -> bool:
-  """Replaces what stands between `<!-- name -->` and `<!-- /name -->` in a page (atomically).
-
-  Benchmarks and experiments use it to keep the tables in papers/ equal to their last run.
-  Returns False (and writes nothing) when the page or the markers are missing.
-  """
-  import re  # pylint: disable=import-outside-toplevel
-
-  path = Path(path)
-  if not path.exists():
-    return False
-  page = path.read_text(encoding="utf-8")
-  pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
-  if not pattern.search(page):
-    return False
-  atomic_write_text(path, pattern.sub(lambda m: m.group(1) + text + m.group(2), page, count=1))
-  return True

@@ -66,15 +66,6 @@ def test_markdown_table():
   assert text.splitlines()[:3] == ["| a | b |", "|---|---|", "| 1 | x |"]
 
 
-def test_replace_marked_block(tmp_path):
-  page = tmp_path / "page.md"
-  page.write_text("intro\n<!-- t -->\nold\n<!-- /t -->\nend\n")
-  assert records.replace_marked_block(page, "t", "| a |\n")
-  assert page.read_text() == "intro\n<!-- t -->\n| a |\n<!-- /t -->\nend\n"
-  assert not records.replace_marked_block(page, "missing", "x")
-  assert not records.replace_marked_block(tmp_path / "none.md", "t", "x")
-
-
 def test_atomic_save_npz_round_trips_and_leaves_no_temporary(tmp_path):
   path = records.atomic_save_npz(tmp_path / "a.npz", x=np.arange(6.0).reshape(2, 3),
                                  y=np.array([0, 1]))
