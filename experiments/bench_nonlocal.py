@@ -22,7 +22,7 @@ training step (batch 1, Adam) for (a) with the Pallas kernel and with the jnp at
 trained for `--steps` steps on the exposure task (research/nonlocal_cnn/data.py) in a child
 process whose peak resident memory (ru_maxrss) is the measured footprint.
 
-  python -m experiments.bench_nonlocal --train-large 512 --steps 8 --paper
+  python -m experiments.bench_nonlocal --train-large 512 --steps 10 --paper   # the kept run
 
 Writes runs/bench_nonlocal/<timestamp>/ (summary.json, tables.md, bench_nonlocal.png). With
 --paper also keeps the summary as papers/results/bench_nonlocal.<backend>.json, the figure as

@@ -2,9 +2,10 @@
 
 task "denoise": Gaussian noise at each level in `sigmas` (0..255 scale), held-out photographs as
   `test_size`^2 center crops denoised as tiles of `tile` pixels; classical anchors: scikit-image's
-  non-local means (h = 0.8 sigma, fast mode, the estimated-sigma recipe of its docs) and BM3D
-  (`bm3d` package, known sigma; its compiled library is not bit-reproducible run to run: the
-  slow re-evaluation test allows it 1e-3 dB), beside the noisy input.
+  non-local means (h = 0.8 sigma, fast mode, as its docs' recipe but given the true sigma instead
+  of an estimate) and BM3D (`bm3d` package, known sigma; its compiled library is not
+  bit-reproducible run to run: the slow re-evaluation test allows it 1e-3 dB), beside the noisy
+  input.
 task "exposure": an image-wide exposure change (gain, gamma, vignette; research/nonlocal_cnn/
   data.py), each training patch and each held-out image with its own seeded draw; held-out
   photographs as whole scenes resized to `test_size`^2, `eval_draws` draws each (a fixed set,
@@ -22,10 +23,10 @@ standard deviation over seeds of the mean PSNR / SSIM, and (a) against every oth
 by (seed, image): mean difference, 95 % bootstrap interval, sign test (research/nonlocal_cnn/
 stats.py). Example images saved.
 
-`save_params` writes each trained model's params to the run folder as `<model>_<condition>.npz`
-(`_seed<s>` added for seeds other than 0); `init_params` names a folder of such files to start
-from (with `steps=0`: evaluate saved models only, as the demo's row does with
-papers/artifacts/nonlocal_cnn/).
+`save_params` writes each trained model's params to the run folder as `<model>_sigma<level>.npz`
+(denoise) or `<model>_exposure.npz` (`_seed<s>` added for seeds other than 0; `params_file`);
+`init_params` names a folder of such files to start from (with `steps=0`: evaluate saved models
+only, as the demo's row does with papers/artifacts/nonlocal_cnn/).
 
   python -m experiments.run configs/nonlocal_cnn/smoke.py
   python -m experiments.run configs/nonlocal_cnn/denoise.py [--set ...] --paper nonlocal_cnn.<key>

@@ -123,7 +123,8 @@ def sample_exposure(rng: np.random.Generator, ranges: dict | None = None) -> Exp
 
 
 def vignette(height: int, width: int, exposure: Exposure) -> np.ndarray:
-  """The (H, W, 1) vignette field, in (1 - strength, 1]."""
+  """The (H, W, 1) vignette field, in [1 - strength, 1] (1 - strength where the squared
+  distance from the centre reaches 0.5)."""
   y = (np.arange(height, dtype=np.float64) + 0.5) / height - exposure.centre[0]
   x = (np.arange(width, dtype=np.float64) + 0.5) / width - exposure.centre[1]
   r2 = y[:, None] ** 2 + x[None, :] ** 2

@@ -66,7 +66,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
 
 
 class NonLocal(nnx.Module):
-  """Embedded-Gaussian non-local block: x + W softmax(theta(x) phi(c)^T) g(c), c = context or x.
+  """Embedded-Gaussian non-local block: x + W softmax(theta(x) phi(c)^T / sqrt(C)) g(c), with
+  c = context or x and C = `inner`, the embedding width (the 1/sqrt(C) logit scale is
+  nonlocal_attention's default).
 
   W starts at zero, so the block starts as the identity (Wang et al. zero-initialize the last
   BatchNorm's scale for the same reason).
