@@ -543,19 +543,35 @@ def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults:
 
 
 def _failure_rows(result, faults: list[Fault]) -> list[dict]:
-  """Each fault with the failure the driver saw for it and its timeline."""
-  fired = [f for f in faults if f.kind != "corrupt_checkpoint"]
+  """Each fault with the failure the driver saw for it and its timeline.
+
+  Matched on time, not by position: a fault's failure is the first one detected after it fired
+  and before the next fault fired. The counts need not match, so pairing them in order would
+  pair the wrong ones without a word: a loaded machine can add a failure no fault caused (a
+  heartbeat later than the timeout), and a fault may not fire before the job ends. A fault
+  that never fired, or whose failure the driver never saw, gets a row with no timeline.
+  """
+  timed = [f for f in faults if f.kind != "corrupt_checkpoint"]
+  fired = sorted((f for f in timed if f.fired_at is not None), key=lambda f: f.fired_at)
   rows = []
-  for fault, recovery in zip(fired, result.recoveries):
-    plan = recovery.plan
+  for fault in timed:
+    recovery = None
+    if fault.fired_at is not None:
+      later = [f.fired_at for f in fired if f.fired_at > fault.fired_at]
+      until = min(later, default=float("inf"))
+      recovery = next((r for r in result.recoveries
+                       if fault.fired_at <= r.failure.detected_at < until), None)
+    plan = recovery.plan if recovery is not None else None
     rows.append({
         "kind": fault.kind, "process": fault.process, "step": fault.step,
+        "fired": fault.fired_at is not None,
         "completed": fault.completed, "held_by_all": fault.held_by_all,
         "replicated_step": fault.replicated_step,
-        "seen_as": recovery.failure.kind,
-        "detection_s": recovery.failure.detected_at - fault.fired_at,
+        "seen_as": recovery.failure.kind if recovery is not None else None,
+        "detection_s": (recovery.failure.detected_at - fault.fired_at
+                        if recovery is not None else None),
         "wasted_s": (recovery.recovered_at - fault.fired_at
-                     if recovery.recovered_at is not None else None),
+                     if recovery is not None and recovery.recovered_at is not None else None),
         "restored_step": plan.step if plan else None,
         "restored_from": sorted(set(plan.sources)) if plan else None})
   return rows
@@ -695,11 +711,13 @@ def paper_tables(result: dict) -> dict[str, str]:
     for r in job["failures"] or [None]:
       rows.append([
           name.replace("_", "-"), "yes" if job["bit_exact"] else "NO", job["attempts"],
-          "-" if r is None else f"{r['kind']} (process {r['process']}) @ step {r['step']}",
-          "-" if r is None else r["seen_as"],
+          "-" if r is None else f"{r['kind']} (process {r['process']}) @ step {r['step']}"
+          + ("" if r.get("fired", True) else " (never fired)"),
+          "-" if r is None or r["seen_as"] is None else r["seen_as"],
           "-" if r is None else _seconds(r["detection_s"]),
           "-" if r is None else _seconds(r["wasted_s"]),
-          "-" if r is None else f"step {r['restored_step']} from {'+'.join(r['restored_from'])}",
+          "-" if r is None or r["restored_step"] is None else
+          f"step {r['restored_step']} from {'+'.join(r['restored_from'])}",
           f"{job['seconds']:.1f}"])
   return {"faults": records.write_markdown_table(
       ["job", "final state == reference (bits)", "launches", "fault", "seen as", "detected after",

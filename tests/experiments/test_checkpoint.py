@@ -68,6 +68,31 @@ def test_bad_config_is_refused_before_anything_starts(tmp_path, override, match)
   assert not list(tmp_path.iterdir())  # no run folder half-written
 
 
+def test_each_fault_gets_the_first_failure_seen_after_it_not_the_next_in_order():
+  # A failure no fault caused (detected at 2.0, before the kill fired at 3.0) and a node fault
+  # that never fired: in order, the kill would take the early failure and the hang the kill's.
+  faults = [experiment.Fault("kill_process", 4, 1, fired_at=3.0),
+            experiment.Fault("hang_process", 8, 0, fired_at=9.0),
+            experiment.Fault("kill_node", 12, 0)]
+  plan = protocol.RestorePlan(4, (protocol.Choice(0, protocol.Source.LOCAL, "a"),
+                                  protocol.Choice(1, protocol.Source.LOCAL, "a")))
+
+  def recovery(kind, detected_at):
+    return transport.Recovery(protocol.Failure(kind, 0, None, 0, detected_at, ""), plan,
+                              detected_at + 0.5, detected_at + 1.0)
+
+  result = types.SimpleNamespace(recoveries=[recovery("hang", 2.0), recovery("exit", 3.1),
+                                             recovery("hang", 12.0)])
+  rows = experiment._failure_rows(result, faults)  # pylint: disable=protected-access
+  assert [(r["kind"], r["seen_as"]) for r in rows] == [
+      ("kill_process", "exit"), ("hang_process", "hang"), ("kill_node", None)]
+  np.testing.assert_allclose([rows[0]["detection_s"], rows[1]["detection_s"]], [0.1, 3.0])
+  assert not rows[2]["fired"] and rows[2]["wasted_s"] is None
+  table = experiment.paper_tables({"summary": {"jobs": {"faulted": {
+      "bit_exact": True, "attempts": 4, "seconds": 20.0, "failures": rows}}}})["faults"]
+  assert "| kill_node (process 0) @ step 12 (never fired) | - | - | - | - |" in table
+
+
 def commit_step(directory: Path, step: int) -> None:
   """A persisted step as restorable_steps sees it: its files and a manifest of their hashes."""
   step_dir = directory / "steps" / str(step)
