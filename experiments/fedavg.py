@@ -45,7 +45,8 @@ def validate_config(config) -> None:
   config_lib.check_choice(config, "dataset", sorted(data_lib.CLASSIFICATION_SETS))
   config_lib.check_choice(config, "partition", data_lib.PARTITIONS)
   config_lib.check_positive(config, "num_clients", "rounds", "local_steps", "batch_size",
-                            "centralized_steps", "dirichlet_alpha", "client_learning_rate")
+                            "centralized_steps", "dirichlet_alpha", "client_learning_rate",
+                            "server_learning_rate")
   if any(h < 1 for h in config.hidden):
     raise config_lib.ConfigError(f"config key 'hidden': got {config.hidden!r}, expected positive "
                                  "layer widths")

@@ -106,6 +106,13 @@ def validate_config(config) -> None:
   if not config.sigmas or any(s <= 0 for s in config.sigmas):
     raise config_lib.ConfigError(f"config key 'sigmas': got {tuple(config.sigmas)}, expected "
                                  "positive noise levels (on the 0..255 scale)")
+  # Results are keyed by f"{sigma:g}" and the noise is drawn at float(key): a level must come
+  # back from its key unchanged (at most 6 significant digits), and no two may share one.
+  keys = [f"{s:g}" for s in config.sigmas]
+  if any(float(k) != s for k, s in zip(keys, config.sigmas)) or len(set(keys)) != len(keys):
+    raise config_lib.ConfigError(f"config key 'sigmas': got {tuple(config.sigmas)}, expected "
+                                 "distinct levels of at most 6 significant digits (each "
+                                 "level's result key is f'{sigma:g}')")
   if not any(trains(config, kind, c) for kind in config.models for c in conditions(config)):
     # Only (c) is listed and it trains at none of the levels: no model to report.
     raise config_lib.ConfigError(

@@ -252,9 +252,10 @@ def plain_features_matching(target_params: int, channels: int, depth: int) -> in
 
 
 def psnr(clean, estimate) -> float:
-  """Peak signal-to-noise ratio in dB for images in [0, 1] (estimate clipped to [0, 1])."""
+  """Peak signal-to-noise ratio in dB for images in [0, 1] (estimate clipped to [0, 1]); inf for
+  an exact estimate."""
   mse = float(np.mean((np.clip(estimate, 0.0, 1.0) - clean) ** 2))
-  return 10.0 * np.log10(1.0 / mse)
+  return float("inf") if mse == 0.0 else 10.0 * np.log10(1.0 / mse)
 
 
 def pad_to_multiple(image, factor: int):

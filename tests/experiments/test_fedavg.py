@@ -1,8 +1,10 @@
 """FedAvg end to end through the launcher, on the digits config the README quotes."""
 
 import numpy as np
+import pytest
 
 from experiments import run as launcher
+from research.common import config as config_lib
 from research.common import records
 
 
@@ -38,3 +40,12 @@ def test_fedavg_non_iid_runs_and_is_seeded(tmp_path):
   assert first["final_test_accuracy"] == second["final_test_accuracy"]
   assert len(set(first["client_sizes"])) > 1  # label skew gives unequal clients
   np.testing.assert_equal(sum(first["client_sizes"]), 1347)
+
+
+def test_a_server_learning_rate_that_is_not_positive_is_refused():
+  for value in ("0", "-1.0"):
+    with pytest.raises(config_lib.ConfigError, match=rf"'server_learning_rate': got "
+                                                     rf"{float(value)!r}, expected a positive"):
+      launcher.load("configs/fedavg/smoke.py", [f"server_learning_rate={value}"])
+  assert launcher.load("configs/fedavg/smoke.py", ["server_learning_rate=0.5"])[0] \
+      .server_learning_rate == 0.5

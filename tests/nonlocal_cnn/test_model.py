@@ -93,6 +93,14 @@ def test_plain_receptive_field_is_two_per_conv_plus_one(depth):
   assert 2 * radius + 1 == {4: 13, 6: 17}[depth]
 
 
+def test_psnr_in_db_and_infinite_for_an_exact_estimate():
+  clean = np.full((4, 4, 1), 0.5, np.float32)
+  assert model.psnr(clean, clean) == float("inf")
+  np.testing.assert_allclose(model.psnr(clean, clean + 0.1), 20.0, rtol=1e-5)  # mse 1e-2
+  # The estimate is clipped to [0, 1] first: 1.5 counts as 1.0.
+  np.testing.assert_allclose(model.psnr(clean, clean + 1.0), model.psnr(clean, clean + 0.5))
+
+
 def test_plain_baseline_matches_the_parameter_count():
   two_stage = model.param_count(build("two_stage", features=32, depth=6, global_depth=2)[1])
   width = model.plain_features_matching(two_stage, 1, 6)
