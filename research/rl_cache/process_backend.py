@@ -14,7 +14,8 @@ This backend is for one machine; across machines the Ray backend does the same j
 
   with ProcessServices(topology, param_spec, table_config, item_spec) as services:
     services.params.publish(params, version); services.replay.sample(n, seed) ...
-    pool = workers.ProcessActorPool(agent_config, seeds, services)
+    pool = workers.ProcessActorPool(agent_config, seeds, services.params, services.replay,
+                                    services.stop_event)
 """
 
 from __future__ import annotations
