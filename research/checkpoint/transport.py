@@ -71,7 +71,7 @@ class NodeAgent:
   def __init__(self, node: str, job: str, memory_root: str, spec_file: str,
                device_flags: str = "", log_dir: str | None = None, slots: int = 2):
     """`slots`: snapshots kept per process, in its local-memory file and as replicas of the
-    peer's processes (the newest `slots` each)."""
+    peer's processes (the last `slots` written or arrived each)."""
     self.node, self.job, self.spec_file, self.slots = node, job, spec_file, slots
     self.memory_root = memory_root
     self.dir = node_memory_dir(memory_root, job, node)
@@ -80,8 +80,9 @@ class NodeAgent:
     self.log_dir = Path(log_dir) if log_dir else None
     self._processes: dict[int, subprocess.Popen] = {}
     self._launched_at: dict[int, float] = {}
-    self._replicas: dict[int, dict[int, tuple[int, bytes]]] = {}  # process -> step -> payload
-    self._sent: dict[int, int] = {}
+    # process -> step -> (job number, payload), in order of arrival
+    self._replicas: dict[int, dict[int, tuple[int, bytes]]] = {}
+    self._sent: dict[int, int] = {}  # process -> newest step sent to the current peer
     self._peer = None
     self._lock = threading.Lock()
     self._stop = threading.Event()
@@ -200,12 +201,17 @@ class NodeAgent:
     return found
 
   def store_replica(self, process: int, step: int, job: int, payload: bytes) -> None:
-    """Keeps a peer's snapshot (the newest `slots` steps per process)."""
+    """Keeps a peer's snapshot: the `slots` that arrived last per process.
+
+    By arrival, as `LocalSlots` keeps the newest writes: after a restart from an older step,
+    the replicas of the new attempt replace those of the failed one, whose steps are higher.
+    """
     with self._lock:
       held = self._replicas.setdefault(process, {})
+      held.pop(step, None)  # a step sent again counts as arrived now
       held[step] = (job, payload)
-      for old in sorted(held)[:-self.slots]:
-        del held[old]
+      while len(held) > self.slots:
+        del held[next(iter(held))]
 
   def replica(self, process: int, step: int) -> tuple[int, int, bytes]:
     """(step, job number, payload) of a snapshot this node holds for `process`."""
@@ -240,8 +246,8 @@ class NodeAgent:
     slots.close()
 
   def _replicate_once(self) -> None:
-    with self._lock:
-      peer = self._peer
+    with self._lock:  # the peer with its record: a step sent to an old peer is not marked sent
+      peer, sent = self._peer, self._sent  # to a new one that `set_peer` swapped in meanwhile
     if peer is None:
       return
     for process, path in self._slot_files():
@@ -250,7 +256,7 @@ class NodeAgent:
         continue
       try:
         held = slots.snapshots()
-        if not held or held[0][0] <= self._sent.get(process, -1):
+        if not held or held[0][0] <= sent.get(process, -1):
           continue
         step = held[0][0]
         try:
@@ -260,7 +266,7 @@ class NodeAgent:
       finally:
         slots.close()
       call(peer, "store_replica", process, step, job, payload)
-      self._sent[process] = step
+      sent[process] = step
 
   def _replicate_loop(self) -> None:
     while not self._stop.wait(REPLICATION_POLL_SECONDS):

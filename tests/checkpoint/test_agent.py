@@ -1,5 +1,6 @@
 """Node agents in process (plain objects, no Ray): replicas to the peer, staging, refusals."""
 
+import threading
 import time
 
 import numpy as np
@@ -85,3 +86,38 @@ def test_a_peer_answering_the_wrong_step_or_job_is_refused_and_nothing_is_writte
     agents["b"].replica(0, 5)
   c.stage(0, 5, WrongPeer())  # the right answer is staged
   assert [s.step for s in c.inventory()] == [5]
+
+
+def test_replicas_are_kept_by_arrival_so_a_restart_from_an_older_step_replaces_the_stale_ones(
+    agents):
+  b = agents["b"]  # two slots per process
+  number = store.job_number(JOB)
+  for step in (5, 6, 7):  # the failed attempt
+    b.store_replica(0, step, number, bytes([step]) * 8)
+  for step in (4, 5):  # the job restarted from step 3 (orbax): its new snapshots
+    b.store_replica(0, step, number, bytes([100 + step]) * 8)
+  assert sorted(s.step for s in b.inventory()) == [4, 5]
+  assert b.replica(0, 5) == (5, number, bytes([105]) * 8)  # the new attempt's step 5
+
+
+class BlockingPeer:
+  """A peer whose first `store_replica` waits until released (a slow transfer)."""
+
+  def __init__(self):
+    self.entered, self.release = threading.Event(), threading.Event()
+
+  def store_replica(self, process, step, job, payload):
+    self.entered.set()
+    assert self.release.wait(10)
+
+
+def test_a_snapshot_in_flight_to_the_old_peer_is_still_sent_to_a_new_one(agents):
+  a, b = agents["a"], agents["b"]
+  old = BlockingPeer()
+  snapshot(a, 0, 1, [1.0, 2.0])
+  a.set_peer(old)
+  assert old.entered.wait(5)  # step 1 is on its way to the old peer
+  a.set_peer(b)               # the peer changes (a restart placed the ring anew)
+  old.release.set()
+  replica = protocol.Snapshot(0, 1, "b", protocol.Tier.REPLICA, JOB)
+  assert wait_for(lambda: replica in b.inventory()), b.inventory()
