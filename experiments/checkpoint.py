@@ -140,6 +140,8 @@ class Fault:
                                   # the signal froze
   held_by_all: int | None = None  # the newest step in every process's local memory once the
                                   # failed attempt was stopped, before its restore was planned
+  last_beat_ns: int | None = None  # hang_process: the stopped process's last heartbeat
+                                  # (CLOCK_MONOTONIC ns, the clock of time.monotonic)
   replicated_step: int | None = None  # kill_node: the newest step the peer held replicas of
                                       # for every process of the node (the node is removed
                                       # only once that is at least the observed step)
@@ -304,7 +306,9 @@ class Injector:
       fault.detail = f"process {fault.process} (pid {pid})"
       if not wait_for_signal(pid, "ZX" if kill else "Tt"):
         self.log(f"fault: pid {pid} had not taken the signal after 10 s")
-      fault.completed = self._recorded(node, fault.process)
+      fault.completed, beat = self._recorded(node, fault.process)
+      if not kill:
+        fault.last_beat_ns = beat
     elif fault.kind == "kill_node":
       self._remove_node(node)
       fault.detail = f"node of process {fault.process}"
@@ -337,20 +341,25 @@ class Injector:
     from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
     return transport.process_files(self.memory_root, self.job, node, process)[0]
 
-  def _recorded(self, node: str, process: int) -> int | None:
-    """The newest step a process whose signal has landed had recorded: in its status file or
-    in its local memory (it writes the snapshot first, so a kill between the two leaves the
-    status a step behind). Read after the signal landed, it cannot change any more; the
-    observed step it fired at can be a step or two older (reports travel to the driver)."""
+  def _recorded(self, node: str, process: int) -> tuple[int | None, int | None]:
+    """(newest step, last heartbeat) a process whose signal has landed had recorded.
+
+    The step: in its status file or in its local memory (it writes the snapshot first, so a
+    kill between the two leaves the status a step behind); the heartbeat from its status file
+    (None without one). Read after the signal landed, neither can change any more; the observed
+    step the fault fired at can be a step or two older (reports travel to the driver), and the
+    last beat older than one beat period before the signal (a starved heartbeat thread).
+    """
     from research.checkpoint import store  # pylint: disable=import-outside-toplevel
     from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
     _, status_file = transport.process_files(self.memory_root, self.job, node, process)
-    steps = local_steps(self._memory_file(node, process))
+    steps, beat = local_steps(self._memory_file(node, process)), None
     if status_file.is_file():
       status = store.ProcessStatus(status_file)
-      steps.add(status.read()[1])
+      _, step, beat, _ = status.read()
       status.close()
-    return max(steps, default=None)
+      steps.add(step)
+    return max(steps, default=None), beat
 
   def _corrupt(self, fault: Fault, when: str) -> None:
     fault.detail = corrupt_newest_checkpoint(self.persistent_dir)

@@ -177,6 +177,29 @@ def test_a_kill_records_the_newest_step_the_process_had_written_once_the_signal_
   assert faults[0].held_by_all == 6
 
 
+def test_a_hang_records_the_stopped_process_last_heartbeat(tmp_path):
+  job = "00000000000000aa"
+  faults = [experiment.Fault("hang_process", 5, 1)]
+  injector = experiment.Injector(faults, None, tmp_path, job, tmp_path / "persistent",
+                                 lambda line: None)
+  agent = OneNode()
+  status = store.ProcessStatus(transport.process_files(tmp_path, job, "a", 1)[1], create=True)
+  status.write(agent.child.pid, 5, "training")
+  beat = status.read()[2]
+  status.close()
+  placement = protocol.Placement(("a",), (0, 0))
+  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
+  try:
+    injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": agent}))
+    state = Path(f"/proc/{agent.child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state == "T"  # stopped by the time the injector returns
+  finally:
+    agent.child.kill()
+    agent.child.wait()
+  assert faults[0].last_beat_ns == beat and faults[0].completed == 5
+  assert beat / 1e9 <= faults[0].fired_at  # one clock: CLOCK_MONOTONIC
+
+
 class Cluster:
   """Ray's test cluster as the injector uses it: nodes to list and to remove."""
 
