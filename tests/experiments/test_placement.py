@@ -45,7 +45,7 @@ def test_smoke_trains_evaluates_and_kept_params_reproduce_the_evaluation(tmp_pat
   kept = next((tmp_path / "a").rglob("agents.npz"))
   second = launcher.main([SMOKE, "--workdir", str(tmp_path / "b"), "--set", "train.iterations=0",
                           "--set", f"train.params_file={kept}"])
-  for a, b in zip(first["per_seed"], second["per_seed"]):
+  for a, b in zip(first["per_seed"], second["per_seed"], strict=True):
     np.testing.assert_allclose(a["agents"]["final_cost"], b["agents"]["final_cost"], rtol=1e-6)
     assert a["agents"]["migrations"] == b["agents"]["migrations"]
 
@@ -55,7 +55,7 @@ def test_rollouts_average_sampled_runs_and_the_first_is_the_single_run(tmp_path)
   one = launcher.main([SMOKE, "--workdir", str(tmp_path / "one"), "--set", methods])
   three = launcher.main([SMOKE, "--workdir", str(tmp_path / "three"), "--set", methods,
                          "--set", "eval.rollouts=3"])
-  for a, b in zip(one["per_seed"], three["per_seed"]):
+  for a, b in zip(one["per_seed"], three["per_seed"], strict=True):
     for method in ("agents", "prior"):
       costs = b[method]["final_costs"]
       assert len(costs) == 3 and costs[0] == pytest.approx(a[method]["final_cost"], rel=1e-6)

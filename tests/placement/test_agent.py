@@ -48,7 +48,7 @@ def test_features_have_the_documented_shapes_and_deltas_match_the_simulator():
 
 
 @pytest.mark.parametrize("sharing", ["shared", "per_agent"])
-def test_sampled_actions_respect_the_mask_and_per_agent_params_differ_per_host(sharing):
+def test_sampled_actions_respect_the_mask_and_per_agent_params_have_a_host_axis(sharing):
   problem, placement, loads = _env(1)
   config = agent_lib.AgentConfig(sharing=sharing, allow_scale=True, hidden=16)
   nets, params = agent_lib.init_params(config, problem.num_hosts, 0)

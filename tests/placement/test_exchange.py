@@ -161,9 +161,12 @@ def test_scaling_stays_within_replica_bounds_and_never_duplicates_an_id():
   problem = _problem(1)
   placement = baselines.random_schedule(problem, SLOTS, 1)
   key = jax.random.key(3)
+  scaled_up = scaled_down = 0
   for _ in range(40):
     key, k = jax.random.split(key)
-    placement, _ = _random_round(problem, placement, k, 0.1, allow_scale=True)
+    placement, outcome = _random_round(problem, placement, k, 0.1, allow_scale=True)
+    scaled_up += int(np.sum(outcome.scaled_up))
+    scaled_down += int(np.sum(outcome.scaled_down))
     held = _held(placement)
     assert len(held) == len(set(held.tolist()))
     obs = _observe(problem, placement, jnp.ones(problem.num_apps))
@@ -172,3 +175,4 @@ def test_scaling_stays_within_replica_bounds_and_never_duplicates_an_id():
     assert np.all(replicas <= np.asarray(problem.svc_max_replicas))
     assert np.all(np.asarray(problem.svc_slot_open).ravel()[held])  # only open replica slots
     _check_capacity(problem, placement)
+  assert scaled_up > 0 and scaled_down > 0, (scaled_up, scaled_down)  # the bounds were tested

@@ -142,9 +142,9 @@ def test_replay_service_answers_the_rate_limiter_through_return_values():
   service = backends.InProcessReplayService(config, spec)
   assert service.sample(1, seed=0) is None           # fewer than min_size_to_sample
   inserted = 0
-  while service.insert({"obs": np.full(2, inserted, np.float32)}):
+  while inserted < config.max_size and service.insert({"obs": np.full(2, inserted, np.float32)}):
     inserted += 1
-  assert inserted >= 2                               # the limiter stopped the inserts ...
+  assert inserted == 4  # the limiter stopped the inserts: (4 * 1 - 0) <= 2 * 1 + 2, a fifth not
   assert service.sample(1, seed=0)["obs"].shape == (1, 2)  # ... until the learner samples
   assert service.insert({"obs": np.zeros(2, np.float32)})
   counts = service.accounting()
