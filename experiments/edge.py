@@ -232,12 +232,17 @@ def profile_all(config, compiled, scores, frame, context) -> tuple[list, str]:
 
 
 def pareto_statics(profiles) -> list[tuple[int, ...]]:
-  """Combinations not dominated (slower idle p95, larger memory and less accurate) by another."""
+  """Combinations not dominated by another: slower on the idle machine, larger in memory and
+  less accurate. Latency is the selector's prediction on the idle machine
+  (`selector.pipeline_p95`: stages' medians plus the root-sum-square of their spreads)."""
+  idle = selector_lib.Resources(0.0, math.inf, None, 1.0)
   combos = []
   for choice in itertools.product(*(range(len(r)) for r in profiles)):
     ps = [profiles[s][i] for s, i in enumerate(choice)]
-    combos.append((choice, sum(p.p95_ms for p in ps), sum(p.memory_mb for p in ps),
-                   sum(p.score for p in ps)))
+    stages = [selector_lib.predict_stage(p, idle) for p in ps]
+    latency = selector_lib.pipeline_p95(sum(p50 for p50, _ in stages),
+                                        sum((p95 - p50) ** 2 for p50, p95 in stages))
+    combos.append((choice, latency, sum(p.memory_mb for p in ps), sum(p.score for p in ps)))
   front = []
   for c in combos:
     if not any(o[1] <= c[1] and o[2] <= c[2] and o[3] >= c[3] and o[1:] != c[1:]
@@ -462,7 +467,8 @@ def paper_tables(*results) -> dict[str, str]:
     for row in s["profiles"]:
       for p in row:
         profile_rows.append((p["stage"], p["name"], f"{p['p50_ms']:.2f}", f"{p['p95_ms']:.2f}",
-                             f"{p['loaded_p50_ms']:.2f}", f"{p['loaded_p95_ms']:.2f}", f"{p['loaded_fraction']:.2f}",
+                             f"{p['loaded_p50_ms']:.2f}", f"{p['loaded_p95_ms']:.2f}",
+                             f"{p['loaded_fraction']:.2f}",
                              f"{p['memory_mb']:.2f}", f"{math.exp(p['score']):.3f}"))
     adaptive = s["methods"]["adaptive"]
     best = s["methods"].get(s["best_static"]) if s["best_static"] else None
@@ -472,9 +478,10 @@ def paper_tables(*results) -> dict[str, str]:
                       + (f"{best['accuracy']:.3f} ({s['best_static']})" if best else "none"),
                       "higher", "met" if best and adaptive["accuracy"] > best["accuracy"]
                       else "not met"))
+    max_rate = result["config"]["max_violation_rate"]  # the goal the run was made against
     goal_rows.append((run, "adaptive budget-violation rate",
-                      f"{adaptive['violation_rate'] * 100:.1f} %", "< 5 %",
-                      "met" if adaptive["violation_rate"] < 0.05 else "not met"))
+                      f"{adaptive['violation_rate'] * 100:.1f} %", f"< {max_rate * 100:g} %",
+                      "met" if adaptive["violation_rate"] < max_rate else "not met"))
   combo_rows = []
   for result in results:
     s = result["summary"]

@@ -11,6 +11,7 @@ from experiments import run as launcher
 from research.common import config as config_lib
 from research.common import tree_io
 from research.edge import pipeline
+from research.edge.selector import VariantProfile
 
 from tests.edge import _tiny
 
@@ -56,6 +57,17 @@ def test_pareto_statics_drop_dominated_pipelines():
   front = edge.pareto_statics(_tiny.PROFILES)
   assert (1, 0) not in front  # small+tiny: slower and larger than identity+small, less accurate
   assert (1, 2) in front and (0, 0) in front
+
+
+def test_pareto_statics_rank_latency_as_the_selector_predicts_it():
+  # a0+b: medians 2, spreads 4 and 4 -> 2 + sqrt(32) = 7.66 ms (p95s sum to 10);
+  # a1+b: medians 4, spreads 0.2 and 4 -> 4 + sqrt(16.04) = 8.00 ms (p95s sum to 8.2).
+  # By the selector's model a0+b is faster, as small and more accurate: a1+b is dominated
+  # (by the sum of p95s it would be the faster one, and kept).
+  a0 = VariantProfile("a", "a0", 1.0, 5.0, 1.0, 5.0, 1.0, 1.0, -0.1)
+  a1 = VariantProfile("a", "a1", 3.0, 3.2, 3.0, 3.2, 1.0, 1.0, -0.2)
+  b = VariantProfile("b", "b", 1.0, 5.0, 1.0, 5.0, 1.0, 1.0, 0.0)
+  assert edge.pareto_statics([[a0, a1], [b]]) == [(0, 0)]
 
 
 class _FakeClock:
