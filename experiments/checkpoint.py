@@ -142,9 +142,10 @@ class Fault:
                                   # failed attempt was stopped, before its restore was planned
   last_beat_ns: int | None = None  # hang_process: the stopped process's last heartbeat
                                   # (CLOCK_MONOTONIC ns, the clock of time.monotonic)
+  due_step: int | None = None     # kill_node: the observed step when the fault came due; the
+                                  # node is removed once its peer holds replicas at or past it
   replicated_step: int | None = None  # kill_node: the newest step the peer held replicas of
-                                      # for every process of the node (the node is removed
-                                      # only once that is at least the observed step)
+                                      # for every process of the node when it was removed
 
 
 def draw_faults(config) -> list[Fault]:
@@ -291,9 +292,11 @@ class Injector:
     node = view.placement.node_of(target.process)
     peer = view.placement.peer_of(node)
     if target.kind == "kill_node" and peer is not None:
+      if target.due_step is None:
+        target.due_step = step  # fixed: training goes on while the replicas catch up with it
       replicated = self._replicated_step(view, node, peer)
-      if replicated < step:
-        return  # the peer's replicas lag the observed step: tried again at the next poll
+      if replicated < target.due_step:
+        return  # the peer's replicas lag the step it came due at: tried again at the next poll
       target.replicated_step = replicated
     if fault.kind == "corrupt_checkpoint":
       fault.step = step
