@@ -137,20 +137,23 @@ def test_a_model_under_another_key_is_refused_and_would_decrypt_to_garbage(trip)
   assert code == 2 and "key id" in err and "cannot be decrypted with these keys" in err
   assert not (trip["root"] / "x.npz").exists()
 
-  # What the key-id check protects against: the library decrypts under the wrong keys anyway.
+  # What the key-id check protects against: concrete decrypts under the wrong key set without
+  # complaint (no error; integers of the same shapes), only into other values. Every snapshot
+  # is compared, so the wrong keys matching the right values by chance is out of reach.
   from concrete.ml.deployment import FHEModelClient
   model = transport.read_bundle(trip["model"], "model")
-  ciphertexts = (model.read(f"weights_{ITERATIONS:05d}.bin"), model.read(f"bias_{ITERATIONS:05d}.bin"))
   right = FHEModelClient(str(trip["packages"] / "client"), key_dir=str(trip["state"] / "keys"))
   wrong = FHEModelClient(str(trip["packages"] / "client"), key_dir=str(other_state / "keys"))
-  for client in (right, wrong):
+  decrypted = {}
+  for name, client in (("right", right), ("wrong", wrong)):
     client.generate_private_and_evaluation_keys(force=False)  # loads each one's cached keys
-  right_values = np.concatenate([np.ravel(v) for v in right.deserialize_decrypt(*ciphertexts)])
-  try:
-    wrong_values = np.concatenate([np.ravel(v) for v in wrong.deserialize_decrypt(*ciphertexts)])
-  except Exception:  # pylint: disable=broad-except
-    return  # refusing outright is also acceptable
-  assert not np.array_equal(right_values, wrong_values)
+    decrypted[name] = np.concatenate([
+        np.ravel(v) for t in model.meta["snapshots"]
+        for v in client.deserialize_decrypt(model.read(f"weights_{t:05d}.bin"),
+                                            model.read(f"bias_{t:05d}.bin"))])
+  assert decrypted["right"].shape == decrypted["wrong"].shape == (ITERATIONS * (FEATURES + 1),)
+  assert decrypted["wrong"].dtype.kind == decrypted["right"].dtype.kind == "i"
+  assert not np.array_equal(decrypted["right"], decrypted["wrong"])
 
 
 def _copy(src, dst):
