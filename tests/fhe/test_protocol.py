@@ -177,6 +177,13 @@ def test_the_server_refuses_uploads_that_do_not_fit_its_package(parties, tmp_pat
   with pytest.raises(transport.MessageError, match=r"x_00002\.bin.*tampered"):
     server_lib.read_upload(tampered, package)
 
+  # An existing model folder is refused first, before the package is even read (so before any
+  # encrypted iteration), and left as it was.
+  (tmp_path / "model").mkdir()
+  with pytest.raises(FileExistsError, match="model' exists; pass overwrite=True"):
+    server_lib.train_encrypted(tmp_path / "no_package", root / "upload", tmp_path / "model")
+  assert not any((tmp_path / "model").iterdir())
+
 
 def _model(parties, out, kept, key_dir=None, drop_meta=(), **meta):
   """The server's answer, as `server.train_encrypted` writes it, with weights the test chose:
