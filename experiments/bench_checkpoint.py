@@ -235,7 +235,9 @@ def end_to_end(megabytes: float, workdir: Path, orbax_interval: int) -> dict:
   k = orbax_interval
   policies = {  # name: (config, fault, step of the fault); (c) after two saves
       "local": (dict(snapshot_every=1, persist_every=0, steps=12), "kill_process", 7),
-      "peer": (dict(snapshot_every=1, persist_every=0, steps=12), "kill_node", 7),
+      # (b) runs longer: its node goes once the peer's replicas reach the fault's step, which
+      # can take a few steps; the steps after the recovery do not count.
+      "peer": (dict(snapshot_every=1, persist_every=0, steps=40), "kill_node", 7),
       "orbax": (dict(snapshot_every=0, persist_every=k, steps=2 * k + 4), "kill_node",
                 2 * k + 1),
   }
@@ -253,6 +255,10 @@ def end_to_end(megabytes: float, workdir: Path, orbax_interval: int) -> dict:
       lines: list[str] = []
       result, _ = experiment.run_job(config, workdir / name, name, cluster, nodes, faults, cache,
                                      log=lines.append)
+      if faults[0].fired_at is None or not result.recoveries:
+        raise RuntimeError(f"end to end, policy {name}: the {kind} fault at step {fault_step} "
+                           "never fired or was never recovered from (log:\n"
+                           + "\n".join(lines[-20:]) + ")")
       recovery = result.recoveries[0]
       restored = [e for e in result.events if e["event"] == "restored" and e["attempt"] == 2]
       out[name] = {

@@ -256,8 +256,11 @@ class Injector:
   """
 
   def __init__(self, faults: list[Fault], cluster, memory_root: Path, job: str,
-               persistent_dir: Path, log):
+               persistent_dir: Path, log, replicas: bool = True):
+    """`replicas`: the job snapshots into local memory, so its peers keep replicas that a
+    kill_node waits for (a job without local memory has none to wait for)."""
     self.faults, self.cluster, self.log = faults, cluster, log
+    self.replicas = replicas
     self.memory_root, self.job, self.persistent_dir = memory_root, job, persistent_dir
     self.progress: list[tuple[float, int, int]] = []  # (time, attempt, min step)
     self.armed: list[Fault] = []  # corruptions whose companion fault has fired
@@ -291,7 +294,7 @@ class Injector:
     target = pending[1] if fault.kind == "corrupt_checkpoint" else fault
     node = view.placement.node_of(target.process)
     peer = view.placement.peer_of(node)
-    if target.kind == "kill_node" and peer is not None:
+    if target.kind == "kill_node" and peer is not None and self.replicas:
       if target.due_step is None:
         target.due_step = step  # fixed: training goes on while the replicas catch up with it
       replicated = self._replicated_step(view, node, peer)
@@ -532,7 +535,8 @@ def run_job(config, workdir: Path, name: str, cluster, nodes: list[str], faults:
       job, str(memory_root), str(folder / "spec.json"),
       f"--xla_force_host_platform_device_count={spec.devices_per_process}", str(folder / "logs"),
       config.memory_slots)
-  injector = Injector(faults, cluster, memory_root, job, folder / "persistent", log)
+  injector = Injector(faults, cluster, memory_root, job, folder / "persistent", log,
+                      replicas=config.snapshot_every > 0)
   driver = protocol.DriverConfig(config.processes, config.steps, config.heartbeat_timeout,
                                  config.startup_timeout, config.max_restarts)
   last = [-1]

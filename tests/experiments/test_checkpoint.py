@@ -260,3 +260,18 @@ def test_a_corruption_with_no_fault_after_it_fires_at_its_step(tmp_path):
   view.reports = [protocol.ProcessReport(0, True, None, 0.0, 4, True)]
   injector(view)
   assert faults[0].fired_at is not None and store.restorable_steps(persistent, print) == []
+
+
+def test_a_node_of_a_job_without_local_memory_is_removed_without_waiting(tmp_path):
+  # Policy (c) of the benchmark: no snapshots, so no replicas will ever come; the node goes as
+  # soon as the fault is due (waiting would let the job finish without its fault).
+  job = "00000000000000bb"
+  faults = [experiment.Fault("kill_node", 5, 0)]
+  cluster = Cluster(["a", "b"])
+  injector = experiment.Injector(faults, cluster, tmp_path, job, tmp_path / "persistent",
+                                 lambda line: None, replicas=False)
+  placement = protocol.Placement(("a", "b"), (0, 1))
+  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
+  injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": None, "b": None}))
+  assert cluster.removed == ["a"] and faults[0].fired_at is not None
+  assert faults[0].due_step is None and faults[0].replicated_step is None
