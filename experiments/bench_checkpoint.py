@@ -14,7 +14,8 @@ Two parts, both in this process's measurement:
 
 1. Components per state size (10 MB, 100 MB, 1 GB of params + Adam moments; one process,
    one CPU device): step time; the overhead of a snapshot every step from N alternated runs
-   with and without it (median of the paired differences, 95 % bootstrap interval); orbax's
+   (each about RUN_SECONDS of steps) with and without it (median of the paired differences,
+   95 % bootstrap interval); orbax's
    cost per save measured the same way (saves every step), hence k for (c); restore times: a
    new process reading local memory, the peer's replica through a Ray actor and the object
    store then local memory, orbax from disk with the page cache dropped.
@@ -71,6 +72,7 @@ PAPER_PAGE = "papers/checkpoint.md"
 FIGURE = "bench_checkpoint.png"
 WASTE_GOAL = 10.0        # (c) / (a): Gemini recovers about 13x faster than from remote storage
 OVERHEAD_GOAL_PCT = 3.5  # snapshot every step (CheckFreq)
+RUN_SECONDS = 1.0        # each alternated run of the overhead measurement lasts about this long
 
 
 def hidden_for(megabytes: float) -> int:
@@ -131,7 +133,11 @@ def components(megabytes: float, runs: int, batch_per_device: int, scratch: Path
     return jax.block_until_ready(s)
 
   state = step(step(state))  # compile
-  steps_per_run = 2 if megabytes >= 500 else 5
+  start = time.perf_counter()
+  state = step(step(state))
+  # Runs of about RUN_SECONDS each (at least 2 steps): a run of a few short steps is mostly the
+  # machine's noise.
+  steps_per_run = max(2, math.ceil(RUN_SECONDS / ((time.perf_counter() - start) / 2)))
   modes = ("none", "local", "orbax")
   times = {m: [] for m in modes}
   for run in range(runs):  # alternated: the modes see the same machine, and take turns first
@@ -195,6 +201,7 @@ def components(megabytes: float, runs: int, batch_per_device: int, scratch: Path
   holder = ray.remote(transport.NodeAgent).options(num_cpus=0).remote(
       "peer", job, str(store.local_memory_root() / f"meshwork-bench-peer-{os.getpid()}"),
       "unused")
+  ray.get(holder.ping.remote())  # the actor's process started (not part of a replication)
   _, payload = slots.read_bytes(saved_step)
   replicate_s, _ = timed(lambda: ray.get(holder.store_replica.remote(0, saved_step,
                                                                     store.job_number(job),

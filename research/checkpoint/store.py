@@ -53,16 +53,60 @@ def packed_size(template) -> int:
   return sum(_nbytes(leaf) for leaf in jax.tree.leaves(template))
 
 
+# A large snapshot is copied by several threads: numpy releases the GIL while it copies, and one
+# core's copy does not use the memory bandwidth of several (the snapshot copy rate in the goals
+# table of `python -m experiments.bench_checkpoint`). A restore copies into new pages, whose
+# first touch is what it waits for, and stays on one thread.
+PARALLEL_COPY_BYTES = 32 << 20  # a state at least this large is copied in parallel
+_copy_pool = None
+
+
+def copy_threads() -> int:
+  return max(1, min(4, os.cpu_count() or 1))
+
+
+def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+  """dst[...] = src for each (dst, src) pair of flat uint8 views of equal size; a total of at
+  least PARALLEL_COPY_BYTES is split between `copy_threads()` threads."""
+  global _copy_pool  # pylint: disable=global-statement
+  total = sum(src.size for _, src in pairs)
+  if total < PARALLEL_COPY_BYTES or copy_threads() == 1:
+    for dst, src in pairs:
+      np.copyto(dst, src)
+    return
+  # One contiguous range of the concatenated bytes per thread (interleaved pieces copy slower).
+  threads = copy_threads()
+  bounds = [total * t // threads for t in range(threads + 1)]
+  ranges: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+  start = 0
+  for dst, src in pairs:
+    end = start + src.size
+    for t in range(threads):
+      lo, hi = max(start, bounds[t]), min(end, bounds[t + 1])
+      if lo < hi:
+        ranges[t].append((dst[lo - start:hi - start], src[lo - start:hi - start]))
+    start = end
+  if _copy_pool is None:
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+    _copy_pool = ThreadPoolExecutor(threads, thread_name_prefix="meshwork-copy")
+  list(_copy_pool.map(lambda part: [np.copyto(d, s) for d, s in part], ranges))
+
+
+def _flat_bytes(array: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
 def pack(tree, out: memoryview | None = None) -> bytes | None:
   """The leaves' bytes back to back (C order); into `out` when given."""
   leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
   if out is None:
     return b"".join(np.ascontiguousarray(leaf).tobytes() for leaf in leaves)
-  offset = 0
+  pairs, offset = [], 0
   for leaf in leaves:
-    view = np.frombuffer(out, dtype=np.uint8, count=leaf.nbytes, offset=offset)
-    view[:] = np.ascontiguousarray(leaf).reshape(-1).view(np.uint8)
+    pairs.append((np.frombuffer(out, dtype=np.uint8, count=leaf.nbytes, offset=offset),
+                  _flat_bytes(leaf)))
     offset += leaf.nbytes
+  copy_all(pairs)
   return None
 
 
@@ -90,7 +134,7 @@ def unpack(template, buffer, copy: bool = True) -> Any:
   buffer nobody else writes).
   """
   leaves, treedef = jax.tree.flatten(template)
-  restored, offset = [], 0
+  restored, pairs, offset = [], [], 0
   for leaf in leaves:
     shape, dtype = _spec(leaf)
     size = _nbytes(leaf)
@@ -101,11 +145,13 @@ def unpack(template, buffer, copy: bool = True) -> Any:
     view = view.reshape(shape)
     if copy:
       view, source = aligned_empty(shape, dtype), view
-      np.copyto(view, source)
+      pairs.append((view.reshape(-1).view(np.uint8), source.reshape(-1).view(np.uint8)))
     restored.append(view)
     offset += size
   if offset != len(buffer):
     raise ValueError(f"buffer has {len(buffer)} bytes, the state {offset}")
+  for dst, src in pairs:  # one thread: new pages fault in no faster from several
+    np.copyto(dst, src)
   return jax.tree.unflatten(treedef, restored)
 
 

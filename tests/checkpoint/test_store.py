@@ -49,6 +49,29 @@ def test_pack_unpack_is_exact_and_checks_length(setting):
     store.unpack(template, packed + b"x")
 
 
+def test_the_parallel_copy_packs_and_unpacks_the_same_bits(monkeypatch, tmp_path):
+  # The threshold shrunk so that small leaves of odd sizes take the threaded path, with the
+  # threads' ranges ending inside leaves; the bits must be those of the one-thread copy.
+  rng = np.random.default_rng(0)
+  tree = [rng.normal(size=(37, 5)).astype(np.float32), np.arange(11, dtype=np.int64),
+          rng.normal(size=(3,)).astype(np.float64), np.zeros((0, 4), np.float32),
+          rng.integers(0, 255, size=(1001,)).astype(np.uint8)]
+  template = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in tree]
+  serial = store.pack(tree)
+  monkeypatch.setattr(store, "PARALLEL_COPY_BYTES", 1)
+  monkeypatch.setattr(store, "copy_threads", lambda: 3)
+  monkeypatch.setattr(store, "_copy_pool", None)
+  out = bytearray(len(serial))
+  store.pack(tree, memoryview(out))
+  assert bytes(out) == serial
+  assert_trees_equal(store.unpack(template, bytes(out)), tree)
+  slots = store.LocalSlots(tmp_path / "p0.slots", len(serial), create=True)
+  slots.write(4, tree, JOB)
+  assert_trees_equal(slots.read(template, 4, JOB), tree)
+  slots.close()
+  assert store._copy_pool is not None  # the threads did the copies  # pylint: disable=protected-access
+
+
 def test_a_process_snapshots_one_copy_of_replicated_leaves_and_its_slices_of_sharded_ones(
     setting):
   _, mesh, _, trained = setting
