@@ -89,7 +89,7 @@ def test_a_result_key_with_a_glob_is_refused_before_anything_runs(tmp_path, caps
 # record the machine and jax only (their environment's note says so) until their benchmark is
 # rerun with --paper (bench_kquant.gpu needs a GPU). A rerun records every version; then its
 # name leaves this list (the test below fails until it does).
-CONVERTED = ("bench_kquant.gpu", "bench_parallel.cpu")
+CONVERTED = ("bench_kquant.gpu",)
 
 
 def test_kept_results_record_their_command_and_environment():
