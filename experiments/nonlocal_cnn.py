@@ -113,6 +113,11 @@ def validate_config(config) -> None:
     raise config_lib.ConfigError(f"config key 'sigmas': got {tuple(config.sigmas)}, expected "
                                  "distinct levels of at most 6 significant digits (each "
                                  "level's result key is f'{sigma:g}')")
+  streams = [int(s * 10) for s in config.sigmas]  # noise streams (test_set, training_batches)
+  if len(set(streams)) != len(streams):
+    raise config_lib.ConfigError(f"config key 'sigmas': got {tuple(config.sigmas)}, expected "
+                                 "levels at least 0.1 apart (each level's noise is drawn from "
+                                 "its own stream, int(10 * sigma))")
   if not any(trains(config, kind, c) for kind in config.models for c in conditions(config)):
     # Only (c) is listed and it trains at none of the levels: no model to report.
     raise config_lib.ConfigError(

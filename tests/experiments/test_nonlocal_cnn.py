@@ -134,6 +134,8 @@ def test_saved_params_must_fit_the_model(tmp_path):
     ("sigmas=(15.0000001,)", r"'sigmas': got \(15.0000001,\), expected distinct levels of at "
                              r"most 6 significant digits"),
     ("sigmas=(25.0, 25)", r"'sigmas': got \(25.0, 25.0\), expected distinct levels"),
+    ("sigmas=(15.0, 15.05)", r"'sigmas': got \(15.0, 15.05\), expected levels at least 0.1 "
+                             r"apart"),
     ("eval_impl=cuda", r"'eval_impl': got 'cuda', expected one of 'auto', 'pallas', 'reference'"),
     ("steps=-1", r"'steps': got -1, expected >= 0"),
     ("init_params=no/such/folder", r"'init_params': got 'no/such/folder', expected a folder"),
