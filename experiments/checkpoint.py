@@ -358,8 +358,8 @@ class Injector:
     """
     from research.checkpoint import store  # pylint: disable=import-outside-toplevel
     from research.checkpoint import transport  # pylint: disable=import-outside-toplevel
-    _, status_file = transport.process_files(self.memory_root, self.job, node, process)
-    steps, beat = local_steps(self._memory_file(node, process)), None
+    memory_file, status_file = transport.process_files(self.memory_root, self.job, node, process)
+    steps, beat = local_steps(memory_file), None
     if status_file.is_file():
       status = store.ProcessStatus(status_file)
       _, step, beat, _ = status.read()

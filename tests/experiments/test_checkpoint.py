@@ -114,6 +114,22 @@ class OneNode:
     return {1: self.child.pid}
 
 
+def view_at(step: int, agents: dict, nodes=("a",), node_of=(0, 0)) -> transport.JobView:
+  """The driver's view with every process alive at `step`, process p on nodes[node_of[p]]."""
+  reports = [protocol.ProcessReport(p, True, None, 0.0, step, True) for p in range(len(node_of))]
+  return transport.JobView(time.monotonic(), 0, protocol.Placement(nodes, node_of), reports,
+                           agents)
+
+
+def fire_kill(injector, agent: OneNode, step: int = 5) -> None:
+  """The injector's poll at `step` on `agent`'s node; its process must die of kill -9."""
+  try:
+    injector(view_at(step, {"a": agent}))
+    assert agent.child.wait(timeout=10) == -9
+  finally:
+    agent.child.kill()
+
+
 def test_a_corruption_hits_the_step_the_restore_would_take_not_the_one_at_the_fault(tmp_path):
   # Process 0 may commit the save in flight after its companion fault fired; the corruption
   # waits for the restore, so that step is the one corrupted and the restore takes the one before.
@@ -123,13 +139,7 @@ def test_a_corruption_hits_the_step_the_restore_would_take_not_the_one_at_the_fa
   lines = []
   injector = experiment.Injector(faults, None, tmp_path, "job", persistent, lines.append)
   agent = OneNode()
-  placement = protocol.Placement(("a",), (0, 0))
-  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
-  try:
-    injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": agent}))
-    assert agent.child.wait(timeout=10) == -9
-  finally:
-    agent.child.kill()
+  fire_kill(injector, agent)
   assert faults[1].fired_at is not None and faults[0].fired_at is None
   assert faults[0].step == faults[1].step == 5 and lines == [f"fault: kill_process at step 5: "
                                                              f"process 1 (pid {agent.child.pid})"]
@@ -166,13 +176,7 @@ def test_a_kill_records_the_newest_step_the_process_had_written_once_the_signal_
   status = store.ProcessStatus(transport.process_files(tmp_path, job, "a", 1)[1], create=True)
   status.write(agent.child.pid, 5, "training")
   status.close()
-  placement = protocol.Placement(("a",), (0, 0))
-  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
-  try:
-    injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": agent}))
-    assert agent.child.wait(timeout=10) == -9
-  finally:
-    agent.child.kill()
+  fire_kill(injector, agent)
   assert faults[0].step == 5 and faults[0].completed == 6 and faults[0].held_by_all is None
   injector.before_restore(2)
   assert faults[0].held_by_all == 6
@@ -188,10 +192,8 @@ def test_a_hang_records_the_stopped_process_last_heartbeat(tmp_path):
   status.write(agent.child.pid, 5, "training")
   beat = status.read()[2]
   status.close()
-  placement = protocol.Placement(("a",), (0, 0))
-  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
   try:
-    injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": agent}))
+    injector(view_at(5, {"a": agent}))
     state = Path(f"/proc/{agent.child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert state == "T"  # stopped by the time the injector returns
   finally:
@@ -227,9 +229,7 @@ def test_a_node_is_removed_only_once_its_peer_holds_replicas_at_the_observed_ste
   injector = experiment.Injector(faults, cluster, tmp_path, job, tmp_path / "persistent",
                                  lambda line: None)
   peer = transport.NodeAgent("b", job, str(tmp_path), str(tmp_path / "spec.json"))
-  placement = protocol.Placement(("a", "b"), (0, 1))
-  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
-  view = transport.JobView(time.monotonic(), 0, placement, reports, {"a": None, "b": peer})
+  view = view_at(5, {"a": None, "b": peer}, nodes=("a", "b"), node_of=(0, 1))
   try:
     peer.store_replica(0, 4, store.job_number(job), bytes(8))
     peer.store_replica(1, 6, store.job_number(job), bytes(8))  # b's own process: not a's
@@ -237,7 +237,7 @@ def test_a_node_is_removed_only_once_its_peer_holds_replicas_at_the_observed_ste
     assert cluster.removed == [] and faults[1].fired_at is None and injector.armed == []
     # Training went on meanwhile (step 7 observed): the wait is for the step the fault came
     # due at, not for the moving newest one, which fast steps could outrun forever.
-    view.reports = [dataclasses.replace(r, step=7) for r in reports]
+    view.reports = [dataclasses.replace(r, step=7) for r in view.reports]
     peer.store_replica(0, 6, store.job_number(job), bytes(8))
     injector(view)
   finally:
@@ -252,13 +252,9 @@ def test_a_corruption_with_no_fault_after_it_fires_at_its_step(tmp_path):
   commit_step(persistent, 3)
   faults = [experiment.Fault("corrupt_checkpoint", 4, 0)]
   injector = experiment.Injector(faults, None, tmp_path, "job", persistent, lambda line: None)
-  placement = protocol.Placement(("a",), (0,))
-  view = transport.JobView(time.monotonic(), 0, placement,
-                           [protocol.ProcessReport(0, True, None, 0.0, 3, True)], {})
-  injector(view)
+  injector(view_at(3, {}, node_of=(0,)))
   assert faults[0].fired_at is None  # step 4 not reached
-  view.reports = [protocol.ProcessReport(0, True, None, 0.0, 4, True)]
-  injector(view)
+  injector(view_at(4, {}, node_of=(0,)))
   assert faults[0].fired_at is not None and store.restorable_steps(persistent, print) == []
 
 
@@ -270,8 +266,6 @@ def test_a_node_of_a_job_without_local_memory_is_removed_without_waiting(tmp_pat
   cluster = Cluster(["a", "b"])
   injector = experiment.Injector(faults, cluster, tmp_path, job, tmp_path / "persistent",
                                  lambda line: None, replicas=False)
-  placement = protocol.Placement(("a", "b"), (0, 1))
-  reports = [protocol.ProcessReport(p, True, None, 0.0, 5, True) for p in (0, 1)]
-  injector(transport.JobView(time.monotonic(), 0, placement, reports, {"a": None, "b": None}))
+  injector(view_at(5, {"a": None, "b": None}, nodes=("a", "b"), node_of=(0, 1)))
   assert cluster.removed == ["a"] and faults[0].fired_at is not None
   assert faults[0].due_step is None and faults[0].replicated_step is None
