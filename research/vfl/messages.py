@@ -191,14 +191,15 @@ def decode(payload: bytes) -> Message:
   cls = KINDS.get(header.get("kind"))
   if cls is None:
     raise WireError(f"kind={header.get('kind')!r}: expected one of {sorted(KINDS)}")
-  names = [f.name for f in dataclasses.fields(cls)]
+  annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+  names = list(annotations)
   given = header.get("fields", {})
   if sorted(given) != sorted(names):
     raise WireError(f"{cls.KIND}: fields {sorted(given)} do not match {sorted(names)}")
   values = {}
   for name in names:
     try:
-      values[name] = _decode_field(cls, name, given[name], body)
+      values[name] = _decode_field(cls, name, annotations[name], given[name], body)
     except (KeyError, TypeError, ValueError) as error:
       if isinstance(error, WireError):
         raise
@@ -207,10 +208,9 @@ def decode(payload: bytes) -> Message:
   return cls(**values)
 
 
-def _decode_field(cls, name: str, spec: dict, body: memoryview) -> Any:
+def _decode_field(cls, name: str, annotation: str, spec: dict, body: memoryview) -> Any:
   if not isinstance(spec, dict):
     raise WireError(f"{cls.KIND}.{name}: field spec {spec!r} is not an object")
-  annotation = {f.name: f.type for f in dataclasses.fields(cls)}[name]
   if annotation in _SCALARS:
     kind = _SCALARS[annotation]
     value = spec.get("value") if spec["type"] == "scalar" else None

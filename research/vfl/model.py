@@ -87,9 +87,10 @@ def draw_w_passive(spec: NetworkSpec, rng: np.random.Generator) -> np.ndarray:
   generator's seed is a secret of more bits than a jax key holds (32)."""
   shape = (spec.passive_out, spec.interaction_out)
   z = rng.standard_normal(shape)
-  while np.any(np.abs(z) > 2):  # truncation by redrawing the entries outside [-2, 2]
-    outside = np.abs(z) > 2
+  outside = np.abs(z) > 2
+  while outside.any():  # truncation by redrawing the entries outside [-2, 2]
     z[outside] = rng.standard_normal(int(outside.sum()))
+    outside = np.abs(z) > 2
   # 0.8796...: the standard deviation of a unit normal truncated to [-2, 2] (jax's constant)
   std = np.sqrt(1.0 / spec.passive_out) / .87962566103423978
   fan_in = spec.passive_out + spec.active_out
