@@ -113,23 +113,39 @@ class TimedEngine(he.Engine):
     return super().matmul_left(matrix, ciphertexts)  # calls matmul: counted there
 
 
-def operations_per_sample(batch: int, d_a: int, h: int) -> dict[str, float]:
-  """Paillier operations per training sample of the encrypted protocol (parties.py)."""
-  per_batch = {
-      "encrypt": batch * d_a + d_a * h,              # [a]; [e_acc]
-      "obfuscate": batch * h + d_a * h + batch * d_a,  # [aW'+eps]; [a^T d+delta]; [d W_p^T]
-      "decrypt": batch * h + d_a * h + batch * d_a,    # the same three, at the passive party
-      "multiply and sum": 3 * batch * d_a * h,         # [a]W'; d^T[a]; d [W_p]^T
-  }
-  return {k: v / batch for k, v in per_batch.items()}
+def operations_per_batch(batch: int, d_a: int, h: int, slots: int = 0,
+                         phase: str = "train") -> dict[str, int]:
+  """Paillier operations of one batch of the encrypted protocol (parties.py); `slots` > 0: packed
+  with that many values per plaintext (G = ceil(batch / slots) groups of samples)."""
+  if slots:
+    groups = -(-batch // slots)
+    forward = {"encrypt": groups * d_a, "obfuscate": groups * h, "decrypt": groups * h,
+               "multiply and sum": groups * d_a * h}
+    # [a] per sample, [e_acc] per column; [a^T d + delta] per column, [d W_p^T] per sample.
+    backward = {"encrypt": batch + h, "obfuscate": h + batch, "decrypt": h + batch,
+                "multiply and sum": 2 * batch * h}
+  else:
+    forward = {"encrypt": batch * d_a, "obfuscate": batch * h, "decrypt": batch * h,
+               "multiply and sum": batch * d_a * h}               # [a]; [aW'+eps]
+    backward = {"encrypt": d_a * h, "obfuscate": d_a * h + batch * d_a,  # [e_acc]; [a^T d+delta],
+                "decrypt": d_a * h + batch * d_a,                   # [d W_p^T]
+                "multiply and sum": 2 * batch * d_a * h}            # d^T[a]; d [W_p]^T
+  if phase == "eval":
+    return forward
+  return {k: forward[k] + backward[k] for k in forward}
+
+
+def operations_per_sample(batch: int, d_a: int, h: int, slots: int = 0) -> dict[str, float]:
+  """Paillier operations per training sample of the encrypted protocol."""
+  return {k: v / batch for k, v in operations_per_batch(batch, d_a, h, slots).items()}
 
 
 def measure(key_bits: int, batches: int, batch_size: int, workers: int,
-            methods: tuple[str, ...]) -> dict:
+            methods: tuple[str, ...], packing: bool = False) -> dict:
   config, _ = launcher.load("configs/vfl/smoke.py", [
       "dataset=synthetic", "epochs=1", f"batch_size={batch_size}",
       f"max_train_batches={batches + 1}", "max_eval_batches=1", f"methods={methods!r}",
-      f"he.key_bits={key_bits}", f"he.workers={workers}"])
+      f"he.key_bits={key_bits}", f"he.workers={workers}", f"he.packing={packing}"])
   tables = vfl.party_tables(config)
   engine = TimedEngine() if workers == 1 else vfl._pool(config)  # pylint: disable=protected-access
   try:
@@ -148,6 +164,8 @@ def measure(key_bits: int, batches: int, batch_size: int, workers: int,
     out["unit_seconds_in_run"] = {name: engine.seconds[name] / engine.counts[name]
                                   for name in engine.counts}
   out["psi_seconds"] = result["psi_seconds"]
+  out["slots"] = result["methods"].get("encrypted", {}).get("packing_slots", 0)
+  out["slot_bits"] = result["methods"].get("encrypted", {}).get("slot_bits", 0)
   out["features"] = int(tables["active"][1].shape[1] + tables["passive"][1].shape[1])
   out["network"] = config.network.to_dict()
   return out
@@ -157,12 +175,22 @@ def bench(key_bits: int, batches: int, batch_size: int) -> dict:
   costs = unit_costs(key_bits)
   one = measure(key_bits, batches, batch_size, 1, ("encrypted", "plaintext"))
   two = measure(key_bits, batches, batch_size, 2, ("encrypted",))
+  packed_one = measure(key_bits, batches, batch_size, 1, ("encrypted",), packing=True)
+  packed_two = measure(key_bits, batches, batch_size, 2, ("encrypted",), packing=True)
   d_a, h = one["network"]["passive_out"], one["network"]["interaction_out"]
+  slots = packed_one["slots"]
   ops = operations_per_sample(batch_size, d_a, h)
+  packed_ops = operations_per_sample(batch_size, d_a, h, slots)
   in_run = one["unit_seconds_in_run"]
+  packed_in_run = packed_one["unit_seconds_in_run"]
   paillier_seconds = {k: ops[k] * in_run[k] for k in ops}
+  packed_paillier_seconds = {k: packed_ops[k] * packed_in_run[k] for k in packed_ops}
   encrypted = one["encrypted"]["seconds_per_sample"]
-  fastest = min(encrypted, two["encrypted"]["seconds_per_sample"])
+  packed = packed_one["encrypted"]["seconds_per_sample"]
+  seconds = {"workers_1": encrypted, "workers_2": two["encrypted"]["seconds_per_sample"],
+             "packed_workers_1": packed,
+             "packed_workers_2": packed_two["encrypted"]["seconds_per_sample"]}
+  fastest = min(seconds.values())
   features = one["features"]
   fate_per_sample_feature = FATE["seconds_per_epoch"] / (FATE["samples"] * FATE["features"])
   return {
@@ -170,12 +198,18 @@ def bench(key_bits: int, batches: int, batch_size: int) -> dict:
       "unit_seconds": costs, "unit_seconds_in_run": in_run, "operations_per_sample": ops,
       "paillier_seconds_per_sample": paillier_seconds,
       "paillier_share": sum(paillier_seconds.values()) / encrypted,
-      "encrypted_seconds_per_sample": {"workers_1": encrypted,
-                                       "workers_2": two["encrypted"]["seconds_per_sample"]},
+      "slots": slots, "slot_bits": packed_one["slot_bits"],
+      "packed_operations_per_sample": packed_ops, "packed_unit_seconds_in_run": packed_in_run,
+      "packed_paillier_seconds_per_sample": packed_paillier_seconds,
+      "packed_paillier_share": sum(packed_paillier_seconds.values()) / packed,
+      "encrypted_seconds_per_sample": seconds,
+      "fastest": min(seconds, key=seconds.get),
       "pool_speedup": encrypted / two["encrypted"]["seconds_per_sample"],
+      "packing_speedup": encrypted / packed,
       "plaintext_seconds_per_sample": one["plaintext"]["seconds_per_sample"],
       "encrypted_over_plaintext": fastest / one["plaintext"]["seconds_per_sample"],
       "bytes_per_sample": {"encrypted": one["encrypted"]["bytes_per_sample"],
+                           "packed": packed_one["encrypted"]["bytes_per_sample"],
                            "plaintext": one["plaintext"]["bytes_per_sample"]},
       "features": features,
       "seconds_per_sample_feature": fastest / features,
@@ -195,28 +229,40 @@ def paper_tables(result: dict) -> dict[str, str]:
            f"{s['bytes_per_sample']['encrypted']:,.0f}"),
           ("(a) encrypted, pool of 2 processes", f"{s['encrypted_seconds_per_sample']['workers_2']:.4f}",
            ""),
+          (f"(a) encrypted, packed ({s['slots']} slots of {s['slot_bits']} bits), in process",
+           f"{s['encrypted_seconds_per_sample']['packed_workers_1']:.4f}",
+           f"{s['bytes_per_sample']['packed']:,.0f}"),
+          ("(a) encrypted, packed, pool of 2 processes",
+           f"{s['encrypted_seconds_per_sample']['packed_workers_2']:.4f}", ""),
           ("(b) plaintext split", f"{s['plaintext_seconds_per_sample']:.6f}",
            f"{s['bytes_per_sample']['plaintext']:,.0f}")]
   cost = (f"Synthetic set, {s['features']} features, {s['key_bits']}-bit keys, "
           f"{s['batches']} batches of {s['batch_size']}; {machine}.\n\n"
           + records.write_markdown_table(("method", "s / training sample", "bytes / sample"), rows)
-          + f"\n(a) / (b) per epoch: {s['encrypted_over_plaintext']:,.0f}x; the pool of 2 "
-          f"processes: {s['pool_speedup']:.2f}x faster than in process.\n")
-  ops = s["operations_per_sample"]
+          + f"\n(a) / (b) per epoch (the fastest (a)): {s['encrypted_over_plaintext']:,.0f}x; "
+          f"the pool of 2 processes: {s['pool_speedup']:.2f}x faster than in process; packing: "
+          f"{s['packing_speedup']:.2f}x faster than unpacked (both in process).\n")
+  ops, packed = s["operations_per_sample"], s["packed_operations_per_sample"]
   op_rows = [(name, f"{ops[name]:.2f}", f"{s['unit_seconds_in_run'][name] * 1e3:.3f}",
               f"{s['unit_seconds'][name] * 1e3:.3f}",
-              f"{s['paillier_seconds_per_sample'][name]:.4f}") for name in ops]
+              f"{s['paillier_seconds_per_sample'][name]:.4f}", f"{packed[name]:.2f}",
+              f"{s['packed_unit_seconds_in_run'][name] * 1e3:.3f}",
+              f"{s['packed_paillier_seconds_per_sample'][name]:.4f}") for name in ops]
   paillier = (records.write_markdown_table(
       ("Paillier operation", "per training sample", "ms each (in the run)",
-       "ms each (alone)", "s per training sample"), op_rows)
+       "ms each (alone)", "s per training sample", "packed: per training sample",
+       "packed: ms each (in the run)", "packed: s per training sample"), op_rows)
       + f"\nThese operations take {s['paillier_share']:.0%} of the in-process encrypted time per "
-      "training sample (the rest: jax steps, fixed-point encoding, messages).\n")
+      f"training sample unpacked, {s['packed_paillier_share']:.0%} packed (the rest: jax steps, "
+      "fixed-point encoding and packing, messages).\n")
   fate = s["fate"]
   cores = s["machine"]["cpu_count"]
+  best = {"workers_1": "in process", "workers_2": "pool of 2", "packed_workers_1":
+          "packed, in process", "packed_workers_2": "packed, pool of 2"}[s["fastest"]]
   fate_rows = [("FATE 1.x (cited)", f"{fate['cores_per_host']} cores / host",
                 f"{fate['seconds_per_sample_feature']:.3g}", f"{fate['seconds_per_epoch']:.0f}",
                 f"{fate['seconds_per_epoch'] * fate['cores_per_host']:,.0f}"),
-               (f"meshwork (a), {s['key_bits']}-bit keys", machine,
+               (f"meshwork (a), {s['key_bits']}-bit keys, {best}", machine,
                 f"{s['seconds_per_sample_feature']:.3g}",
                 f"{s['fate_epoch_projected_seconds']:.0f}",
                 f"{s['fate_epoch_projected_seconds'] * cores:,.0f}")]

@@ -73,6 +73,9 @@ def config_schema() -> ml_collections.ConfigDict:
                   "interaction_out": 4, "top_hidden": 8},
       "he": {"key_bits": 2048, "frac_bits": 32, "max_abs": 32768.0, "mask_bits": 128,
              "noise_scale": 0.1,
+             # K fixed-point values per Paillier plaintext (research/vfl/he.py: Slots): fewer
+             # encryptions, re-randomizations and decryptions, the same results bit for bit
+             "packing": True,
              "workers": 2},               # processes for Paillier work per run (1: in process)
       # tls_dir: ca.pem, <role>.pem, <role>.key per party (transport.make_certificates makes
       # them); "" with tls: a fresh CA for the job in the machine's temp dir (local processes).
@@ -181,7 +184,8 @@ def make_protocol(config, spec, network, num_aligned: int, seed: int) -> parties
   return parties.Protocol(spec, network, model_lib.optimizers(
       config.learning_rate, config.interaction_learning_rate), batches,
       codec=he.FixedPoint(config.he.frac_bits, config.he.max_abs),
-      mask_bits=config.he.mask_bits, noise_scale=config.he.noise_scale)
+      mask_bits=config.he.mask_bits, noise_scale=config.he.noise_scale,
+      packing=config.he.packing)
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -258,10 +262,14 @@ def train_split(config, run, protocol, init, aligned, *, encrypted: bool, seed: 
   passive, active, traffic = session.run_in_process(
       protocol, passive, active, passive_engine=engine, active_engine=engine,
       observe=clock.observe, after_batch=after_batch)
-  return _method_result(protocol, active, clock, traffic, labels,
-                        setup_seconds=setup_seconds,
-                        w_passive_true=(parties.effective_w_passive(protocol, passive, active)
-                                        if encrypted else None))
+  result = _method_result(protocol, active, clock, traffic, labels,
+                          setup_seconds=setup_seconds,
+                          w_passive_true=(parties.effective_w_passive(protocol, passive, active)
+                                          if encrypted else None))
+  if encrypted and protocol.packing:
+    slots = parties.packing_slots(protocol, passive.public_key)
+    result.update(packing_slots=slots.count, slot_bits=slots.width)
+  return result
 
 
 def _method_result(protocol, active, clock, traffic, labels, *, setup_seconds: float,

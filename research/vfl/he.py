@@ -88,6 +88,56 @@ class FixedPoint:
     return (terms * one * one + (1 << mask_bits)).bit_length() + 1  # + 1: the sign
 
 
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """Packing: `count` signed values of `width` bits in one plaintext, v_0 + v_1 2**w + ...
+
+  Paillier adds and scales whole plaintexts, so a sum of packed ciphertexts times integers is
+  the packed sum of the slots' values times those integers: one encryption, product, re-
+  randomization and decryption carries `count` values. Signed slots need no offsets: while every
+  slot stays in |v| < 2**(width - 1) (the bound `check_capacity` proves for every sum of the
+  protocol) the packed integer has |P| < 2**(width * count - 1), inside phe's signed range, and
+  `unpack` recovers the slots as the balanced base-2**width digits of P, exactly."""
+  width: int
+  count: int
+
+
+def slots_for(public_key: PublicKey, codec: FixedPoint, terms: int, mask_bits: int) -> Slots:
+  """As many slots of the protocol's largest sum (`capacity_bits`) as the key's signed range
+  holds."""
+  width = codec.capacity_bits(terms, mask_bits)
+  return Slots(width, (public_key.max_int.bit_length() - 1) // width)
+
+
+def pack(ints: np.ndarray, slots: Slots) -> np.ndarray:
+  """Packs the last axis (length <= slots.count) into one integer: (..., k) -> (...)."""
+  ints = np.asarray(ints, dtype=object)
+  if ints.shape[-1] > slots.count:
+    raise ValueError(f"pack: {ints.shape[-1]} values along the last axis, the key holds "
+                     f"{slots.count} slots of {slots.width} bits")
+  weights = np.array([1 << (slots.width * k) for k in range(ints.shape[-1])], dtype=object)
+  return (ints * weights).sum(axis=-1) if ints.shape[-1] else np.zeros(ints.shape[:-1], object)
+
+
+def unpack(ints: np.ndarray, slots: Slots, k: int, field: str) -> np.ndarray:
+  """The first k slots of each packed integer: (...) -> (..., k); refuses a packed value with
+  anything beyond them (a slot that overflowed its width shows up there)."""
+  base, half = 1 << slots.width, 1 << (slots.width - 1)
+
+  def digits(value: int) -> list[int]:
+    out = []
+    for _ in range(k):
+      digit = (value + half) % base - half  # balanced digit in [-2**(w-1), 2**(w-1))
+      out.append(digit)
+      value = (value - digit) >> slots.width
+    if value:
+      raise FixedPointOverflow(f"{field}: a packed value overflowed its {slots.width}-bit slots")
+    return out
+
+  flat = [digits(int(v)) for v in np.asarray(ints, dtype=object).reshape(-1)]
+  return np.array(flat, dtype=object).reshape(np.shape(ints) + (k,))
+
+
 def check_capacity(public_key: PublicKey, codec: FixedPoint, terms: int, mask_bits: int) -> None:
   needed = codec.capacity_bits(terms, mask_bits)
   available = public_key.max_int.bit_length()

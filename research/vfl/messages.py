@@ -20,6 +20,11 @@ Direction and content (P: passive party, holds the Paillier key; A: active party
           A -> P  MaskedWeightGradient [a^T d + delta]          scale 2, re-randomized
           P -> A  NoisyWeightGradient  a^T d + delta + rho/lr   scale 2 (ints), and [e_acc]
           A -> P  EncryptedInputGradient [d (W' + e_acc)^T]     scale 2, re-randomized
+  packed (`he.packing`: K fixed-point values per Paillier plaintext, `he.Slots`): the same
+  messages with fewer ciphertexts; EncryptedActivations becomes
+          P -> A  PackedActivations    [a] packed over K samples, and over d_a per sample (train)
+  and MaskedProducts, MaskedWeightGradient, the [e_acc] of NoisyWeightGradient and
+  EncryptedInputGradient carry packed ciphertexts (shapes below).
   plaintext split protocol (the comparison without encryption):
           P -> A  ClearActivations     a                        float32
           A -> P  ClearInputGradient   d W_p^T                  float32 (train only)
@@ -85,9 +90,18 @@ class EncryptedActivations(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class PackedActivations(Message):
+  batch_digest: str
+  key_id: str
+  by_group: np.ndarray   # (G, d_a): slot k of row g holds a[g K + k, i]; G = ceil(B / K)
+  by_sample: np.ndarray  # (B,): slot i holds a[b, i] (train), or (0,) (eval: not needed)
+  KIND: ClassVar[str] = "packed_activations"
+
+
+@dataclasses.dataclass(frozen=True)
 class MaskedProducts(Message):
   key_id: str
-  ciphertexts: np.ndarray  # (B, h)
+  ciphertexts: np.ndarray  # (B, h); packed: (G, h), slot k of row g for sample g K + k
   KIND: ClassVar[str] = "masked_products"
 
 
@@ -100,7 +114,7 @@ class RevealedProducts(Message):
 @dataclasses.dataclass(frozen=True)
 class MaskedWeightGradient(Message):
   key_id: str
-  ciphertexts: np.ndarray  # (d_a, h)
+  ciphertexts: np.ndarray  # (d_a, h); packed: (h,), slot i of entry j for (i, j)
   KIND: ClassVar[str] = "masked_weight_gradient"
 
 
@@ -108,14 +122,14 @@ class MaskedWeightGradient(Message):
 class NoisyWeightGradient(Message):
   key_id: str
   values: np.ndarray           # (d_a, h) object ints, scale 2
-  accumulated_noise: np.ndarray  # (d_a, h) raw ciphertext ints of e_acc, scale 1
+  accumulated_noise: np.ndarray  # (d_a, h) raw ciphertext ints of e_acc, scale 1; packed: (h,)
   KIND: ClassVar[str] = "noisy_weight_gradient"
 
 
 @dataclasses.dataclass(frozen=True)
 class EncryptedInputGradient(Message):
   key_id: str
-  ciphertexts: np.ndarray  # (B, d_a)
+  ciphertexts: np.ndarray  # (B, d_a); packed: (B,), slot i of entry b for (b, i)
   KIND: ClassVar[str] = "encrypted_input_gradient"
 
 
@@ -133,7 +147,8 @@ class ClearInputGradient(Message):
 
 
 KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in (
-    PublicKey, PsiBlinded, PsiReblinded, EncryptedActivations, MaskedProducts, RevealedProducts,
+    PublicKey, PsiBlinded, PsiReblinded, EncryptedActivations, PackedActivations, MaskedProducts,
+    RevealedProducts,
     MaskedWeightGradient, NoisyWeightGradient, EncryptedInputGradient, ClearActivations,
     ClearInputGradient)}
 

@@ -113,6 +113,7 @@ class Protocol:
   codec: he.FixedPoint = he.FixedPoint()
   mask_bits: int = 128      # one-time masks eps, delta: uniform in [0, 2**mask_bits)
   noise_scale: float = 0.1  # std of each rho entry (weight units); 0 turns the noise off
+  packing: bool = False     # K fixed-point values per Paillier plaintext (`he.Slots`)
 
   def jitted(self) -> "Jitted":
     net = self.network
@@ -188,6 +189,7 @@ def initial_passive(protocol: Protocol, init: model_lib.InitialState, *, ids, x,
   if key_bits is None:
     return state
   public_key, private_key = he.generate_keypair(key_bits)
+  check_key(protocol, public_key)
   return dataclasses.replace(state, private_key=private_key, public_key=public_key,
                              e_acc=initial_e_acc(protocol, init, noise_seed))
 
@@ -246,6 +248,47 @@ def _noise(seed: int, round_: int, step: int, shape, scale: float) -> np.ndarray
   return np.random.default_rng([seed, round_, step]).normal(0.0, scale, size=shape)
 
 
+def interaction_terms(protocol: Protocol) -> int:
+  """The most scale-2 products in one sum of the protocol: a W' + a e_acc (2 d_a products),
+  a^T d (B products) plus rho / lr (up to 1 / lr products' worth), d W_p^T (h products)."""
+  batch_rows = max(len(b.rows) for b in protocol.schedule)
+  return (2 * protocol.spec.passive_out + batch_rows + protocol.spec.interaction_out +
+          int(np.ceil(1 / protocol.optimizers.interaction_lr)))
+
+
+def check_key(protocol: Protocol, public_key: he.PublicKey) -> None:
+  """The key holds every sum of the protocol and, packed, at least two slots and a sample's d_a
+  values per plaintext; else `he.FixedPointOverflow` naming what to change."""
+  he.check_capacity(public_key, protocol.codec, interaction_terms(protocol), protocol.mask_bits)
+  if protocol.packing:
+    slots = packing_slots(protocol, public_key)
+    if slots.count < max(2, protocol.spec.passive_out):
+      raise he.FixedPointOverflow(
+          f"he.packing: a {public_key.n.bit_length()}-bit key holds {slots.count} slot(s) of "
+          f"{slots.width} bits, packing needs at least max(2, d_a = {protocol.spec.passive_out});"
+          " use a larger key, smaller ranges or he.packing=False")
+
+
+def packing_slots(protocol: Protocol, public_key: he.PublicKey) -> he.Slots:
+  return he.slots_for(public_key, protocol.codec, interaction_terms(protocol), protocol.mask_bits)
+
+
+def _pack_by_group(ints: np.ndarray, slots: he.Slots) -> np.ndarray:
+  """(B, m) -> (G, m): slot k of row g holds row g K + k (the last group padded with zeros)."""
+  rows, cols = ints.shape
+  groups = -(-rows // slots.count)
+  padded = np.zeros((groups * slots.count, cols), dtype=object)
+  padded[:rows] = ints
+  return he.pack(padded.reshape(groups, slots.count, cols).transpose(0, 2, 1), slots)
+
+
+def _unpack_by_group(ints: np.ndarray, slots: he.Slots, rows: int, field: str) -> np.ndarray:
+  """The inverse of `_pack_by_group`: (G, m) -> (B, m)."""
+  groups, cols = ints.shape
+  values = he.unpack(ints, slots, slots.count, field)  # (G, m, K)
+  return values.transpose(0, 2, 1).reshape(groups * slots.count, cols)[:rows]
+
+
 def effective_w_passive(protocol: Protocol, passive: PassiveState, active: ActiveState):
   """W' + e_acc: the true W_p, which only an observer holding both states can form (tests, and
   the experiment, to start the plaintext comparisons from the same weights)."""
@@ -302,9 +345,21 @@ def passive_begin(protocol: Protocol, jit: Jitted, engine: he.Engine,
                                 else "begin", cursor=state.cursor + (batch.phase == "eval")),
             [msg.ClearActivations(*batch.where, digest, a.astype(np.float32))])
   a_ints = protocol.codec.encode(a, "passive bottom output a")
-  cipher = he.ciphertext_ints(engine.encrypt(state.public_key, a_ints))
-  return (dataclasses.replace(state, expect="masked_products", a_ints=a_ints),
-          [msg.EncryptedActivations(*batch.where, digest, he.key_id(state.public_key), cipher)])
+  key = he.key_id(state.public_key)
+  new = dataclasses.replace(state, expect="masked_products", a_ints=a_ints)
+  if not protocol.packing:
+    cipher = he.ciphertext_ints(engine.encrypt(state.public_key, a_ints))
+    return new, [msg.EncryptedActivations(*batch.where, digest, key, cipher)]
+  # Packed: over K samples for [a] W' (W' is the same for every sample), and over a sample's
+  # d_a values for the backward sums, whose multipliers d[b, j] differ between samples.
+  slots = packing_slots(protocol, state.public_key)
+  by_group = _pack_by_group(a_ints, slots)
+  by_sample = he.pack(a_ints, slots) if batch.phase == "train" else np.zeros(0, dtype=object)
+  cipher = he.ciphertext_ints(engine.encrypt(state.public_key,
+                                             np.concatenate([by_group.reshape(-1), by_sample])))
+  return new, [msg.PackedActivations(*batch.where, digest, key,
+                                     cipher[:by_group.size].reshape(by_group.shape),
+                                     cipher[by_group.size:])]
 
 
 def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: PassiveState,
@@ -320,9 +375,15 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     _check_expect(state, message, who, "masked_products")
     batch = _check_where(state, message, protocol, who)
     _check_key(message.key_id, state.public_key, "masked products")
-    _check_shape(message.ciphertexts, (len(batch.rows), state.e_acc.shape[1]), "masked products")
+    rows, h = len(batch.rows), state.e_acc.shape[1]
+    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
+    _check_shape(message.ciphertexts, (-(-rows // slots.count), h) if slots else (rows, h),
+                 "masked products")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked products")
-    revealed = engine.decrypt(state.private_key, cipher) + state.a_ints.dot(state.e_acc)
+    products = engine.decrypt(state.private_key, cipher)
+    if slots:
+      products = _unpack_by_group(products, slots, rows, "masked products")
+    revealed = products + state.a_ints.dot(state.e_acc)
     train = batch.phase == "train"
     new = dataclasses.replace(state, expect="masked_weight_gradient" if train else "begin",
                               cursor=state.cursor + (not train),
@@ -332,7 +393,9 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     _check_expect(state, message, who, "masked_weight_gradient")
     batch = _check_where(state, message, protocol, who)
     _check_key(message.key_id, state.public_key, "masked weight gradient")
-    _check_shape(message.ciphertexts, state.e_acc.shape, "masked weight gradient")
+    d_a, h = state.e_acc.shape
+    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
+    _check_shape(message.ciphertexts, (h,) if slots else (d_a, h), "masked weight gradient")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked weight gradient")
     codec = protocol.codec
     rho = codec.encode(_noise(state.noise_seed, batch.round, batch.step + 1, state.e_acc.shape,
@@ -340,8 +403,12 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     # rho / lr at scale 2: the active party's update lr * (.) / 2**frac_bits then moves W' by rho.
     rho_over_lr = he.scale_round(rho, fractions.Fraction(1 << codec.frac_bits) /
                                  fractions.Fraction(protocol.optimizers.interaction_lr))
-    noisy = engine.decrypt(state.private_key, cipher) + rho_over_lr
-    e_cipher = he.ciphertext_ints(engine.encrypt(state.public_key, state.e_acc))
+    gradient = engine.decrypt(state.private_key, cipher)
+    if slots:  # entry j holds column j of a^T d + delta, slot i row i
+      gradient = he.unpack(gradient, slots, d_a, "masked weight gradient").T
+    noisy = gradient + rho_over_lr
+    e_plain = he.pack(state.e_acc.T, slots) if slots else state.e_acc
+    e_cipher = he.ciphertext_ints(engine.encrypt(state.public_key, e_plain))
     new = dataclasses.replace(state, expect="encrypted_input_gradient", e_acc=state.e_acc + rho)
     return new, [msg.NoisyWeightGradient(*batch.where, he.key_id(state.public_key), noisy,
                                          e_cipher)]
@@ -349,10 +416,16 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     _check_expect(state, message, who, "encrypted_input_gradient")
     batch = _check_where(state, message, protocol, who)
     _check_key(message.key_id, state.public_key, "encrypted input gradient")
-    _check_shape(message.ciphertexts, state.a_ints.shape, "encrypted input gradient")
+    rows, d_a = state.a_ints.shape
+    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
+    _check_shape(message.ciphertexts, (rows,) if slots else (rows, d_a),
+                 "encrypted input gradient")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts,
                                      "encrypted input gradient")
-    grad_a = protocol.codec.decode(engine.decrypt(state.private_key, cipher), scale=2)
+    grad_ints = engine.decrypt(state.private_key, cipher)
+    if slots:
+      grad_ints = he.unpack(grad_ints, slots, d_a, "encrypted input gradient")
+    grad_a = protocol.codec.decode(grad_ints, scale=2)
     return _passive_backward(protocol, jit, state, batch, grad_a.astype(np.float32)), []
   raise ProtocolError(f"{who}: got {message.KIND}, expected {state.expect}")
 
@@ -377,12 +450,7 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     n = message.n[0]
     _check(isinstance(n, int) and n.bit_length() >= 512, "public key n: expected >= 512 bits")
     public_key = he.PublicKey(n)
-    # The largest sums: a W' + a e_acc (2 d_a products), a^T d (B products) plus rho / lr
-    # (up to 1 / lr products' worth), d W_p^T (h products).
-    batch_rows = max(len(b.rows) for b in protocol.schedule)
-    terms = (2 * protocol.spec.passive_out + batch_rows + protocol.spec.interaction_out +
-             int(np.ceil(1 / protocol.optimizers.interaction_lr)))
-    he.check_capacity(public_key, protocol.codec, terms, protocol.mask_bits)
+    check_key(protocol, public_key)
     return dataclasses.replace(state, public_key=public_key, expect="begin"), []
   if isinstance(message, msg.ClearActivations):
     _check(state.w_share is None, f"{who}: got {message.KIND} in encrypted mode")
@@ -390,7 +458,28 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     batch = _check_batch(protocol, state, message, message.values, who)
     return _plain_active(jit, state, batch, message.values.astype(np.float32))
   _check(state.public_key is not None, f"{who}: got {message.KIND} before the public key")
+  if isinstance(message, msg.PackedActivations):
+    _check(protocol.packing, f"{who}: got {message.KIND}, but he.packing is off")
+    _check_expect(state, message, who, "begin")
+    batch = _check_where(state, message, protocol, who)
+    _check_digest(state, message, batch, who)
+    slots = packing_slots(protocol, state.public_key)
+    rows, h = len(batch.rows), state.w_share.shape[1]
+    _check_shape(message.by_group, (-(-rows // slots.count), protocol.spec.passive_out),
+                 f"{message.KIND} by_group")
+    _check_shape(message.by_sample, (rows if batch.phase == "train" else 0,),
+                 f"{message.KIND} by_sample")
+    _check_key(message.key_id, state.public_key, "packed activations")
+    by_group = he.from_ciphertext_ints(state.public_key, message.by_group, "packed activations")
+    by_sample = he.from_ciphertext_ints(state.public_key, message.by_sample, "packed activations")
+    mask = he.random_masks((rows, h), protocol.mask_bits)
+    masked = engine.obfuscate(he.add_plain(engine.matmul(by_group, state.w_share),
+                                           _pack_by_group(mask, slots)))
+    return (dataclasses.replace(state, expect="revealed_products", a_cipher=by_sample, mask=mask),
+            [msg.MaskedProducts(*batch.where, he.key_id(state.public_key),
+                                he.ciphertext_ints(masked))])
   if isinstance(message, msg.EncryptedActivations):
+    _check(not protocol.packing, f"{who}: got {message.KIND}, but he.packing is on")
     _check_expect(state, message, who, "begin")
     batch = _check_batch(protocol, state, message, message.ciphertexts, who)
     _check_key(message.key_id, state.public_key, "encrypted activations")
@@ -415,10 +504,16 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     loss, _, grads, d = jit.active_step(state.params, z_passive, state.x[rows],
                                         state.labels[rows])
     d_ints = protocol.codec.encode(np.asarray(d, np.float64), "interaction gradient d")
-    # [a]^T d = (d^T [a])^T: (d_a, h) sums over the batch.
-    grad_cipher = engine.matmul_left(d_ints.T, state.a_cipher).T
-    mask = he.random_masks(grad_cipher.shape, protocol.mask_bits)
-    masked = engine.obfuscate(he.add_plain(grad_cipher, mask))
+    mask = he.random_masks(state.w_share.shape, protocol.mask_bits)
+    if protocol.packing:
+      # sum_b d[b, j] [a_b packed over i] = [column j of a^T d, packed over i]: (h,).
+      slots = packing_slots(protocol, state.public_key)
+      grad_cipher = engine.matmul_left(d_ints.T, state.a_cipher[:, None])[:, 0]
+      masked = engine.obfuscate(he.add_plain(grad_cipher, he.pack(mask.T, slots)))
+    else:
+      # [a]^T d = (d^T [a])^T: (d_a, h) sums over the batch.
+      grad_cipher = engine.matmul_left(d_ints.T, state.a_cipher).T
+      masked = engine.obfuscate(he.add_plain(grad_cipher, mask))
     params, opt_state = jit.dense_update(state.params, state.opt_state, grads)
     new = dataclasses.replace(state, params=params, opt_state=opt_state,
                               expect="noisy_weight_gradient", mask=mask, d_ints=d_ints,
@@ -430,12 +525,20 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     batch = _check_where(state, message, protocol, who)
     _check_key(message.key_id, state.public_key, "noisy weight gradient")
     _check_shape(message.values, state.w_share.shape, "noisy weight gradient")
-    _check_shape(message.accumulated_noise, state.w_share.shape, "encrypted e_acc")
+    d_a, h = state.w_share.shape
+    _check_shape(message.accumulated_noise, (h,) if protocol.packing else (d_a, h),
+                 "encrypted e_acc")
     e_cipher = he.from_ciphertext_ints(state.public_key, message.accumulated_noise,
                                        "encrypted e_acc")
-    # d [W' + e_acc]^T: (B, h) x (h, d_a), sums over h; W' added to [e_acc] in the clear.
-    w_cipher = he.add_plain(e_cipher, state.w_share)
-    grad_a = engine.obfuscate(engine.matmul_left(state.d_ints, w_cipher.T))
+    if protocol.packing:
+      # [column j of W' + e_acc, packed over i]; sum_j d[b, j] (that) = [row b of dL/da]: (B,).
+      slots = packing_slots(protocol, state.public_key)
+      w_cipher = he.add_plain(e_cipher, he.pack(state.w_share.T, slots))
+      grad_a = engine.obfuscate(engine.matmul_left(state.d_ints, w_cipher[:, None]))[:, 0]
+    else:
+      # d [W' + e_acc]^T: (B, h) x (h, d_a), sums over h; W' added to [e_acc] in the clear.
+      w_cipher = he.add_plain(e_cipher, state.w_share)
+      grad_a = engine.obfuscate(engine.matmul_left(state.d_ints, w_cipher.T))
     step = he.scale_round(message.values - state.mask,
                           fractions.Fraction(protocol.optimizers.interaction_lr),
                           shift=protocol.codec.frac_bits)
@@ -449,11 +552,15 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
 def _check_batch(protocol: Protocol, state: ActiveState, message, array: np.ndarray,
                  who: str) -> Batch:
   batch = _check_where(state, message, protocol, who)
+  _check_digest(state, message, batch, who)
+  _check_shape(array, (len(batch.rows), protocol.spec.passive_out), f"{message.KIND} batch")
+  return batch
+
+
+def _check_digest(state: ActiveState, message, batch: Batch, who: str) -> None:
   _check(message.batch_digest == batch_digest(state.ids, batch.rows),
          f"{who}: batch {batch.where} holds other sample IDs than this party's aligned IDs "
          "(misaligned IDs)")
-  _check_shape(array, (len(batch.rows), protocol.spec.passive_out), f"{message.KIND} batch")
-  return batch
 
 
 def _plain_active(jit: Jitted, state: ActiveState, batch: Batch, a: np.ndarray):

@@ -83,6 +83,19 @@ def jit(world) -> parties.Jitted:
   return world.protocol().jitted()
 
 
+@pytest.fixture(scope="module")
+def quiet_start(world):
+  """Encrypted starting states without noise (e_acc = 0), shared by protocols that differ only in
+  mask_bits (states are immutable: every run starts from these same objects)."""
+  return world.states(world.protocol(noise_scale=0.0), key_bits=1024)
+
+
+@pytest.fixture(scope="module")
+def noisy_start(world):
+  """Encrypted starting states with noise_scale 0.1: W_p = W' + e_acc with e_acc != 0."""
+  return world.states(world.protocol(noise_scale=0.1), key_bits=1024)
+
+
 # --- deep equality of party states ----------------------------------------------------------------
 
 

@@ -34,6 +34,9 @@ SAMPLES = {
     "psi_reblinded": lambda: msg.PsiReblinded("setup", 0, 1, points(3)),
     "encrypted_activations": lambda: msg.EncryptedActivations(
         "train", 1, 2, "0123456789abcdef", "fedcba9876543210", ints((3, 4))),
+    "packed_activations": lambda: msg.PackedActivations(
+        "eval", 1, 0, "0123456789abcdef", "fedcba9876543210", ints((2, 4), 3),
+        ints((0,), 4)),
     "masked_products": lambda: msg.MaskedProducts("eval", 2, 0, "k", ints((3, 4), 1)),
     "revealed_products": lambda: msg.RevealedProducts("train", 1, 0, ints((2, 4), 2)),
     "masked_weight_gradient": lambda: msg.MaskedWeightGradient("train", 3, 7, "k", ints((4, 4))),

@@ -18,6 +18,7 @@ from research.vfl import messages as msg
 from research.vfl import model as model_lib
 from research.vfl import parties
 from research.vfl import session
+from tests.vfl._record import Recording, record
 
 ENGINE = he.Engine()
 # Float32 forward/backward differs from the exact fixed-point path by a few float32 ulps
@@ -39,19 +40,6 @@ def assert_tree_close(a, b, atol=ATOL, rtol=0.0):
 
 def dense_part(params: dict) -> dict:
   return {k: v for k, v in params.items() if k != "w_passive"}
-
-
-@pytest.fixture(scope="module")
-def quiet_start(world):
-  """Encrypted starting states without noise (e_acc = 0), shared by protocols that differ only in
-  mask_bits (states are immutable: every run starts from these same objects)."""
-  return world.states(world.protocol(noise_scale=0.0), key_bits=1024)
-
-
-@pytest.fixture(scope="module")
-def noisy_start(world):
-  """Encrypted starting states with noise_scale 0.1: W_p = W' + e_acc with e_acc != 0."""
-  return world.states(world.protocol(noise_scale=0.1), key_bits=1024)
 
 
 # --- exactness ------------------------------------------------------------------------------------
@@ -140,37 +128,12 @@ def test_plaintext_split_equals_centralized_training(world, jit):
 # --- what each party receives ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Recording:
-  protocol: parties.Protocol
-  start: tuple
-  received: list           # (receiver, message), in order
-  passive_states: list     # before batch k: index k (k = 0 .. number of batches)
-  active_states: list
-
-  def of(self, receiver: str, kind: str) -> list[msg.Message]:
-    return [m for r, m in self.received if r == receiver and m.KIND == kind]
-
-  def batch_index(self, message: msg.Message) -> int:
-    return [b.where for b in self.protocol.schedule].index(message.where)
-
-
 @pytest.fixture(scope="module")
 def recording(world, jit, noisy_start) -> Recording:
   """2 train batches and 1 eval batch of the encrypted protocol, masks and noise on."""
   protocol = world.protocol(train_batches=2, noise_scale=0.1, mask_bits=128)
   assert [b.phase for b in protocol.schedule] == ["train", "train", "eval"]
-  received = []
-  passive_states, active_states = [noisy_start[0]], [noisy_start[1]]
-
-  def after_batch(batch, passive, active):
-    passive_states.append(passive)
-    active_states.append(active)
-
-  run(protocol, *noisy_start, jit, None,
-      observe=lambda receiver, message, size: received.append((receiver, message)),
-      after_batch=after_batch)
-  return Recording(protocol, noisy_start, received, passive_states, active_states)
+  return record(protocol, noisy_start, jit)
 
 
 def all_ints(message: msg.Message, scalars: bool = True) -> list[int]:
