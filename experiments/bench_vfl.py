@@ -109,6 +109,10 @@ class TimedEngine(he.Engine):
     count = ciphertexts.shape[0] * int(np.prod(np.shape(matrix)))  # rows x k x m products
     return self._timed("multiply and sum", count, super().matmul, ciphertexts, matrix)
 
+  def matvec(self, matrix, ciphertexts):
+    return self._timed("multiply and sum", int(np.prod(np.shape(matrix))), super().matvec,
+                       matrix, ciphertexts)
+
   def matmul_left(self, matrix, ciphertexts):
     return super().matmul_left(matrix, ciphertexts)  # calls matmul: counted there
 

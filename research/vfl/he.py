@@ -189,6 +189,10 @@ def _matmul_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
   return rows.dot(matrix)
 
 
+def _matvec_rows(ciphertexts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  return rows.dot(ciphertexts)
+
+
 def _chunks(n: int, pieces: int) -> list[slice]:
   bounds = np.linspace(0, n, min(pieces, n) + 1).astype(int) if n else [0, 0]
   return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -223,6 +227,12 @@ class Engine:
     """[x] @ M for ciphertexts [x] (rows x k) and integers M (k x m)."""
     return _by_rows(_matmul_rows, ciphertexts, self.pool, self.workers,
                     np.asarray(matrix, dtype=object))
+
+  def matvec(self, matrix: np.ndarray, ciphertexts: np.ndarray) -> np.ndarray:
+    """M @ [x] for integers M (m x k) and a vector of ciphertexts [x] (k,): (m,), split over the
+    rows of M (packed sums: one ciphertext row, many integer rows)."""
+    return _by_rows(_matvec_rows, np.asarray(matrix, dtype=object), self.pool, self.workers,
+                    ciphertexts)
 
   def matmul_left(self, matrix: np.ndarray, ciphertexts: np.ndarray) -> np.ndarray:
     """M @ [x] for integers M (m x k) and ciphertexts [x] (k x p), e.g. [a]^T d as (d^T [a])^T."""

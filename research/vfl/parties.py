@@ -508,7 +508,7 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     if protocol.packing:
       # sum_b d[b, j] [a_b packed over i] = [column j of a^T d, packed over i]: (h,).
       slots = packing_slots(protocol, state.public_key)
-      grad_cipher = engine.matmul_left(d_ints.T, state.a_cipher[:, None])[:, 0]
+      grad_cipher = engine.matvec(d_ints.T, state.a_cipher)
       masked = engine.obfuscate(he.add_plain(grad_cipher, he.pack(mask.T, slots)))
     else:
       # [a]^T d = (d^T [a])^T: (d_a, h) sums over the batch.
@@ -534,7 +534,7 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
       # [column j of W' + e_acc, packed over i]; sum_j d[b, j] (that) = [row b of dL/da]: (B,).
       slots = packing_slots(protocol, state.public_key)
       w_cipher = he.add_plain(e_cipher, he.pack(state.w_share.T, slots))
-      grad_a = engine.obfuscate(engine.matmul_left(state.d_ints, w_cipher[:, None]))[:, 0]
+      grad_a = engine.obfuscate(engine.matvec(state.d_ints, w_cipher))
     else:
       # d [W' + e_acc]^T: (B, h) x (h, d_a), sums over h; W' added to [e_acc] in the clear.
       w_cipher = he.add_plain(e_cipher, state.w_share)

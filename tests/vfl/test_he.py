@@ -72,6 +72,8 @@ def test_engine_equals_plain_integer_arithmetic(keypair):
                                 left.dot(x))
   np.testing.assert_array_equal(
       engine.decrypt(private_key, he.add_plain(cipher, np.full((5, 3), 7, dtype=object))), x + 7)
+  np.testing.assert_array_equal(engine.decrypt(private_key, engine.matvec(left, cipher[:, 0])),
+                                left.dot(x[:, 0]))
 
 
 def test_engine_in_a_process_pool_gives_the_same_results(keypair):
@@ -90,6 +92,8 @@ def test_engine_in_a_process_pool_gives_the_same_results(keypair):
                                   plain.decrypt(private_key, plain.matmul(cipher, m)))
     np.testing.assert_array_equal(engine.decrypt(private_key, engine.matmul_left(left, cipher)),
                                   left.dot(x))
+    np.testing.assert_array_equal(engine.decrypt(private_key, engine.matvec(left, cipher[:, 1])),
+                                  left.dot(x[:, 1]))
     obfuscated = engine.obfuscate(cipher)
     np.testing.assert_array_equal(plain.decrypt(private_key, obfuscated), x)
 
