@@ -5,13 +5,16 @@ On the synthetic set of the experiment (20,000 samples, 20 active + 200 passive 
 process runs both parties (messages encoded and counted as always):
 
 - seconds per training sample of (a) the encrypted protocol and (b) the plaintext split protocol,
-  over `--batches` training batches each (after one more that also compiles the jax steps), (a) with the Paillier work in this process and over a
-  pool of 2 processes shared by both parties (does the pool pay off?); the (a) / (b) ratio is the per-epoch
-  time ratio (both are linear in the samples of an epoch);
+  over `--batches` training batches each (after one more that also compiles the jax steps), (a)
+  with the Paillier work in this process and over a
+  pool of 2 processes shared by both parties (does the pool pay off?), each unpacked and packed
+  (`he.packing`: several fixed-point values per Paillier plaintext); the (a) / (b) ratio is the
+  per-epoch time ratio (both are linear in the samples of an epoch);
 - bytes per training sample of (a) and (b);
 - Paillier operations per sample (from the protocol: B batch rows, d_a passive outputs, h
-  interaction outputs) times their unit costs measured here, against the measured time: the share
-  of the time that is Paillier, and which operations dominate;
+  interaction outputs, K slots when packed; `operations_per_batch`, tested against the counts of
+  a run) times their unit costs measured here, against the measured time: the share of the time
+  that is Paillier, and which operations dominate;
 - seconds per sample-feature against FATE 1.x (347 s per epoch for 100,000 samples with 30 + 300
   features on hosts of 16 cores: the issue's citation of FATE's Hetero-NN benchmark), and the
   projected time of an epoch of FATE's workload here. The encrypted work does not grow with the
@@ -120,14 +123,19 @@ class TimedEngine(he.Engine):
 def operations_per_batch(batch: int, d_a: int, h: int, slots: int = 0,
                          phase: str = "train") -> dict[str, int]:
   """Paillier operations of one batch of the encrypted protocol (parties.py); `slots` > 0: packed
-  with that many values per plaintext (G = ceil(batch / slots) groups of samples)."""
+  with that many values per plaintext (G = ceil(batch / slots) groups of samples in the forward,
+  slots // d_a samples per plaintext in the backward)."""
   if slots:
     groups = -(-batch // slots)
+    per = slots // d_a                  # samples per plaintext in the backward sums
+    sample_groups = -(-batch // per)
     forward = {"encrypt": groups * d_a, "obfuscate": groups * h, "decrypt": groups * h,
                "multiply and sum": groups * d_a * h}
-    # [a] per sample, [e_acc] per column; [a^T d + delta] per column, [d W_p^T] per sample.
-    backward = {"encrypt": batch + h, "obfuscate": h + batch, "decrypt": h + batch,
-                "multiply and sum": 2 * batch * h}
+    # [a] per group of samples, [e_acc] per (sample slot group, column); [a^T d + delta] per
+    # (sample slot group, column), [d W_p^T] per group of samples.
+    backward = {"encrypt": sample_groups + per * h, "obfuscate": per * h + sample_groups,
+                "decrypt": per * h + sample_groups,
+                "multiply and sum": 2 * per * h * sample_groups}
   else:
     forward = {"encrypt": batch * d_a, "obfuscate": batch * h, "decrypt": batch * h,
                "multiply and sum": batch * d_a * h}               # [a]; [aW'+eps]

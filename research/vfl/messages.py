@@ -94,7 +94,9 @@ class PackedActivations(Message):
   batch_digest: str
   key_id: str
   by_group: np.ndarray   # (G, d_a): slot k of row g holds a[g K + k, i]; G = ceil(B / K)
-  by_sample: np.ndarray  # (B,): slot i holds a[b, i] (train), or (0,) (eval: not needed)
+  # (ceil(B / S),): S = K // d_a samples per entry, slot s d_a + i of entry g holds
+  # a[g S + s, i] (train); (0,) in eval (not needed)
+  by_sample: np.ndarray
   KIND: ClassVar[str] = "packed_activations"
 
 
@@ -114,7 +116,9 @@ class RevealedProducts(Message):
 @dataclasses.dataclass(frozen=True)
 class MaskedWeightGradient(Message):
   key_id: str
-  ciphertexts: np.ndarray  # (d_a, h); packed: (h,), slot i of entry j for (i, j)
+  # (d_a, h); packed: (S, h), slot group s of entry (s, j) holds column j of the sum over the
+  # samples in slot group s (the other groups: masked cross terms)
+  ciphertexts: np.ndarray
   KIND: ClassVar[str] = "masked_weight_gradient"
 
 
@@ -122,14 +126,15 @@ class MaskedWeightGradient(Message):
 class NoisyWeightGradient(Message):
   key_id: str
   values: np.ndarray           # (d_a, h) object ints, scale 2
-  accumulated_noise: np.ndarray  # (d_a, h) raw ciphertext ints of e_acc, scale 1; packed: (h,)
+  # (d_a, h) raw ciphertext ints of e_acc, scale 1; packed: (S, h), column j in slot group s
+  accumulated_noise: np.ndarray
   KIND: ClassVar[str] = "noisy_weight_gradient"
 
 
 @dataclasses.dataclass(frozen=True)
 class EncryptedInputGradient(Message):
   key_id: str
-  ciphertexts: np.ndarray  # (B, d_a); packed: (B,), slot i of entry b for (b, i)
+  ciphertexts: np.ndarray  # (B, d_a); packed: (ceil(B / S),), as PackedActivations.by_sample
   KIND: ClassVar[str] = "encrypted_input_gradient"
 
 

@@ -24,6 +24,17 @@ Bad input (a message for another step, a ciphertext under another key, a batch o
 or with other IDs, a fixed-point overflow) raises `ProtocolError` (or `he.FixedPointOverflow`)
 before any state is replaced: states are immutable, a handler returns a new one.
 
+Packed (`Protocol.packing`, the experiments' default): the same protocol with K fixed-point
+values per Paillier plaintext (`he.Slots`: as many slots of the widest sum as the key holds).
+P sends [a] twice packed: over K samples per (group, column), for [a] W' (the same W' for every
+sample), and S = K // d_a samples' d_a values per plaintext (slot group s for sample g S + s),
+for the backward sums, whose multipliers d[b, j] differ between samples: A multiplies the
+plaintexts by d[g S + s, j] once per slot group s, and keeps group s of that sum; [e_acc] travels
+as S x h ciphertexts, column j in slot group s. A's answers are then (G, h), (S, h) and
+(ceil(B / S),) ciphertexts instead of (B, h), (d_a, h) and (B, d_a); each kept slot carries what
+the unpacked ciphertext carried, every other slot is masked too, so both parties end on the
+same states bit for bit.
+
 The plaintext split protocol (`Plain*`) is the same network with a and d W_p^T crossing in the
 clear and W_p held by the active party: the comparison without encryption.
 """
@@ -289,6 +300,43 @@ def _unpack_by_group(ints: np.ndarray, slots: he.Slots, rows: int, field: str) -
   return values.transpose(0, 2, 1).reshape(groups * slots.count, cols)[:rows]
 
 
+def samples_per_plaintext(slots: he.Slots, d_a: int) -> int:
+  """S: how many samples' d_a values share a plaintext in the backward sums."""
+  return slots.count // d_a
+
+
+def _padded_rows(ints: np.ndarray, multiple: int) -> np.ndarray:
+  rows = ints.shape[0]
+  padded = np.zeros((-(-rows // multiple) * multiple,) + ints.shape[1:], dtype=object)
+  padded[:rows] = ints
+  return padded
+
+
+def _pack_samples(ints: np.ndarray, slots: he.Slots) -> np.ndarray:
+  """(B, d_a) -> (ceil(B / S),): slots s d_a .. s d_a + d_a - 1 of entry g hold row g S + s."""
+  d_a = ints.shape[1]
+  per = samples_per_plaintext(slots, d_a)
+  return he.pack(_padded_rows(ints, per).reshape(-1, per * d_a), slots)
+
+
+def _unpack_samples(ints: np.ndarray, slots: he.Slots, rows: int, d_a: int,
+                    field: str) -> np.ndarray:
+  """The inverse of `_pack_samples`: (ceil(B / S),) -> (B, d_a)."""
+  per = samples_per_plaintext(slots, d_a)
+  return he.unpack(ints, slots, per * d_a, field).reshape(-1, d_a)[:rows]
+
+
+def _pack_columns_per_sample_slot(matrix: np.ndarray, slots: he.Slots) -> np.ndarray:
+  """(d_a, h) -> (S, h): entry (s, j) holds column j in sample slot group s, zeros elsewhere
+  (multiplied by d[g S + s, j] and summed, it gives sample g S + s's row in group s)."""
+  d_a, h = matrix.shape
+  per = samples_per_plaintext(slots, d_a)
+  values = np.zeros((per, h, per * d_a), dtype=object)
+  for s in range(per):
+    values[s, :, s * d_a:(s + 1) * d_a] = matrix.T
+  return he.pack(values, slots)
+
+
 def effective_w_passive(protocol: Protocol, passive: PassiveState, active: ActiveState):
   """W' + e_acc: the true W_p, which only an observer holding both states can form (tests, and
   the experiment, to start the plaintext comparisons from the same weights)."""
@@ -354,7 +402,8 @@ def passive_begin(protocol: Protocol, jit: Jitted, engine: he.Engine,
   # d_a values for the backward sums, whose multipliers d[b, j] differ between samples.
   slots = packing_slots(protocol, state.public_key)
   by_group = _pack_by_group(a_ints, slots)
-  by_sample = he.pack(a_ints, slots) if batch.phase == "train" else np.zeros(0, dtype=object)
+  by_sample = (_pack_samples(a_ints, slots) if batch.phase == "train"
+               else np.zeros(0, dtype=object))
   cipher = he.ciphertext_ints(engine.encrypt(state.public_key,
                                              np.concatenate([by_group.reshape(-1), by_sample])))
   return new, [msg.PackedActivations(*batch.where, digest, key,
@@ -395,7 +444,8 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     _check_key(message.key_id, state.public_key, "masked weight gradient")
     d_a, h = state.e_acc.shape
     slots = packing_slots(protocol, state.public_key) if protocol.packing else None
-    _check_shape(message.ciphertexts, (h,) if slots else (d_a, h), "masked weight gradient")
+    per = samples_per_plaintext(slots, d_a) if slots else 0
+    _check_shape(message.ciphertexts, (per, h) if slots else (d_a, h), "masked weight gradient")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked weight gradient")
     codec = protocol.codec
     rho = codec.encode(_noise(state.noise_seed, batch.round, batch.step + 1, state.e_acc.shape,
@@ -404,10 +454,11 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     rho_over_lr = he.scale_round(rho, fractions.Fraction(1 << codec.frac_bits) /
                                  fractions.Fraction(protocol.optimizers.interaction_lr))
     gradient = engine.decrypt(state.private_key, cipher)
-    if slots:  # entry j holds column j of a^T d + delta, slot i row i
-      gradient = he.unpack(gradient, slots, d_a, "masked weight gradient").T
+    if slots:  # entry (s, j): column j of sample slot group s's share of a^T d + delta
+      groups = he.unpack(gradient, slots, per * d_a, "masked weight gradient")
+      gradient = sum(groups[s, :, s * d_a:(s + 1) * d_a] for s in range(per)).T
     noisy = gradient + rho_over_lr
-    e_plain = he.pack(state.e_acc.T, slots) if slots else state.e_acc
+    e_plain = _pack_columns_per_sample_slot(state.e_acc, slots) if slots else state.e_acc
     e_cipher = he.ciphertext_ints(engine.encrypt(state.public_key, e_plain))
     new = dataclasses.replace(state, expect="encrypted_input_gradient", e_acc=state.e_acc + rho)
     return new, [msg.NoisyWeightGradient(*batch.where, he.key_id(state.public_key), noisy,
@@ -418,13 +469,14 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     _check_key(message.key_id, state.public_key, "encrypted input gradient")
     rows, d_a = state.a_ints.shape
     slots = packing_slots(protocol, state.public_key) if protocol.packing else None
-    _check_shape(message.ciphertexts, (rows,) if slots else (rows, d_a),
+    _check_shape(message.ciphertexts,
+                 (-(-rows // samples_per_plaintext(slots, d_a)),) if slots else (rows, d_a),
                  "encrypted input gradient")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts,
                                      "encrypted input gradient")
     grad_ints = engine.decrypt(state.private_key, cipher)
     if slots:
-      grad_ints = he.unpack(grad_ints, slots, d_a, "encrypted input gradient")
+      grad_ints = _unpack_samples(grad_ints, slots, rows, d_a, "encrypted input gradient")
     grad_a = protocol.codec.decode(grad_ints, scale=2)
     return _passive_backward(protocol, jit, state, batch, grad_a.astype(np.float32)), []
   raise ProtocolError(f"{who}: got {message.KIND}, expected {state.expect}")
@@ -467,7 +519,8 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     rows, h = len(batch.rows), state.w_share.shape[1]
     _check_shape(message.by_group, (-(-rows // slots.count), protocol.spec.passive_out),
                  f"{message.KIND} by_group")
-    _check_shape(message.by_sample, (rows if batch.phase == "train" else 0,),
+    per = samples_per_plaintext(slots, protocol.spec.passive_out)
+    _check_shape(message.by_sample, (-(-rows // per) if batch.phase == "train" else 0,),
                  f"{message.KIND} by_sample")
     _check_key(message.key_id, state.public_key, "packed activations")
     by_group = he.from_ciphertext_ints(state.public_key, message.by_group, "packed activations")
@@ -504,13 +557,21 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     loss, _, grads, d = jit.active_step(state.params, z_passive, state.x[rows],
                                         state.labels[rows])
     d_ints = protocol.codec.encode(np.asarray(d, np.float64), "interaction gradient d")
-    mask = he.random_masks(state.w_share.shape, protocol.mask_bits)
     if protocol.packing:
-      # sum_b d[b, j] [a_b packed over i] = [column j of a^T d, packed over i]: (h,).
+      # Entry g of [a] holds samples g S .. g S + S - 1. For each sample slot group s and
+      # column j: sum_g d[g S + s, j] [entry g] holds column j of the sum over those samples of
+      # a_b^T d_b in group s (the other groups hold cross terms: masked, and never returned).
       slots = packing_slots(protocol, state.public_key)
-      grad_cipher = engine.matvec(d_ints.T, state.a_cipher)
-      masked = engine.obfuscate(he.add_plain(grad_cipher, he.pack(mask.T, slots)))
+      d_a, h = state.w_share.shape
+      per = samples_per_plaintext(slots, d_a)
+      d_groups = _padded_rows(d_ints, per).reshape(-1, per, h)  # (G_S, S, h)
+      grad_cipher = engine.matvec(d_groups.transpose(1, 2, 0).reshape(per * h, -1),
+                                  state.a_cipher).reshape(per, h)
+      every_slot = he.random_masks((per, h, per * d_a), protocol.mask_bits)
+      mask = sum(every_slot[s, :, s * d_a:(s + 1) * d_a] for s in range(per)).T  # (d_a, h)
+      masked = engine.obfuscate(he.add_plain(grad_cipher, he.pack(every_slot, slots)))
     else:
+      mask = he.random_masks(state.w_share.shape, protocol.mask_bits)
       # [a]^T d = (d^T [a])^T: (d_a, h) sums over the batch.
       grad_cipher = engine.matmul_left(d_ints.T, state.a_cipher).T
       masked = engine.obfuscate(he.add_plain(grad_cipher, mask))
@@ -526,15 +587,17 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     _check_key(message.key_id, state.public_key, "noisy weight gradient")
     _check_shape(message.values, state.w_share.shape, "noisy weight gradient")
     d_a, h = state.w_share.shape
-    _check_shape(message.accumulated_noise, (h,) if protocol.packing else (d_a, h),
-                 "encrypted e_acc")
+    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
+    per = samples_per_plaintext(slots, d_a) if slots else 0
+    _check_shape(message.accumulated_noise, (per, h) if slots else (d_a, h), "encrypted e_acc")
     e_cipher = he.from_ciphertext_ints(state.public_key, message.accumulated_noise,
                                        "encrypted e_acc")
-    if protocol.packing:
-      # [column j of W' + e_acc, packed over i]; sum_j d[b, j] (that) = [row b of dL/da]: (B,).
-      slots = packing_slots(protocol, state.public_key)
-      w_cipher = he.add_plain(e_cipher, he.pack(state.w_share.T, slots))
-      grad_a = engine.obfuscate(engine.matvec(state.d_ints, w_cipher))
+    if slots:
+      # Entry (s, j): [column j of W' + e_acc in sample slot group s]; for samples
+      # g S .. g S + S - 1, sum_(s, j) d[g S + s, j] (that) = [their rows of dL/da]: (G_S,).
+      w_cipher = he.add_plain(e_cipher, _pack_columns_per_sample_slot(state.w_share, slots))
+      d_rows = _padded_rows(state.d_ints, per).reshape(-1, per * h)
+      grad_a = engine.obfuscate(engine.matvec(d_rows, w_cipher.reshape(-1)))
     else:
       # d [W' + e_acc]^T: (B, h) x (h, d_a), sums over h; W' added to [e_acc] in the clear.
       w_cipher = he.add_plain(e_cipher, state.w_share)

@@ -9,10 +9,13 @@ from experiments import vfl
 from research.vfl import model as model_lib
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_operation_counts_are_what_the_protocol_performs(packing):
+@pytest.mark.parametrize("packing, mask_bits", [(False, 128), (True, 128), (True, 64)])
+def test_operation_counts_are_what_the_protocol_performs(packing, mask_bits):
+  # 1024-bit keys; packed with 128-bit masks: 7 slots, 1 sample per backward plaintext; with
+  # 64-bit masks: 10 slots, 2.
   config, _ = launcher.load("configs/vfl/smoke.py", [
-      "methods=('encrypted',)", "he.workers=1", f"he.packing={packing}", "batch_size=24"])
+      "methods=('encrypted',)", "he.workers=1", f"he.packing={packing}", "batch_size=24",
+      f"he.mask_bits={mask_bits}"])
   tables = vfl.party_tables(config)
   engine = bench_vfl.TimedEngine()
   result = vfl.run_seed(config, launcher.Run(None), tables, config.seed, engine)
@@ -30,5 +33,16 @@ def test_operation_counts_are_what_the_protocol_performs(packing):
   assert engine.counts == expected
   # 2 train batches of 24 and 1 eval batch; packed, 1024-bit keys hold 7 slots: 4 groups.
   assert [b.phase for b in protocol.schedule] == ["train", "train", "eval"]
-  if packing:
+  if packing and mask_bits == 128:
     assert slots == 7 and expected["encrypt"] == 2 * (4 * 4 + 24 + 4) + 4 * 4
+  if packing and mask_bits == 64:
+    assert slots == 10 and expected["encrypt"] == 2 * (3 * 4 + 12 + 2 * 4) + 3 * 4
+
+
+def test_packed_operation_counts_under_a_2048_bit_key():
+  # 15 slots: G = ceil(64 / 15) = 5 forward groups, 3 samples per backward plaintext (22 groups).
+  ops = bench_vfl.operations_per_batch(64, 4, 4, 15)
+  assert ops == {"encrypt": 5 * 4 + 22 + 3 * 4, "obfuscate": 5 * 4 + 3 * 4 + 22,
+                 "decrypt": 5 * 4 + 3 * 4 + 22, "multiply and sum": 5 * 16 + 2 * 3 * 4 * 22}
+  unpacked = bench_vfl.operations_per_batch(64, 4, 4)
+  assert unpacked["encrypt"] == 64 * 4 + 16 and unpacked["obfuscate"] == 64 * 4 + 16 + 64 * 4

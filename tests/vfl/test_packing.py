@@ -74,10 +74,30 @@ def test_unpack_refuses_a_value_beyond_its_slots_and_pack_more_values_than_slots
 # --- the packed protocol -------------------------------------------------------------------------
 
 
-def test_the_packed_protocol_ends_on_the_unpacked_states_bit_for_bit(world, jit, noisy_start, same):
-  # Noise and masks on; 3 train batches and the eval batch; the batch of 8 spans 2 groups of
-  # 7 slots (the second one partly empty).
-  protocol = world.protocol(train_batches=3, noise_scale=0.1, mask_bits=128)
+@pytest.fixture(scope="module")
+def noisy_start_2048(world):
+  """As noisy_start, under a 2048-bit key: 15 slots of 130 bits, 3 samples per plaintext in the
+  backward sums (so their cross-sample slot groups are exercised with full masks)."""
+  return world.states(world.protocol(noise_scale=0.1), key_bits=2048)
+
+
+# Integers per batch (ciphertexts and revealed values), B = 8 rows, d_a = h = 4, 3 train batches
+# and the eval batch. Unpacked, per train batch: [a] 32, [aW'+eps] 32, revealed 32, [a^T d] 16,
+# noisy gradient 16 + [e_acc] 16, [d W_p^T] 32; eval: 32 + 32 + 32.
+UNPACKED_INTS = 3 * 176 + 96
+
+
+@pytest.mark.parametrize("mask_bits, slots, per_plaintext, packed_ints", [
+    # 7 slots, G = 2 groups of samples, S = 1 sample per backward plaintext: [a] 2 x 4 + 8,
+    # [aW'+eps] 2 x 4, revealed 32, [a^T d] 1 x 4, noisy 16 + [e_acc] 1 x 4, [d W_p^T] 8;
+    # eval: 8 + 8 + 32.
+    (128, 7, 1, 3 * 88 + 48),
+    # 10 slots of 100 bits: G = 1, S = 2: [a] 4 + 4, [aW'+eps] 4, revealed 32, [a^T d] 2 x 4,
+    # noisy 16 + [e_acc] 2 x 4, [d W_p^T] 4; eval: 4 + 4 + 32.
+    (64, 10, 2, 3 * 80 + 40)])
+def test_the_packed_protocol_ends_on_the_unpacked_states_bit_for_bit(
+    world, jit, noisy_start, same, mask_bits, slots, per_plaintext, packed_ints):
+  protocol = world.protocol(train_batches=3, noise_scale=0.1, mask_bits=mask_bits)
   counted = {}
 
   def count(label):
@@ -95,23 +115,30 @@ def test_the_packed_protocol_ends_on_the_unpacked_states_bit_for_bit(world, jit,
   assert len(active.losses) == 3 and len(active.eval_logits) == 1
   same(passive, plain_passive)
   same(active, plain_active)
-  # Integers per batch (ciphertexts and revealed values): B = 8 rows, d_a = h = 4, 7 slots,
-  # G = 2 groups. Unpacked, per train batch: [a] 32, [aW'+eps] 32, revealed 32, [a^T d] 16,
-  # noisy gradient 16 + [e_acc] 16, [d W_p^T] 32; eval: 32 + 32 + 32.
-  slots = parties.packing_slots(protocol, noisy_start[0].public_key)
-  assert slots.count == 7
-  assert counted["unpacked"] == 3 * 176 + 96
-  # Packed: [a] 2 x 4 + 8, [aW'+eps] 2 x 4, revealed 32, [a^T d] 4, noisy 16 + [e_acc] 4,
-  # [d W_p^T] 8; eval: 8 + 8 + 32.
-  assert counted["packed"] == 3 * 88 + 48
+  layout = parties.packing_slots(protocol, noisy_start[0].public_key)
+  assert (layout.count, parties.samples_per_plaintext(layout, 4)) == (slots, per_plaintext)
+  assert counted["unpacked"] == UNPACKED_INTS
+  assert counted["packed"] == packed_ints
   assert sum(traffic.bytes.values()) < sum(plain_traffic.bytes.values()) / 2
 
 
-@pytest.fixture(scope="module")
-def packed_recording(world, jit, noisy_start) -> Recording:
-  """2 train batches and 1 eval batch of the packed protocol, masks and noise on."""
+def test_three_samples_per_plaintext_under_a_2048_bit_key_end_on_the_same_states(
+    world, jit, noisy_start_2048, same):
+  protocol = world.protocol(train_batches=2, noise_scale=0.1, mask_bits=128)
+  layout = parties.packing_slots(protocol, noisy_start_2048[0].public_key)
+  assert (layout.count, parties.samples_per_plaintext(layout, 4)) == (15, 3)
+  plain_passive, plain_active, _ = run(protocol, *noisy_start_2048, jit, None)
+  passive, active, _ = run(packed(protocol), *noisy_start_2048, jit, None)
+  same(passive, plain_passive)
+  same(active, plain_active)
+
+
+@pytest.fixture(scope="module", params=["noisy_start", "noisy_start_2048"])
+def packed_recording(request, world, jit) -> Recording:
+  """2 train batches and 1 eval batch of the packed protocol, masks and noise on; 1 (1024-bit
+  key) and 3 (2048-bit key) samples per plaintext in the backward sums."""
   return record(packed(world.protocol(train_batches=2, noise_scale=0.1, mask_bits=128)),
-                noisy_start, jit)
+                request.getfixturevalue(request.param), jit)
 
 
 def test_packed_the_passive_party_sees_products_and_gradients_only_under_masks(packed_recording):
@@ -119,6 +146,8 @@ def test_packed_the_passive_party_sees_products_and_gradients_only_under_masks(p
   protocol, passive_states, active_states = r.protocol, r.passive_states, r.active_states
   private_key = passive_states[0].private_key
   slots = parties.packing_slots(protocol, private_key.public_key)
+  d_a = protocol.spec.passive_out
+  per = parties.samples_per_plaintext(slots, d_a)
   lr, codec = protocol.optimizers.interaction_lr, protocol.codec
   of, index = r.of, r.batch_index
   for message in of("passive", "masked_products"):
@@ -138,10 +167,15 @@ def test_packed_the_passive_party_sees_products_and_gradients_only_under_masks(p
     rho = passive_states[k + 1].e_acc - passive_states[k].e_acc
     a_t_d = (before.w_share - after.w_share - rho) * fractions.Fraction(1 << codec.frac_bits) / \
         fractions.Fraction(lr)
-    gradient = he.unpack(decrypt(private_key, message.ciphertexts), slots,
-                         before.w_share.shape[0], "g").T
-    delta = gradient - a_t_d
-    assert all((1 << 64) < d < (1 << 128) + (1 << 40) for d in delta.reshape(-1)), k
+    groups = he.unpack(decrypt(private_key, message.ciphertexts), slots, per * d_a, "g")
+    assert groups.shape == (per, 4, per * d_a)
+    wanted = sum(groups[s, :, s * d_a:(s + 1) * d_a] for s in range(per)).T
+    delta = wanted - a_t_d  # the sum of the per groups' masks
+    assert all((1 << 64) < d < per * (1 << 128) + (1 << 40) for d in delta.reshape(-1)), k
+    # The other groups hold sums across samples of other slot groups (|x| < 2**100 here): they
+    # are masked too, never returned, and never seen bare.
+    cross = [groups[s, :, t * d_a:(t + 1) * d_a] for s in range(per) for t in range(per) if s != t]
+    assert all(v > (1 << 100) for c in cross for v in c.reshape(-1)), k
 
 
 def test_packed_the_active_party_never_holds_a_its_features_or_e_acc(world, packed_recording):
@@ -157,8 +191,11 @@ def test_packed_the_active_party_never_holds_a_its_features_or_e_acc(world, pack
     secrets_ |= set(clear)  # packed a, as the plaintexts of what it receives
     secrets_ |= {v for packed_ in clear for v in he.unpack(np.array([packed_], dtype=object),
                                                            slots, slots.count, "a")[0]}
+  per = parties.samples_per_plaintext(slots, protocol.spec.passive_out)
   for state in passive_states:
-    secrets_ |= set(state.e_acc.reshape(-1)) | set(he.pack(state.e_acc.T, slots))
+    secrets_ |= set(state.e_acc.reshape(-1))
+  for message in [m for r, m in received if r == "active" and m.KIND == "noisy_weight_gradient"]:
+    secrets_ |= set(decrypt(private_key, message.accumulated_noise).reshape(-1))  # packed e_acc
   secrets_.discard(0)  # padding slots
   for receiver, message in received:
     if receiver != "active":
@@ -172,9 +209,14 @@ def test_packed_the_active_party_never_holds_a_its_features_or_e_acc(world, pack
     assert not set(ints) & secrets_, message.KIND
     if message.KIND == "noisy_weight_gradient":
       k = [b.where for b in protocol.schedule].index(message.where)
-      assert all(public_key.n < c < public_key.nsquare for c in message.accumulated_noise)
-      np.testing.assert_array_equal(decrypt(private_key, message.accumulated_noise),
-                                    he.pack(passive_states[k].e_acc.T, slots))
+      assert message.accumulated_noise.shape == (per, 4)
+      assert all(public_key.n < c < public_key.nsquare
+                 for c in message.accumulated_noise.reshape(-1))
+      # Entry (s, j) holds column j of e_acc in sample slot group s, zeros elsewhere.
+      groups = he.unpack(decrypt(private_key, message.accumulated_noise), slots, per * 4, "e")
+      for s in range(per):
+        np.testing.assert_array_equal(groups[s, :, 4 * s:4 * s + 4].T, passive_states[k].e_acc)
+        assert not np.any(np.delete(groups[s], np.s_[4 * s:4 * s + 4], axis=1))
 
 
 def test_packed_every_ciphertext_the_active_party_returns_is_re_randomized(world, jit,
