@@ -286,11 +286,8 @@ def packing_slots(protocol: Protocol, public_key: he.PublicKey) -> he.Slots:
 
 def _pack_by_group(ints: np.ndarray, slots: he.Slots) -> np.ndarray:
   """(B, m) -> (G, m): slot k of row g holds row g K + k (the last group padded with zeros)."""
-  rows, cols = ints.shape
-  groups = -(-rows // slots.count)
-  padded = np.zeros((groups * slots.count, cols), dtype=object)
-  padded[:rows] = ints
-  return he.pack(padded.reshape(groups, slots.count, cols).transpose(0, 2, 1), slots)
+  padded = _padded_rows(ints, slots.count)
+  return he.pack(padded.reshape(-1, slots.count, ints.shape[1]).transpose(0, 2, 1), slots)
 
 
 def _unpack_by_group(ints: np.ndarray, slots: he.Slots, rows: int, field: str) -> np.ndarray:
@@ -398,8 +395,8 @@ def passive_begin(protocol: Protocol, jit: Jitted, engine: he.Engine,
   if not protocol.packing:
     cipher = he.ciphertext_ints(engine.encrypt(state.public_key, a_ints))
     return new, [msg.EncryptedActivations(*batch.where, digest, key, cipher)]
-  # Packed: over K samples for [a] W' (W' is the same for every sample), and over a sample's
-  # d_a values for the backward sums, whose multipliers d[b, j] differ between samples.
+  # Packed: over K samples for [a] W' (W' is the same for every sample), and S samples' d_a
+  # values per plaintext for the backward sums, whose multipliers d[b, j] differ per sample.
   slots = packing_slots(protocol, state.public_key)
   by_group = _pack_by_group(a_ints, slots)
   by_sample = (_pack_samples(a_ints, slots) if batch.phase == "train"
