@@ -62,8 +62,8 @@ def test_unpack_refuses_a_value_beyond_its_slots_and_pack_more_values_than_slots
   one_slot_too_many = he.pack(np.array([1, -2, 3], dtype=object), slots)
   with pytest.raises(he.FixedPointOverflow, match="^masked products: a packed value overflowed"):
     he.unpack(np.array([one_slot_too_many], dtype=object), slots, 2, "masked products")
-  # A slot past its width carries into the next: unpacking all slots would misread, so the
-  # carry must not vanish: the bound check sees the leftover.
+  # A slot that outgrew its width carries into the next one: what is left after the expected
+  # slots is never silently dropped.
   overflowing = np.array([(1 << (slots.width * slots.count)) - 1], dtype=object)
   with pytest.raises(he.FixedPointOverflow):
     he.unpack(overflowing, slots, slots.count - 1, "t")
