@@ -334,6 +334,11 @@ def _pack_columns_per_sample_slot(matrix: np.ndarray, slots: he.Slots) -> np.nda
   return he.pack(values, slots)
 
 
+def _own_groups(values: np.ndarray, d_a: int) -> np.ndarray:
+  """(S, h, S d_a) slot values -> (h, d_a): the sum over s of entry s's own slot group s."""
+  return sum(values[s, :, s * d_a:(s + 1) * d_a] for s in range(values.shape[0]))
+
+
 def effective_w_passive(protocol: Protocol, passive: PassiveState, active: ActiveState):
   """W' + e_acc: the true W_p, which only an observer holding both states can form (tests, and
   the experiment, to start the plaintext comparisons from the same weights)."""
@@ -408,6 +413,16 @@ def passive_begin(protocol: Protocol, jit: Jitted, engine: he.Engine,
                                      cipher[by_group.size:])]
 
 
+def _receive_ciphertexts(protocol: Protocol, state: PassiveState, message: msg.Message,
+                         expected: str, field: str) -> tuple[Batch, he.Slots | None]:
+  """The passive party's checks before it decrypts anything: the expected kind, the schedule's
+  batch, its own key; and the slot layout when packed."""
+  _check_expect(state, message, "passive", expected)
+  batch = _check_where(state, message, protocol, "passive")
+  _check_key(message.key_id, state.public_key, field)
+  return batch, packing_slots(protocol, state.public_key) if protocol.packing else None
+
+
 def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: PassiveState,
                    message: msg.Message) -> tuple[PassiveState, list[msg.Message]]:
   who = "passive"
@@ -418,11 +433,9 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     return _passive_backward(protocol, jit, state, batch, message.values.astype(np.float32)), []
   _check(state.public_key is not None, f"{who}: got {message.KIND} in plaintext mode")
   if isinstance(message, msg.MaskedProducts):
-    _check_expect(state, message, who, "masked_products")
-    batch = _check_where(state, message, protocol, who)
-    _check_key(message.key_id, state.public_key, "masked products")
+    batch, slots = _receive_ciphertexts(protocol, state, message, "masked_products",
+                                        "masked products")
     rows, h = len(batch.rows), state.e_acc.shape[1]
-    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
     _check_shape(message.ciphertexts, (-(-rows // slots.count), h) if slots else (rows, h),
                  "masked products")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked products")
@@ -436,11 +449,9 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
                               a_ints=state.a_ints if train else None)
     return new, [msg.RevealedProducts(*batch.where, revealed)]
   if isinstance(message, msg.MaskedWeightGradient):
-    _check_expect(state, message, who, "masked_weight_gradient")
-    batch = _check_where(state, message, protocol, who)
-    _check_key(message.key_id, state.public_key, "masked weight gradient")
+    batch, slots = _receive_ciphertexts(protocol, state, message, "masked_weight_gradient",
+                                        "masked weight gradient")
     d_a, h = state.e_acc.shape
-    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
     per = samples_per_plaintext(slots, d_a) if slots else 0
     _check_shape(message.ciphertexts, (per, h) if slots else (d_a, h), "masked weight gradient")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked weight gradient")
@@ -453,7 +464,7 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     gradient = engine.decrypt(state.private_key, cipher)
     if slots:  # entry (s, j): column j of sample slot group s's share of a^T d + delta
       groups = he.unpack(gradient, slots, per * d_a, "masked weight gradient")
-      gradient = sum(groups[s, :, s * d_a:(s + 1) * d_a] for s in range(per)).T
+      gradient = _own_groups(groups, d_a).T
     noisy = gradient + rho_over_lr
     e_plain = _pack_columns_per_sample_slot(state.e_acc, slots) if slots else state.e_acc
     e_cipher = he.ciphertext_ints(engine.encrypt(state.public_key, e_plain))
@@ -461,11 +472,9 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     return new, [msg.NoisyWeightGradient(*batch.where, he.key_id(state.public_key), noisy,
                                          e_cipher)]
   if isinstance(message, msg.EncryptedInputGradient):
-    _check_expect(state, message, who, "encrypted_input_gradient")
-    batch = _check_where(state, message, protocol, who)
-    _check_key(message.key_id, state.public_key, "encrypted input gradient")
+    batch, slots = _receive_ciphertexts(protocol, state, message, "encrypted_input_gradient",
+                                        "encrypted input gradient")
     rows, d_a = state.a_ints.shape
-    slots = packing_slots(protocol, state.public_key) if protocol.packing else None
     _check_shape(message.ciphertexts,
                  (-(-rows // samples_per_plaintext(slots, d_a)),) if slots else (rows, d_a),
                  "encrypted input gradient")
@@ -565,7 +574,7 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
       grad_cipher = engine.matvec(d_groups.transpose(1, 2, 0).reshape(per * h, -1),
                                   state.a_cipher).reshape(per, h)
       every_slot = he.random_masks((per, h, per * d_a), protocol.mask_bits)
-      mask = sum(every_slot[s, :, s * d_a:(s + 1) * d_a] for s in range(per)).T  # (d_a, h)
+      mask = _own_groups(every_slot, d_a).T  # (d_a, h): what the kept groups carry
       masked = engine.obfuscate(he.add_plain(grad_cipher, he.pack(every_slot, slots)))
     else:
       mask = he.random_masks(state.w_share.shape, protocol.mask_bits)
