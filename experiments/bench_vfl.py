@@ -6,10 +6,10 @@ process runs both parties (messages encoded and counted as always):
 
 - seconds per training sample of (a) the encrypted protocol and (b) the plaintext split protocol,
   over `--batches` training batches each (after one more that also compiles the jax steps), (a)
-  with the Paillier work in this process and over a
-  pool of 2 processes shared by both parties (does the pool pay off?), each unpacked and packed
-  (`he.packing`: several fixed-point values per Paillier plaintext); the (a) / (b) ratio is the
-  per-epoch time ratio (both are linear in the samples of an epoch);
+  with the Paillier work in this process and over a pool of 2 processes shared by both parties
+  (does the pool pay off?), each unpacked and packed (`he.packing`: several fixed-point values
+  per Paillier plaintext); the (a) / (b) ratio is the per-epoch time ratio (both are linear in
+  the samples of an epoch);
 - bytes per training sample of (a) and (b);
 - Paillier operations per sample (from the protocol: B batch rows, d_a passive outputs, h
   interaction outputs, K slots when packed; `operations_per_batch`, tested against the counts of

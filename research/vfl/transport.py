@@ -17,8 +17,9 @@ report communication cost. Counters count payload bytes only, not framing or TLS
 What it guarantees: in-order delivery of whole messages, each at most once, while both ends are
 up (a send that fails, e.g. past its deadline, may still have been delivered; nothing is retried,
 the session stops with the error); over TLS, confidentiality and integrity on the wire and
-authentication of both ends by the shared CA. What it does not: persistence or retries across a restart of either party, or any
-protection of the payload from the peer itself (that is the protocol's job).
+authentication of both ends by the shared CA. What it does not: persistence or retries across a
+restart of either party, or any protection of the payload from the peer itself (that is the
+protocol's job).
 """
 
 from __future__ import annotations
