@@ -15,22 +15,13 @@ import pytest
 from research.vfl import he
 from research.vfl import messages as msg
 from research.vfl import parties
-from research.vfl import session
-from tests.vfl._record import Recording, record
+from tests.vfl._drive import (ENGINE, Recording, answer_each_twice, begin, decrypt, record,
+                              run)
 
-ENGINE = he.Engine()
-
-
-def run(protocol, passive, active, jit, batches, **kwargs):
-  return session.run_in_process(protocol, passive, active, jit=jit, batches=batches, **kwargs)
 
 
 def packed(protocol: parties.Protocol) -> parties.Protocol:
   return dataclasses.replace(protocol, packing=True)
-
-
-def decrypt(private_key, ints: np.ndarray) -> np.ndarray:
-  return ENGINE.decrypt(private_key, he.from_ciphertext_ints(private_key.public_key, ints, "t"))
 
 
 # --- slots -------------------------------------------------------------------------------------
@@ -221,28 +212,9 @@ def test_packed_the_active_party_never_holds_a_its_features_or_e_acc(world, pack
 
 def test_packed_every_ciphertext_the_active_party_returns_is_re_randomized(world, jit,
                                                                            quiet_start):
-  protocol = packed(world.protocol(noise_scale=0.0, mask_bits=0))
-  passive, active = quiet_start
-  (key_message,) = parties.passive_setup(passive)
-  active, _ = parties.active_handle(protocol, jit, ENGINE, active, key_message)
-  passive, (activations,) = parties.passive_begin(protocol, jit, ENGINE, passive)
-  private_key = passive.private_key
-
-  def twice(state, message):
-    (first_state, (first,)), (_, (second,)) = [
-        parties.active_handle(protocol, jit, ENGINE, state, message) for _ in range(2)]
-    assert not np.any(first.ciphertexts == second.ciphertexts), first.KIND
-    np.testing.assert_array_equal(decrypt(private_key, first.ciphertexts),
-                                  decrypt(private_key, second.ciphertexts))
-    return first_state, first
-
-  active, products = twice(active, activations)
-  passive, (revealed,) = parties.passive_handle(protocol, jit, ENGINE, passive, products)
-  active, gradient = twice(active, revealed)
-  passive, (noisy,) = parties.passive_handle(protocol, jit, ENGINE, passive, gradient)
-  active, input_gradient = twice(active, noisy)
-  passive, outbox = parties.passive_handle(protocol, jit, ENGINE, passive, input_gradient)
-  assert outbox == [] and passive.cursor == active.cursor == 1
+  b = begin(packed(world.protocol(noise_scale=0.0, mask_bits=0)), jit, *quiet_start)
+  assert b.activations.KIND == "packed_activations"
+  answer_each_twice(b, jit)
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -250,13 +222,9 @@ def test_packed_every_ciphertext_the_active_party_returns_is_re_randomized(world
 
 @pytest.fixture(scope="module")
 def packed_begun(world, jit, noisy_start):
-  protocol = packed(world.protocol(noise_scale=0.1))
-  passive, active = noisy_start
-  (key_message,) = parties.passive_setup(passive)
-  active, _ = parties.active_handle(protocol, jit, ENGINE, active, key_message)
-  passive, (activations,) = parties.passive_begin(protocol, jit, ENGINE, passive)
-  assert activations.by_group.shape == (2, 4) and activations.by_sample.shape == (8,)
-  return protocol, passive, active, activations
+  b = begin(packed(world.protocol(noise_scale=0.1)), jit, *noisy_start)
+  assert b.activations.by_group.shape == (2, 4) and b.activations.by_sample.shape == (8,)
+  return b.protocol, b.passive, b.active, b.activations
 
 
 def test_packed_refuses_wrong_shapes_modes_ids_and_keys(packed_begun, jit, refused,

@@ -17,17 +17,12 @@ from research.vfl import he
 from research.vfl import messages as msg
 from research.vfl import model as model_lib
 from research.vfl import parties
-from research.vfl import session
-from tests.vfl._record import Recording, record
+from tests.vfl._drive import (ENGINE, Begun, Recording, answer_each_twice, begin, decrypt,
+                              record, run)
 
-ENGINE = he.Engine()
 # Float32 forward/backward differs from the exact fixed-point path by a few float32 ulps
 # (|params| ~ 1, so ~1e-7); after 1-3 steps of Adam / SGD that stays well under 1e-5.
 ATOL = 1e-5
-
-
-def run(protocol, passive, active, jit, batches, **kwargs):
-  return session.run_in_process(protocol, passive, active, jit=jit, batches=batches, **kwargs)
 
 
 def assert_tree_close(a, b, atol=ATOL, rtol=0.0):
@@ -148,10 +143,6 @@ def all_ints(message: msg.Message, scalars: bool = True) -> list[int]:
   return out
 
 
-def decrypt(private_key, ints: np.ndarray) -> np.ndarray:
-  return ENGINE.decrypt(private_key, he.from_ciphertext_ints(private_key.public_key, ints, "t"))
-
-
 def test_each_party_receives_only_its_kinds(recording):
   kinds = collections.Counter((r, m.KIND) for r, m in recording.received)
   assert kinds == {
@@ -252,24 +243,6 @@ def test_the_secret_key_never_appears_in_a_message(recording):
 # --- driving the parties by hand ------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Begun:
-  """Both parties at the start of train batch 0: the active one has the public key, the passive
-  one has just sent [a]."""
-  protocol: parties.Protocol
-  passive: parties.PassiveState
-  active: parties.ActiveState
-  activations: msg.EncryptedActivations
-
-
-def begin(protocol, jit, passive, active) -> Begun:
-  (key_message,) = parties.passive_setup(passive)
-  active, outbox = parties.active_handle(protocol, jit, ENGINE, active, key_message)
-  assert outbox == [] and active.expect == "begin"
-  passive, (activations,) = parties.passive_begin(protocol, jit, ENGINE, passive)
-  return Begun(protocol, passive, active, activations)
-
-
 @pytest.fixture(scope="module")
 def begun(world, jit, noisy_start) -> Begun:
   return begin(world.protocol(noise_scale=0.1), jit, *noisy_start)
@@ -278,29 +251,12 @@ def begun(world, jit, noisy_start) -> Begun:
 def test_every_ciphertext_the_active_party_returns_is_re_randomized(world, jit, quiet_start):
   # Without masks and noise, the only thing that can make two answers to the same message differ
   # is the fresh encryption of zero each ciphertext is multiplied by.
-  protocol = world.protocol(noise_scale=0.0, mask_bits=0)
-  b = begin(protocol, jit, *quiet_start)
-  private_key = b.passive.private_key
-
-  def twice(state, message):
-    (first_state, (first,)), (_, (second,)) = [
-        parties.active_handle(protocol, jit, ENGINE, state, message) for _ in range(2)]
-    c1, c2 = first.ciphertexts, second.ciphertexts
-    assert not np.any(c1 == c2), first.KIND
-    np.testing.assert_array_equal(decrypt(private_key, c1), decrypt(private_key, c2))
-    return first_state, first
-
-  active, products = twice(b.active, b.activations)
+  b = begin(world.protocol(noise_scale=0.0, mask_bits=0), jit, *quiet_start)
+  products, _, _ = answer_each_twice(b, jit)
   # Not the plain product of [a] and W' either.
   a_cipher = he.from_ciphertext_ints(b.passive.public_key, b.activations.ciphertexts, "a")
   plain_product = he.ciphertext_ints(ENGINE.matmul(a_cipher, b.active.w_share))
   assert not np.any(products.ciphertexts == plain_product)
-  passive, (revealed,) = parties.passive_handle(protocol, jit, ENGINE, b.passive, products)
-  active, gradient = twice(active, revealed)
-  passive, (noisy,) = parties.passive_handle(protocol, jit, ENGINE, passive, gradient)
-  active, input_gradient = twice(active, noisy)
-  passive, outbox = parties.passive_handle(protocol, jit, ENGINE, passive, input_gradient)
-  assert outbox == [] and passive.cursor == active.cursor == 1
 
 
 def test_refuses_a_message_for_another_step_or_round(begun, jit, refused):
