@@ -1,5 +1,8 @@
 """bench_vfl's Paillier operation counts: the formulas its tables multiply by unit costs are the
-operations the protocol performs, packed and unpacked (counted by the benchmark's engine)."""
+operations the protocol performs, packed and unpacked (counted by the benchmark's engine); its
+--features option."""
+
+import argparse
 
 import pytest
 
@@ -46,3 +49,14 @@ def test_packed_operation_counts_under_a_2048_bit_key():
                  "decrypt": 5 * 4 + 3 * 4 + 22, "multiply and sum": 5 * 16 + 2 * 3 * 4 * 22}
   unpacked = bench_vfl.operations_per_batch(64, 4, 4)
   assert unpacked["encrypt"] == 64 * 4 + 16 and unpacked["obfuscate"] == 64 * 4 + 16 + 64 * 4
+
+
+@pytest.mark.parametrize("text", ["30", "30,x", "0,300", "30,300,1", "-1,3"])
+def test_features_option_refuses_anything_but_two_positive_counts(text):
+  with pytest.raises(argparse.ArgumentTypeError, match=r"--features: expected ACTIVE,PASSIVE"):
+    bench_vfl.parse_features(text)
+
+
+def test_features_option_default_is_fates_width():
+  assert bench_vfl.parse_features("30,300") == bench_vfl.FATE_FEATURES
+  assert sum(bench_vfl.FATE_FEATURES) == bench_vfl.FATE["features"]
