@@ -183,7 +183,8 @@ def run(config, run):
   if execute is None:
     note = (f"FHE simulation only, {config.simulate_features} features x "
             f"{config.simulate_iterations} iterations (no real encryption; the paper setting "
-            "adds it)")
+            f"adds it); bootstrap errors sampled at p_error {config.p_error}, so a rerun of the "
+            "seed may differ")
   else:
     note = (f"execute, {config.execute_features} features x {config.execute_iterations} "
             f"iterations: accuracy {execute['test']['accuracy']:.3f} (clear "
