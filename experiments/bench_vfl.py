@@ -257,7 +257,27 @@ def bench(key_bits: int, batches: int, batch_size: int,
   }
 
 
-def paper_tables(result: dict) -> dict[str, str]:
+def paper_tables(*results: dict) -> dict[str, str]:
+  """The page's tables: those of one run from the first result, and `fate_runs`, the FATE
+  comparison of every result given (a block key ending in '*' names several runs)."""
+  return {**_run_tables(results[0]), "fate_runs": _fate_runs(results)}
+
+
+def _fate_runs(results) -> str:
+  rows, ratios = [], []
+  for result in results:
+    s = result["summary"]
+    split = s.get("active_passive_features") or [s["features"], 0]
+    ratios.append(s["over_fate_per_sample_feature"])
+    rows.append((f"`{result.get('key', '?')}`", f"{s['key_bits']}", f"{split[0]} + {split[1]}",
+                 f"{s['fate_epoch_projected_seconds']:.0f}", f"{ratios[-1]:.2f}x"))
+  return (records.write_markdown_table(
+      ("kept run", "key bits", "features (active + passive)",
+       f"s / epoch of {FATE['samples']:,} samples", "meshwork / FATE per sample-feature"), rows)
+      + f"\nOver {len(rows)} run(s): {min(ratios):.2f}x ... {max(ratios):.2f}x.\n")
+
+
+def _run_tables(result: dict) -> dict[str, str]:
   s = result["summary"]
   machine = f"{s['machine']['cpu_count']} cores ({s['machine']['machine']})"
   rows = [("(a) encrypted, Paillier in process", f"{s['encrypted_seconds_per_sample']['workers_1']:.4f}",
