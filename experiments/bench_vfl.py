@@ -267,9 +267,9 @@ def _fate_runs(results) -> str:
   rows, ratios = [], []
   for result in results:
     s = result["summary"]
-    split = s.get("active_passive_features") or [s["features"], 0]
+    split = s["active_passive_features"]
     ratios.append(s["over_fate_per_sample_feature"])
-    rows.append((f"`{result.get('key', '?')}`", f"{s['key_bits']}", f"{split[0]} + {split[1]}",
+    rows.append((f"`{result['key']}`", f"{s['key_bits']}", f"{split[0]} + {split[1]}",
                  f"{s['fate_epoch_projected_seconds']:.0f}", f"{ratios[-1]:.2f}x"))
   return (records.write_markdown_table(
       ("kept run", "key bits", "features (active + passive)",
@@ -291,10 +291,8 @@ def _run_tables(result: dict) -> dict[str, str]:
            f"{s['encrypted_seconds_per_sample']['packed_workers_2']:.4f}", ""),
           ("(b) plaintext split", f"{s['plaintext_seconds_per_sample']:.6f}",
            f"{s['bytes_per_sample']['plaintext']:,.0f}")]
-  split = s.get("active_passive_features")
-  width = (f"{split[0]} active + {split[1]} passive features" if split
-           else f"{s['features']} features")
-  cost = (f"Synthetic set, {width}, {s['key_bits']}-bit keys, "
+  active, passive = s["active_passive_features"]
+  cost = (f"Synthetic set, {active} active + {passive} passive features, {s['key_bits']}-bit keys, "
           f"{s['batches']} batches of {s['batch_size']}; {machine}.\n\n"
           + records.write_markdown_table(("method", "s / training sample", "bytes / sample"), rows)
           + f"\n(a) / (b) per epoch (the fastest (a)): {s['encrypted_over_plaintext']:,.0f}x; "
