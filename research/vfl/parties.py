@@ -302,6 +302,12 @@ def samples_per_plaintext(slots: he.Slots, d_a: int) -> int:
   return slots.count // d_a
 
 
+def _weight_cipher_shape(slots: he.Slots | None, d_a: int, h: int) -> tuple[int, int]:
+  """The ciphertexts of a (d_a, h) weight-sized value ([a^T d + delta], [e_acc]): (d_a, h)
+  unpacked, (S, h) packed (column j in slot group s of entry (s, j))."""
+  return (samples_per_plaintext(slots, d_a), h) if slots else (d_a, h)
+
+
 def _padded_rows(ints: np.ndarray, multiple: int) -> np.ndarray:
   rows = ints.shape[0]
   padded = np.zeros((-(-rows // multiple) * multiple,) + ints.shape[1:], dtype=object)
@@ -452,8 +458,8 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
     batch, slots = _receive_ciphertexts(protocol, state, message, "masked_weight_gradient",
                                         "masked weight gradient")
     d_a, h = state.e_acc.shape
-    per = samples_per_plaintext(slots, d_a) if slots else 0
-    _check_shape(message.ciphertexts, (per, h) if slots else (d_a, h), "masked weight gradient")
+    _check_shape(message.ciphertexts, _weight_cipher_shape(slots, d_a, h),
+                 "masked weight gradient")
     cipher = he.from_ciphertext_ints(state.public_key, message.ciphertexts, "masked weight gradient")
     codec = protocol.codec
     rho = codec.encode(_noise(state.noise_seed, batch.round, batch.step + 1, state.e_acc.shape,
@@ -463,7 +469,8 @@ def passive_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Pa
                                  fractions.Fraction(protocol.optimizers.interaction_lr))
     gradient = engine.decrypt(state.private_key, cipher)
     if slots:  # entry (s, j): column j of sample slot group s's share of a^T d + delta
-      groups = he.unpack(gradient, slots, per * d_a, "masked weight gradient")
+      groups = he.unpack(gradient, slots, samples_per_plaintext(slots, d_a) * d_a,
+                         "masked weight gradient")
       gradient = _own_groups(groups, d_a).T
     noisy = gradient + rho_over_lr
     e_plain = _pack_columns_per_sample_slot(state.e_acc, slots) if slots else state.e_acc
@@ -594,14 +601,15 @@ def active_handle(protocol: Protocol, jit: Jitted, engine: he.Engine, state: Act
     _check_shape(message.values, state.w_share.shape, "noisy weight gradient")
     d_a, h = state.w_share.shape
     slots = packing_slots(protocol, state.public_key) if protocol.packing else None
-    per = samples_per_plaintext(slots, d_a) if slots else 0
-    _check_shape(message.accumulated_noise, (per, h) if slots else (d_a, h), "encrypted e_acc")
+    _check_shape(message.accumulated_noise, _weight_cipher_shape(slots, d_a, h),
+                 "encrypted e_acc")
     e_cipher = he.from_ciphertext_ints(state.public_key, message.accumulated_noise,
                                        "encrypted e_acc")
     if slots:
       # Entry (s, j): [column j of W' + e_acc in sample slot group s]; for samples
       # g S .. g S + S - 1, sum_(s, j) d[g S + s, j] (that) = [their rows of dL/da]: (G_S,).
       w_cipher = he.add_plain(e_cipher, _pack_columns_per_sample_slot(state.w_share, slots))
+      per = samples_per_plaintext(slots, d_a)
       d_rows = _padded_rows(state.d_ints, per).reshape(-1, per * h)
       grad_a = engine.obfuscate(engine.matvec(d_rows, w_cipher.reshape(-1)))
     else:
